@@ -1,0 +1,77 @@
+"""Where a step runs.  Each backend turns the same ``rlhf run`` argv into a finished step.
+
+* ``local``: a subprocess on the worker, its output streamed into the task log.
+* ``kubernetes``: the seam for a pod per step (KubernetesPodOperator); not offered by the
+  trigger form until it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, exit_code: int, tail: str):
+        super().__init__(f"step {step} exited with code {exit_code}: {tail}")
+        self.step, self.exit_code, self.tail = step, exit_code, tail
+
+    @property
+    def bad_input(self) -> bool:
+        return self.exit_code == 2
+
+
+class StepBackend(Protocol):
+    name: str
+
+    def run(self, step: str, argv: list[str], log: Callable[[str], None]) -> dict: ...
+
+
+def step_argv(step: str, config_uri: str, overrides: list[str], result: str) -> list[str]:
+    """The step contract's argv: identical for a local process and a pod."""
+    argv = ["rlhf", "run", step, "--config", config_uri]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv + ["--result", result]
+
+
+class LocalProcessBackend:
+    name = "local"
+
+    def __init__(self, python: str | None = None, cwd: str | None = None):
+        self.python = python or sys.executable
+        self.cwd = cwd or os.environ.get("RLHF_WORKDIR") or os.getcwd()
+
+    def run(self, step: str, argv: list[str], log: Callable[[str], None]) -> dict:
+        with tempfile.TemporaryDirectory(prefix=f"rlhf-{step}-") as tmp:
+            result = Path(tmp) / "result.json"
+            argv = [a if a != "@RESULT@" else str(result) for a in argv]
+            command = [self.python, "-m", "rlhf_tasks.cli"] + argv[1:]
+            log("running: " + " ".join(command))
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            tail: list[str] = []
+            with subprocess.Popen(command, cwd=self.cwd, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+                for line in proc.stdout:
+                    line = line.rstrip("\n")
+                    log(line)
+                    tail = (tail + [line])[-5:]
+                code = proc.wait()
+            if code != 0:
+                errors = [t for t in tail if "error" in t.lower()] or tail
+                raise StepFailed(step, code, " | ".join(errors[-2:]))
+            return json.loads(result.read_text(encoding="utf-8"))
+
+
+BACKENDS: dict[str, Callable[[], StepBackend]] = {"local": LocalProcessBackend}
+
+
+def get_backend(name: str) -> StepBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not available; available: {sorted(BACKENDS)}")
+    return BACKENDS[name]()

@@ -1,0 +1,176 @@
+"""The ``rlhf`` command line.
+
+    rlhf run STEP --config FILE [--set key=value ...] --result FILE
+    rlhf data validate PATH --kind preference|prompt|eval [--format auto|pairs|ranked|vertex|chat]
+    rlhf demo init [--out DIR]
+    rlhf steps
+
+Exit codes (the step contract): 0 done; 2 bad input or config (a retry cannot help);
+1 a fault (retry).  Bad input is reported as one clear line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from rlhf_tasks.errors import BadInput
+
+log = logging.getLogger("rlhf")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("alembic", "urllib3", "botocore", "great_expectations", "mlflow",
+                  "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _write_result(path: str | None, result: dict) -> None:
+    text = json.dumps(result, indent=2, sort_keys=True, default=str)
+    if not path:
+        print(text)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def cmd_run(args) -> int:
+    from rlhf_tasks import config, steps
+
+    cfg = config.load(args.config, args.set)
+    fn = steps.resolve(args.step)
+    started = time.perf_counter()
+    log.info("step %s starting (pipeline %s, run %s)", args.step, cfg.run.pipeline, cfg.run.run_id)
+    result = fn(cfg)
+    result = {"step": args.step, "seconds": round(time.perf_counter() - started, 3), **result}
+    _write_result(args.result, result)
+    log.info("step %s done in %.1f s", args.step, result["seconds"])
+    return 0
+
+
+def cmd_data_validate(args) -> int:
+    import tempfile
+
+    from rlhf_tasks import config
+    from rlhf_tasks.data import validation
+    from rlhf_tasks.storage import Storage
+
+    overrides = list(args.set)
+    if args.tokenizer:
+        overrides.append(f"model.tokenizer={args.tokenizer}")
+    if args.max_bad_fraction is not None:
+        overrides.append(f"data.max_bad_fraction={args.max_bad_fraction}")
+    cfg = config.load(args.config, overrides)
+    storage = Storage.from_config(cfg, extra_read_roots=[
+        p for p in (args.path, args.eval_set) if p and not p.startswith("s3://")])
+    tokenizer = validation.load_tokenizer(cfg.model.tokenizer or cfg.model.base_model,
+                                          cfg.model.trust_remote_code)
+    eval_keys = (validation.read_prompt_keys(storage, args.eval_set, cfg.data.max_file_mb)
+                 if args.eval_set and args.kind != "eval" else None)
+    with tempfile.TemporaryDirectory(prefix="rlhf-validate-") as tmp:
+        out_dir = Path(args.out) if args.out else Path(tmp)
+        outcome = validation.validate_dataset(
+            storage=storage, uri=args.path, kind=args.kind, fmt=args.format, tokenizer=tokenizer,
+            data_cfg=cfg.data, eval_keys=eval_keys, docs_dir=out_dir / "data_docs")
+        validation.write_outputs(outcome, out_dir)
+        summary = outcome.summary()
+        print(f"{args.path}: {args.kind} data, format {outcome.fmt}")
+        print(f"  rows read         {summary['rows_read']}")
+        print(f"  rows kept         {summary['rows_kept']}")
+        print(f"  rows quarantined  {summary['rows_quarantined']} "
+              f"({summary['bad_fraction']:.1%})")
+        for reason, count in summary["quarantined_by_reason"].items():
+            print(f"    {count:6d}  {reason}")
+        for q in outcome.quarantine[:5]:
+            print(f"  line {q['line']}: {q.get('field') or '-'}: {'; '.join(q['reasons'])}")
+        validation.check_outcome(outcome, cfg.data.max_bad_fraction)
+        if args.out:
+            validation.write_canonical(outcome, out_dir)
+            print(f"  canonical data, quarantine and Data Docs in {out_dir}")
+    return 0
+
+
+def cmd_demo_init(args) -> int:
+    from rlhf_tasks.demo.assets import build_demo
+
+    info = build_demo(Path(args.out), force=args.force)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_steps(args) -> int:
+    from rlhf_tasks.steps import STEPS
+
+    print("\n".join(STEPS))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one pipeline step")
+    run.add_argument("step")
+    run.add_argument("--config", help="YAML or JSON config file (local or s3://)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set ppo.kl_coef=0.1")
+    run.add_argument("--result", help="where to write the step's JSON result")
+    run.set_defaults(fn=cmd_run)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_cmd",
+                                                                        required=True)
+    val = data.add_parser("validate", help="validate a dataset and print a summary")
+    val.add_argument("path")
+    val.add_argument("--kind", required=True, choices=["preference", "prompt", "eval"])
+    val.add_argument("--format", default="auto",
+                     choices=["auto", "pairs", "ranked", "vertex", "chat"])
+    val.add_argument("--eval-set", help="eval dataset to check for leakage")
+    val.add_argument("--tokenizer", help="tokenizer path for length bounds")
+    val.add_argument("--max-bad-fraction", type=float)
+    val.add_argument("--config")
+    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.add_argument("--out", help="folder for canonical data, quarantine and Data Docs")
+    val.set_defaults(fn=cmd_data_validate)
+
+    demo = sub.add_parser("demo", help="demo assets").add_subparsers(dest="demo_cmd",
+                                                                      required=True)
+    init = demo.add_parser("init", help="build the offline demo data, rubric and model")
+    init.add_argument("--out", default=".rlhf/demo")
+    init.add_argument("--force", action="store_true", help="rebuild even if present")
+    init.set_defaults(fn=cmd_demo_init)
+
+    steps = sub.add_parser("steps", help="list the registered steps")
+    steps.set_defaults(fn=cmd_steps)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except BadInput as exc:
+        print(f"rlhf: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlhf: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - a fault: full traceback for the log, exit 1
+        log.exception("rlhf: fault")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

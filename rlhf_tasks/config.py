@@ -1,0 +1,235 @@
+"""Pipeline configuration: one pydantic model per step section.
+
+Loaded from YAML or JSON (local path or ``s3://``), overridden with ``--set a.b=c``
+and, in Airflow, built from the DAG's Params.  An invalid value fails here, before any
+GPU time is spent, naming the field and what is allowed.
+
+Light module: pydantic and yaml only (imported by DAG files at parse time).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rlhf_tasks.errors import BadInput
+
+DatasetKind = Literal["preference", "prompt", "eval"]
+PreferenceFormat = Literal["auto", "pairs", "ranked", "vertex", "chat"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    pipeline: str = Field("rlhf_tuning", pattern=r"^[A-Za-z0-9_.-]+$",
+                          description="Pipeline name; the first level of the artifact layout.")
+    run_id: str = Field("manual", pattern=r"^[A-Za-z0-9_.:+-]+$",
+                        description="Pipeline run id (the Airflow run_id); names the run folder.")
+    seed: int = Field(0, ge=0)
+
+
+class ModelSection(Section):
+    base_model: str = Field(".rlhf/demo/foundation",
+                            description="Local path or s3:// URI of a Hugging Face causal LM "
+                                        "checkpoint (safetensors).")
+    tokenizer: str | None = Field(None, description="Tokenizer path; defaults to base_model.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code in the "
+                                                       "checkpoint. Off unless you trust it.")
+    instruction: str = Field("", max_length=2000,
+                             description="Instruction prepended to every prompt.")
+
+
+class DataSection(Section):
+    preference_uri: str | None = Field(None, description="Human preference dataset.")
+    prompt_uri: str | None = Field(None, description="Unlabelled prompts for PPO.")
+    eval_uri: str | None = Field(None, description="Evaluation prompts (kept apart from training).")
+    sft_uri: str | None = Field(None, description="Prompt + reference response pairs (SFT).")
+    preference_format: PreferenceFormat = "auto"
+    max_prompt_tokens: int = Field(64, ge=1, le=32768,
+                                   description="Prompt sequence length (tokens).")
+    max_target_tokens: int = Field(64, ge=1, le=32768,
+                                   description="Target (response) sequence length (tokens).")
+    max_bad_fraction: float = Field(0.0, ge=0.0, le=1.0,
+                                    description="Fail when more than this share of rows is bad.")
+    min_preference_rows: int = Field(10, ge=1)
+    min_prompt_rows: int = Field(10, ge=1)
+    min_eval_rows: int = Field(10, ge=1)
+    max_file_mb: int = Field(4096, ge=1, description="Refuse input files larger than this.")
+
+
+class RewardSection(Section):
+    train_steps: int = Field(200, ge=1, le=1_000_000)
+    learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0)
+    lora_rank: int = Field(8, ge=0, le=512, description="0 means full fine-tuning.")
+    batch_size: int = Field(16, ge=1, le=4096)
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class SFTSection(Section):
+    enabled: bool = False
+    train_steps: int = Field(150, ge=1, le=1_000_000)
+    learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0)
+    lora_rank: int = Field(8, ge=0, le=512)
+
+
+class PPOSection(Section):
+    train_steps: int = Field(32, ge=1, le=1_000_000, description="PPO updates (RL steps).")
+    learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0)
+    kl_coef: float = Field(0.05, ge=0.0, le=10.0, description="KL penalty coefficient.")
+    lora_rank: int = Field(8, ge=0, le=512)
+    batch_size: int = Field(32, ge=1, le=4096)
+    ppo_epochs: int = Field(4, ge=1, le=64)
+
+
+class EvaluationSection(Section):
+    max_new_tokens: int = Field(48, ge=1, le=32768)
+    temperature: float = Field(0.7, ge=0.0, le=5.0)
+    baselines: list[Literal["foundation", "sft"]] = ["foundation", "sft"]
+
+
+class PanelSection(Section):
+    mode: Literal["simulated", "human"] = "simulated"
+    verdicts_per_item: int = Field(3, ge=1, le=15)
+    pass_rate_threshold: float = Field(0.5, ge=0.0, le=1.0,
+                                       description="Minimum expert pass rate to promote.")
+    min_lift: float = Field(0.0, ge=-1.0, le=1.0)
+    significance: float = Field(0.05, gt=0.0, lt=1.0)
+    store_url: str = "sqlite:///.rlhf/panel.db"
+
+
+class RegistrySection(Section):
+    model_name: str = Field("resume-assistant", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class StorageSection(Section):
+    artifact_root: str = Field(".rlhf/artifacts", description="Local folder or s3://bucket/prefix.")
+    allowed_roots: list[str] = Field(default_factory=list,
+                                     description="Extra roots that inputs may be read from.")
+    s3_endpoint_url: str | None = Field(None, description="For MinIO or another S3 API.")
+    s3_region: str | None = None
+    multipart_threshold_mb: int = Field(8, ge=5, le=5120)
+    max_attempts: int = Field(5, ge=1, le=20)
+
+
+class TrackingSection(Section):
+    tracking_uri: str = "sqlite:///.rlhf/mlflow.db"
+    experiment: str = "rlhf-tuning"
+    artifact_location: str | None = Field(None, description="Default: .rlhf/mlartifacts.")
+    parent_run_id: str | None = None
+
+
+class ComputeSection(Section):
+    backend: Literal["local", "kubernetes"] = "local"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_gpus: int = Field(1, ge=0, le=64)
+
+
+class PipelineConfig(Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    reward: RewardSection = RewardSection()
+    sft: SFTSection = SFTSection()
+    ppo: PPOSection = PPOSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    panel: PanelSection = PanelSection()
+    registry: RegistrySection = RegistrySection()
+    storage: StorageSection = StorageSection()
+    tracking: TrackingSection = TrackingSection()
+    compute: ComputeSection = ComputeSection()
+
+    @field_validator("run", mode="before")
+    @classmethod
+    def _none_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    def step_uri(self, step: str, name: str = "") -> str:
+        """``<artifact_root>/<pipeline>/<run_id>/<step>/<name>``."""
+        root = self.storage.artifact_root.rstrip("/")
+        parts = [root, self.run.pipeline, self.run.run_id, step] + ([name] if name else [])
+        return "/".join(parts)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _describe(error: dict[str, Any]) -> str:
+    field = ".".join(str(p) for p in error["loc"])
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    if error["type"] == "extra_forbidden":
+        section = PipelineConfig
+        for part in error["loc"][:-1]:
+            section = section.model_fields[part].annotation
+        allowed = ", ".join(sorted(section.model_fields))
+        return f"config field '{field}': unknown field; allowed here: {allowed}"
+    return f"config field '{field}': {error['msg']}{shown}"
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise BadInput(f"invalid configuration in {source}: {problems}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], value); the value is parsed as YAML (numbers, bools, lists)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise BadInput(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return [p for p in key.strip().split(".")], value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise BadInput(f"--set {item}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def parse_text(text: str, source: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(text) if source.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise BadInput(f"cannot parse config {source}: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BadInput(f"config {source} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load(source: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a config file (local or s3://), apply ``--set`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if source:
+        if source.startswith("s3://"):
+            from rlhf_tasks.storage import read_text_unchecked
+
+            text = read_text_unchecked(source)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise BadInput(f"config file not found: {source}")
+            text = path.read_text(encoding="utf-8")
+        raw = parse_text(text, source)
+    raw = apply_overrides(raw, overrides or [])
+    return validate(raw, source or "--set overrides")

@@ -1,0 +1,28 @@
+"""The step registry: ``rlhf run STEP`` looks the step up here.
+
+Each entry names a function ``fn(cfg) -> dict`` by module path, imported only when that
+step runs, so listing steps (and the CLI's --help) stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+STEPS: dict[str, str] = {
+    "start": "rlhf_tasks.steps.pipeline:start",
+    "finish": "rlhf_tasks.steps.pipeline:finish",
+    "abort": "rlhf_tasks.steps.pipeline:abort",
+    "validate_preference": "rlhf_tasks.steps.validate:validate_preference",
+    "validate_prompt": "rlhf_tasks.steps.validate:validate_prompt",
+    "validate_eval": "rlhf_tasks.steps.validate:validate_eval",
+}
+
+
+def resolve(name: str) -> Callable:
+    from rlhf_tasks.errors import BadInput
+
+    if name not in STEPS:
+        raise BadInput(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
+    module, _, attr = STEPS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)

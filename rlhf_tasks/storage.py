@@ -1,0 +1,314 @@
+"""One small API over local paths and ``s3://`` URIs.
+
+* Writes are atomic: a local file is written under a temporary name and renamed; an S3
+  object appears only when its PUT or multipart upload completes (boto3 aborts an
+  unfinished multipart upload), so a reader never sees half an artifact.
+* Every artifact folder gets a ``MANIFEST.json`` (sha256 and size per file), written last.
+* URIs outside the configured roots are refused: writes only under ``artifact_root``,
+  reads under ``artifact_root`` and ``allowed_roots``.
+
+Light module: boto3 is imported only when an ``s3://`` URI is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from rlhf_tasks.errors import BadInput
+
+MANIFEST = "MANIFEST.json"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise BadInput(f"not an S3 URI: {uri!r}")
+    return bucket, key
+
+
+def join(base: str, *names: str) -> str:
+    out = base.rstrip("/")
+    for name in names:
+        out += "/" + name.strip("/")
+    return out
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _local(uri: str) -> Path:
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return Path(uri).expanduser().resolve()
+
+
+def _s3_client(endpoint_url: str | None = None, region: str | None = None, max_attempts: int = 5):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": max_attempts, "mode": "standard"},
+                    connect_timeout=10, read_timeout=120)
+    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
+                        region_name=region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                        config=config)
+
+
+def read_text_unchecked(uri: str) -> str:
+    """Read a config file before a Storage exists (endpoint from AWS_ENDPOINT_URL)."""
+    bucket, key = split_s3(uri)
+    try:
+        body = _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:  # noqa: BLE001 - reported as bad input with the URI
+        raise BadInput(f"cannot read config {uri}: {exc}") from None
+    return body.decode("utf-8")
+
+
+class Storage:
+    """Reads and writes artifacts under configured roots, locally or on S3."""
+
+    def __init__(self, artifact_root: str, allowed_roots: list[str] | tuple[str, ...] = (), *,
+                 s3_endpoint_url: str | None = None, s3_region: str | None = None,
+                 multipart_threshold_mb: int = 8, max_attempts: int = 5):
+        self.artifact_root = self.normalise(artifact_root)
+        self.read_roots = [self.artifact_root] + [self.normalise(r) for r in allowed_roots]
+        self.endpoint_url, self.region = s3_endpoint_url, s3_region
+        self.multipart_threshold = multipart_threshold_mb * 1024 * 1024
+        self.max_attempts = max_attempts
+        self._client = None
+
+    @classmethod
+    def from_config(cls, cfg, extra_read_roots: list[str] | tuple[str, ...] = ()) -> "Storage":
+        s = cfg.storage
+        return cls(s.artifact_root, list(s.allowed_roots) + list(extra_read_roots),
+                   s3_endpoint_url=s.s3_endpoint_url, s3_region=s.s3_region,
+                   multipart_threshold_mb=s.multipart_threshold_mb, max_attempts=s.max_attempts)
+
+    # -- roots -------------------------------------------------------------------------
+    @staticmethod
+    def normalise(uri: str) -> str:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            parts = [p for p in key.split("/") if p]
+            if any(p in (".", "..") for p in parts):
+                raise BadInput(f"S3 URI may not contain '.' or '..' segments: {uri}")
+            return "s3://" + "/".join([bucket] + parts)
+        return str(_local(uri))
+
+    @staticmethod
+    def _under(uri: str, root: str) -> bool:
+        return uri == root or uri.startswith(root.rstrip("/") + "/")
+
+    def check_read(self, uri: str) -> str:
+        norm = self.normalise(uri)
+        if not any(self._under(norm, root) for root in self.read_roots):
+            raise BadInput(f"{uri} is outside the configured storage roots "
+                           f"({', '.join(self.read_roots)}); add its folder to "
+                           "storage.allowed_roots")
+        return norm
+
+    def check_write(self, uri: str) -> str:
+        norm = self.normalise(uri)
+        if not self._under(norm, self.artifact_root):
+            raise BadInput(f"refusing to write {uri}: outside artifact_root {self.artifact_root}")
+        return norm
+
+    @property
+    def s3(self):
+        if self._client is None:
+            self._client = _s3_client(self.endpoint_url, self.region, self.max_attempts)
+        return self._client
+
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=self.multipart_threshold,
+                              multipart_chunksize=self.multipart_threshold)
+
+    # -- reads -------------------------------------------------------------------------
+    def exists(self, uri: str) -> bool:
+        uri = self.check_read(uri)
+        if not is_s3(uri):
+            return Path(uri).exists()
+        bucket, key = split_s3(uri)
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def size(self, uri: str) -> int:
+        uri = self.check_read(uri)
+        if not is_s3(uri):
+            try:
+                return Path(uri).stat().st_size
+            except FileNotFoundError:
+                raise BadInput("file not found", file=uri) from None
+        bucket, key = split_s3(uri)
+        from botocore.exceptions import ClientError
+
+        try:
+            return int(self.s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as exc:
+            raise BadInput(f"cannot read: {exc}", file=uri) from None
+
+    def read_bytes(self, uri: str) -> bytes:
+        uri = self.check_read(uri)
+        if not is_s3(uri):
+            try:
+                return Path(uri).read_bytes()
+            except FileNotFoundError:
+                raise BadInput("file not found", file=uri) from None
+        bucket, key = split_s3(uri)
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            raise BadInput(f"cannot read: {exc}", file=uri) from None
+
+    def read_json(self, uri: str):
+        return json.loads(self.read_bytes(uri).decode("utf-8"))
+
+    @contextlib.contextmanager
+    def local_copy(self, uri: str) -> Iterator[Path]:
+        """A local path for ``uri``: the file itself, or a temporary download from S3."""
+        uri = self.check_read(uri)
+        if not is_s3(uri):
+            path = Path(uri)
+            if not path.exists():
+                raise BadInput("file not found", file=uri)
+            yield path
+            return
+        bucket, key = split_s3(uri)
+        with tempfile.TemporaryDirectory(prefix="rlhf-s3-") as tmp:
+            target = Path(tmp) / Path(key).name
+            from botocore.exceptions import ClientError
+
+            try:
+                self.s3.download_file(bucket, key, str(target), Config=self._transfer_config())
+            except ClientError as exc:
+                raise BadInput(f"cannot read: {exc}", file=uri) from None
+            yield target
+
+    def list(self, prefix: str) -> list[str]:
+        """Every file under ``prefix`` (recursively), as full URIs, sorted."""
+        prefix = self.check_read(prefix)
+        if not is_s3(prefix):
+            root = Path(prefix)
+            if not root.is_dir():
+                return []
+            return sorted(str(p) for p in root.rglob("*") if p.is_file())
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        out = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            out += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])]
+        return sorted(out)
+
+    def get_dir(self, uri: str, local_dir: str | Path, *, verify: bool = True) -> Path:
+        """Copy an artifact folder to ``local_dir``, checking each file against its manifest."""
+        uri = self.check_read(uri)
+        local_dir = Path(local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.read_json(join(uri, MANIFEST)) if verify else None
+        names = list(manifest["files"]) if manifest else [
+            f[len(uri) + 1:] for f in self.list(uri)]
+        for name in names:
+            target = local_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = join(uri, name)
+            if is_s3(src):
+                bucket, key = split_s3(src)
+                self.s3.download_file(bucket, key, str(target), Config=self._transfer_config())
+            else:
+                shutil.copyfile(src, target)
+            if manifest and sha256_file(target) != manifest["files"][name]["sha256"]:
+                raise BadInput(f"sha256 mismatch against {MANIFEST}", file=src)
+        return local_dir
+
+    # -- writes ------------------------------------------------------------------------
+    def put_file(self, local_path: str | Path, uri: str) -> str:
+        """Copy a local file to ``uri`` atomically; returns the normalised URI."""
+        uri = self.check_write(uri)
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            # upload_file completes a multipart upload only when every part is in, and
+            # aborts it on error: the key never holds a partial object.
+            self.s3.upload_file(str(local_path), bucket, key, Config=self._transfer_config())
+            return uri
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            shutil.copyfile(local_path, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return uri
+
+    def write_bytes(self, uri: str, data: bytes) -> str:
+        uri = self.check_write(uri)
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            self.s3.put_object(Bucket=bucket, Key=key, Body=data)
+            return uri
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return uri
+
+    def write_json(self, uri: str, obj) -> str:
+        return self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+
+    def put_dir(self, local_dir: str | Path, uri: str, extra: dict | None = None) -> dict:
+        """Upload every file of ``local_dir`` under ``uri``, then its manifest (last).
+
+        A folder whose ``MANIFEST.json`` exists is whole; readers trust nothing else.
+        """
+        uri = self.check_write(uri)
+        local_dir = Path(local_dir)
+        files = {}
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            name = path.relative_to(local_dir).as_posix()
+            if name == MANIFEST:
+                continue
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            self.put_file(path, join(uri, name))
+        manifest = {"files": files, "created_unix": round(time.time(), 3), **(extra or {})}
+        self.write_json(join(uri, MANIFEST), manifest)
+        return manifest
+
+    def is_complete(self, uri: str) -> bool:
+        return self.exists(join(uri, MANIFEST))

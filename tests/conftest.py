@@ -1,0 +1,97 @@
+"""Shared fixtures: demo data and tokenizer, a config factory, an S3 API over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins"))
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The demo's datasets and tokenizer (no model: validation needs only the tokenizer)."""
+    from rlhf_tasks.demo.assets import build_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    build_demo(out, model=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(demo_dir):
+    from rlhf_tasks.data.validation import load_tokenizer
+
+    return load_tokenizer(str(demo_dir / "foundation"))
+
+
+@pytest.fixture
+def make_config(tmp_path, demo_dir):
+    """A PipelineConfig with its artifacts and MLflow store inside tmp_path."""
+    from rlhf_tasks import config
+
+    def make(**sections):
+        raw = {
+            "model": {"base_model": str(demo_dir / "foundation")},
+            "storage": {"artifact_root": str(tmp_path / "artifacts"),
+                        "allowed_roots": [str(tmp_path), str(demo_dir)]},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                         "artifact_location": (tmp_path / "mlartifacts").as_uri()},
+            "data": {"min_preference_rows": 1, "min_prompt_rows": 1, "min_eval_rows": 1},
+        }
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        return config.validate(raw)
+
+    return make
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on a free loopback port: a real S3 API over HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                          "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    import boto3
+
+    name = "rlhf-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,67 @@
+import pytest
+
+from rlhf_tasks import config
+from rlhf_tasks.errors import BadInput
+
+
+def test_defaults_validate():
+    cfg = config.PipelineConfig()
+    assert cfg.compute.backend == "local"
+    assert cfg.tracking.tracking_uri == "sqlite:///.rlhf/mlflow.db"
+    assert cfg.step_uri("validate_eval", "x.json").endswith("rlhf_tuning/manual/validate_eval/x.json")
+
+
+def test_load_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ppo:\n  kl_coef: 0.2\ndata:\n  max_prompt_tokens: 32\n")
+    cfg = config.load(str(path), ["ppo.kl_coef=0.3", "sft.enabled=true", "evaluation.baselines=[foundation]"])
+    assert cfg.ppo.kl_coef == 0.3 and cfg.data.max_prompt_tokens == 32
+    assert cfg.sft.enabled is True and cfg.evaluation.baselines == ["foundation"]
+
+
+def test_load_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"reward": {"lora_rank": 4}}')
+    assert config.load(str(path)).reward.lora_rank == 4
+
+
+def test_bad_value_names_field_and_bounds():
+    with pytest.raises(BadInput) as err:
+        config.load(None, ["ppo.kl_coef=-1"])
+    assert "ppo.kl_coef" in str(err.value) and "greater than or equal to 0" in str(err.value)
+
+
+def test_bad_choice_names_allowed_values():
+    with pytest.raises(BadInput) as err:
+        config.load(None, ["compute.backend=slurm"])
+    assert "compute.backend" in str(err.value) and "'local' or 'kubernetes'" in str(err.value)
+
+
+def test_unknown_field_lists_allowed_fields():
+    with pytest.raises(BadInput) as err:
+        config.load(None, ["ppo.kl_coeff=0.1"])
+    message = str(err.value)
+    assert "ppo.kl_coeff" in message and "unknown field" in message and "kl_coef" in message
+
+
+def test_unknown_section():
+    with pytest.raises(BadInput, match="unknown field; allowed here: .*compute"):
+        config.load(None, ["gpu.count=2"])
+
+
+def test_override_syntax_error():
+    with pytest.raises(BadInput, match="key=value"):
+        config.load(None, ["ppo.kl_coef"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(BadInput, match="not found"):
+        config.load(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo: [unclosed\n")
+    with pytest.raises(BadInput, match="cannot parse"):
+        config.load(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(BadInput, match="mapping of sections"):
+        config.load(str(listy))

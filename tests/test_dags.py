@@ -1,0 +1,114 @@
+"""DAG integrity: imports cleanly, the Params form, no heavy imports at parse time."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "trl", "peft", "great_expectations", "mlflow", "pandas")
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags"), include_examples=False)
+
+
+def test_no_import_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert "rlhf_tuning" in dagbag.dags
+
+
+def test_graph(dagbag):
+    dag = dagbag.dags["rlhf_tuning"]
+    ids = set(dag.task_ids)
+    assert {"prepare_run", "start_tracking", "validate.preference", "validate.prompt",
+            "validate.eval", "finish_tracking", "abort_tracking"} <= ids
+    assert dag.get_task("validate.preference").upstream_task_ids == {"start_tracking"}
+    assert dag.get_task("start_tracking").upstream_task_ids == {"prepare_run"}
+    assert dag.get_task("validate.eval").step == "validate_eval"
+
+
+def test_params_have_descriptions_and_bounds(dagbag):
+    params = dagbag.dags["rlhf_tuning"].params
+    for name in ("preference_dataset", "prompt_dataset", "eval_dataset", "base_model",
+                 "prompt_sequence_length", "target_sequence_length", "reward_model_train_steps",
+                 "reward_model_learning_rate_multiplier", "reinforcement_learning_train_steps",
+                 "reinforcement_learning_rate_multiplier", "kl_coeff", "lora_rank", "instruction",
+                 "pass_rate_threshold", "backend"):
+        schema = params.get_param(name).schema
+        assert params.get_param(name).description, name
+        if schema.get("type") in ("integer", "number"):
+            assert "minimum" in schema or "exclusiveMinimum" in schema, name
+            assert "maximum" in schema or "exclusiveMaximum" in schema, name
+    assert params.get_param("kl_coeff").schema["minimum"] == 0.0
+    params.validate()  # defaults are valid
+
+
+def test_params_reject_out_of_bounds(dagbag):
+    from airflow.sdk.definitions.param import ParamsDict
+
+    params = ParamsDict(dagbag.dags["rlhf_tuning"].params)
+    params["kl_coeff"] = -1
+    with pytest.raises(Exception, match="kl_coeff|minimum"):
+        params.validate()
+
+
+def test_param_bounds_match_config_bounds():
+    """Every form value within its schema bounds is a valid config value, and the ends too."""
+    from rlhf_airflow.params import PARAM_TO_CONFIG, build_config, trigger_params
+
+    params = trigger_params()
+    for name, paths in PARAM_TO_CONFIG.items():
+        schema = params[name].schema
+        for key in ("minimum", "maximum"):
+            if key in schema:
+                build_config({name: schema[key]}, "d", "r")
+
+
+def test_build_config_layers_form_over_file(tmp_path):
+    from rlhf_airflow.params import build_config
+
+    base = tmp_path / "base.yaml"
+    base.write_text("ppo: {kl_coef: 0.2}\ndata: {eval_uri: /data/eval.jsonl}\n")
+    cfg = build_config({"config_file": str(base), "kl_coeff": 0.05, "lora_rank": 4,
+                        "eval_dataset": None}, "rlhf_tuning", "manual__2026-01-01T00:00:00+00:00")
+    assert cfg.ppo.kl_coef == 0.2, "a form value left at its default keeps the file's value"
+    assert cfg.reward.lora_rank == cfg.ppo.lora_rank == cfg.sft.lora_rank == 4
+    assert cfg.data.eval_uri == "/data/eval.jsonl"
+    assert cfg.run.run_id == "manual__2026-01-01T00_00_00_00_00"
+    assert cfg.storage.artifact_root.startswith("/")
+
+
+def test_bad_form_value_fails_prepare_without_retry(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from rlhf_airflow.run_setup import prepare_run
+
+    with pytest.raises(AirflowFailException, match="does-not-exist"):
+        prepare_run({"config_file": str(tmp_path / "does-not-exist.yaml")}, "d", "r")
+
+
+def test_dag_file_imports_nothing_heavy():
+    code = (
+        "import sys, time; sys.path.insert(0, 'plugins'); t = time.perf_counter();\n"
+        "import importlib.util as u; s = u.spec_from_file_location('d', 'dags/rlhf_tuning.py');\n"
+        "m = u.module_from_spec(s); s.loader.exec_module(m);\n"
+        "import json; print(json.dumps({'seconds': time.perf_counter() - t, 'heavy': sorted(\n"
+        f"  n for n in {HEAVY!r} if n in sys.modules)}}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == [], f"heavy modules imported at parse time: {report['heavy']}"
+
+
+def test_step_argv_is_backend_neutral():
+    from rlhf_airflow.backends import step_argv
+
+    assert step_argv("validate_eval", "s3://b/c.json", ["a.b=1"], "/airflow/xcom/return.json") == [
+        "rlhf", "run", "validate_eval", "--config", "s3://b/c.json", "--set", "a.b=1",
+        "--result", "/airflow/xcom/return.json"]

@@ -1,0 +1,90 @@
+"""End to end: the real DAG under `airflow dags test` on the demo data (embedded defaults)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def airflow_env(home: Path) -> dict:
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+            "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "RLHF_WORKDIR": str(home), "GX_ANALYTICS_ENABLED": "False"}
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("airflow")
+    proc = subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+                          env=airflow_env(home), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return home
+
+
+def dags_test(home: Path, conf: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "airflow"), "dags", "test",
+                           "rlhf_tuning", "-c", json.dumps(conf)], env=airflow_env(home),
+                          capture_output=True, text=True, timeout=900, cwd=home)
+
+
+def run_config(tmp_path: Path, demo_dir: Path, **data) -> Path:
+    import yaml
+
+    cfg = yaml.safe_load((demo_dir / "demo.yaml").read_text())
+    cfg["storage"]["artifact_root"] = str(tmp_path / "artifacts")
+    cfg["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                       "artifact_location": (tmp_path / "mlartifacts").as_uri()}
+    cfg["data"].update(data)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_dag_validates_demo_data_and_tracks_it(airflow_home, demo_dir, tmp_path):
+    import mlflow
+
+    proc = dags_test(airflow_home, {"config_file": str(run_config(tmp_path, demo_dir))})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    runs = list((tmp_path / "artifacts" / "rlhf_tuning").iterdir())
+    assert len(runs) == 1
+    for kind, kept in (("preference", 4000), ("prompt", 1500), ("eval", 200)):
+        step = runs[0] / f"validate_{kind}"
+        manifest = json.loads((step / "MANIFEST.json").read_text())
+        assert manifest["status"] == "ok", kind
+        assert json.loads((step / "report.json").read_text())["rows_kept"] == kept
+        assert (step / "data_docs" / "index.html").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs_df = mlflow.search_runs(experiment_names=["rlhf-tuning"])
+    parent = runs_df[runs_df["tags.mlflow.parentRunId"].isna()]
+    children = runs_df[runs_df["tags.mlflow.parentRunId"].notna()]
+    assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
+    assert set(children["tags.rlhf.step"]) == {"validate_preference", "validate_prompt",
+                                               "validate_eval"}
+    assert (children["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]).all()
+    assert children["metrics.data/preference/rows_quarantined"].max() == 10
+
+
+def test_dag_fails_on_bad_data_without_retrying(airflow_home, demo_dir, tmp_path):
+    import mlflow
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n' * 3)
+    proc = dags_test(airflow_home, {"config_file": str(run_config(tmp_path, demo_dir,
+                                                                  preference_uri=str(bad)))})
+    log = proc.stdout + proc.stderr
+    assert "chosen equals rejected" in log
+    assert "exited with code 2" in log
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs_df = mlflow.search_runs(experiment_names=["rlhf-tuning"])
+    parent = runs_df[runs_df["tags.mlflow.parentRunId"].isna()]
+    assert parent.iloc[0]["status"] == "FAILED"

@@ -1,0 +1,166 @@
+"""Each input format, each reader, and a property test of the JSONL parser."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rlhf_tasks.data import formats
+from rlhf_tasks.errors import BadInput
+from tests.conftest import write_jsonl
+
+
+def rows_of(path, kind="preference", fmt=None):
+    records = list(formats.read_records(path, str(path)))
+    fmt = fmt or formats.detect_format(formats.records_fields(records), kind, str(path))
+    return fmt, [formats.normalise(r, kind, fmt) for r in records]
+
+
+def test_pairs_with_margin(tmp_path):
+    p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": " q ", "chosen": "a", "rejected": "b", "margin": 2}])
+    fmt, out = rows_of(p)
+    assert fmt == "pairs"
+    assert out == [[{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2.0}]]
+
+
+def test_ranked_expands_every_ordered_pair(tmp_path):
+    p = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "q", "responses": ["best", "mid", "worst"]}])
+    fmt, out = rows_of(p)
+    assert fmt == "ranked"
+    pairs = [(r["chosen"], r["rejected"]) for r in out[0]]
+    assert pairs == [("best", "mid"), ("best", "worst"), ("mid", "worst")]
+
+
+def test_ranked_with_ranks_and_ties(tmp_path):
+    p = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "q", "responses": ["a", "b", "c", "d"],
+                                            "ranks": [3, 1, 3, 2]}])
+    _, out = rows_of(p)
+    pairs = {(r["chosen"], r["rejected"]) for r in out[0]}
+    # b(1) > d(2) > a(3) = c(3): 5 pairs, none between the tied a and c
+    assert pairs == {("b", "d"), ("b", "a"), ("b", "c"), ("d", "a"), ("d", "c")}
+
+
+def test_vertex_choice_picks_chosen(tmp_path):
+    p = write_jsonl(tmp_path / "v.jsonl", [
+        {"input_text": "q", "candidate_0": "x", "candidate_1": "y", "choice": 1},
+        {"input_text": "q2", "candidate_0": "x", "candidate_1": "y", "choice": 0},
+        {"input_text": "q3", "candidate_0": "x", "candidate_1": "y", "choice": 2}])
+    fmt, out = rows_of(p)
+    assert fmt == "vertex"
+    assert out[0][0]["chosen"] == "y" and out[0][0]["rejected"] == "x"
+    assert out[1][0]["chosen"] == "x"
+    assert isinstance(out[2], formats.RowProblem) and out[2].field == "choice"
+    assert "expected 0 or 1" in out[2].reason
+
+
+def test_chat_pairs_explicit_and_implicit_prompt(tmp_path):
+    user = {"role": "user", "content": "fix my bullet"}
+    p = write_jsonl(tmp_path / "c.jsonl", [
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "assistant", "content": "bad"}]},
+        {"chosen": [user, {"role": "assistant", "content": "good"}],
+         "rejected": [user, {"role": "assistant", "content": "bad"}]}])
+    _, out = rows_of(p)
+    for rows in out:
+        assert rows == [{"prompt": "fix my bullet", "chosen": "good", "rejected": "bad", "margin": None}]
+
+
+def test_chat_prompt_dataset_multi_turn(tmp_path):
+    p = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}])
+    fmt, out = rows_of(p, kind="prompt")
+    assert fmt == "chat"
+    assert out[0] == [{"prompt": "system: be brief\nuser: hi"}]
+
+
+def test_prompt_and_input_text(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"input_text": "y"}])
+    assert rows_of(a, "eval") == ("prompt", [[{"prompt": "x"}]])
+    assert rows_of(b, "eval") == ("input_text", [[{"prompt": "y"}]])
+
+
+def test_csv_with_json_cells_and_line_numbers(tmp_path):
+    p = tmp_path / "r.csv"
+    p.write_text('prompt,responses\nq,"[""a"", ""b""]"\n"multi\nline",x\n', encoding="utf-8")
+    records = list(formats.read_records(p, str(p)))
+    assert [r.line for r in records] == [2, 3]
+    assert records[0].data["responses"] == ["a", "b"]
+
+
+def test_parquet_reader(tmp_path):
+    import pandas as pd
+
+    p = tmp_path / "d.parquet"
+    pd.DataFrame({"prompt": ["a", "b"], "chosen": ["c", "d"], "rejected": ["e", "f"]}).to_parquet(p)
+    fmt, out = rows_of(p)
+    assert fmt == "pairs" and len(out) == 2
+
+
+def test_misspelled_column_gets_a_hint(tmp_path):
+    p = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "q", "choosen": "a", "rejected": "b"}])
+    with pytest.raises(BadInput) as err:
+        rows_of(p)
+    assert "'choosen' looks like a misspelling of 'chosen'" in str(err.value)
+    assert "m.jsonl" in str(err.value)
+
+
+def test_wrong_types_are_row_problems(tmp_path):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"prompt": 3, "chosen": "a", "rejected": "b"},
+                                           {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "x"}])
+    _, out = rows_of(p)
+    assert out[0].field == "prompt" and "expected a string, got int" in out[0].reason
+    assert out[1].field == "margin"
+
+
+def test_invalid_json_line_and_encoding(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"prompt": "a"}\n{"prompt": \n\xff\xfe{"prompt": "c"}\n[1]\n')
+    records = list(formats.read_records(p, str(p)))
+    assert [r.line for r in records] == [1, 2, 3, 4]
+    assert records[1].error.startswith("invalid JSON")
+    assert records[2].error.startswith("not valid UTF-8")
+    assert "expected a JSON object" in records[3].error
+
+
+def test_utf16_and_empty_files(tmp_path):
+    p = tmp_path / "u.jsonl"
+    p.write_bytes('{"prompt": "a"}\n'.encode("utf-16"))
+    with pytest.raises(BadInput, match="UTF-16"):
+        list(formats.read_records(p, str(p)))
+    e = tmp_path / "e.jsonl"
+    e.write_bytes(b"")
+    with pytest.raises(BadInput, match="empty"):
+        formats.read_records(e, str(e))
+
+
+def test_unknown_extension(tmp_path):
+    p = tmp_path / "data.txt"
+    p.write_text("x")
+    with pytest.raises(BadInput, match="unknown file type"):
+        formats.read_records(p, str(p))
+
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=3) |
+                           st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(
+    st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "margin", "x"]), json_values,
+                    max_size=5).map(json.dumps),
+    st.text(max_size=30).filter(lambda s: "\n" not in s and "\r" not in s)), min_size=1, max_size=12))
+def test_jsonl_parser_never_crashes_and_accounts_for_every_line(tmp_path_factory, lines):
+    """Every non-blank line comes back as a row or a problem, with its own line number."""
+    p = tmp_path_factory.mktemp("h") / "h.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    records = list(formats.read_records(p, str(p)))
+    expected = [i for i, line in enumerate(lines, start=1) if line.strip()]
+    assert [r.line for r in records] == expected
+    for r in records:
+        out = formats.normalise(r, "preference", "pairs")
+        assert isinstance(out, (list, formats.RowProblem))
+        if isinstance(out, list):
+            assert all(isinstance(row["prompt"], str) for row in out)
