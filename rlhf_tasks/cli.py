@@ -25,6 +25,9 @@ log = logging.getLogger("rlhf")
 
 
 def _setup_logging(verbose: bool) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -74,8 +77,10 @@ def cmd_data_validate(args) -> int:
     cfg = config.load(args.config, overrides)
     storage = Storage.from_config(cfg, extra_read_roots=[
         p for p in (args.path, args.eval_set) if p and not p.startswith("s3://")])
-    tokenizer = validation.load_tokenizer(cfg.model.tokenizer or cfg.model.base_model,
-                                          cfg.model.trust_remote_code)
+    def tokenizer():
+        return validation.load_tokenizer(cfg.model.tokenizer or cfg.model.base_model,
+                                         cfg.model.trust_remote_code)
+
     eval_keys = (validation.read_prompt_keys(storage, args.eval_set, cfg.data.max_file_mb)
                  if args.eval_set and args.kind != "eval" else None)
     with tempfile.TemporaryDirectory(prefix="rlhf-validate-") as tmp:

@@ -12,12 +12,25 @@ rlhf demo init --out .rlhf/demo
 echo ">> Airflow metadata DB ($AIRFLOW_HOME)"
 airflow db migrate > "$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/migrate.log"; exit 1; }
 
-echo ">> airflow dags test rlhf_tuning"
+echo ">> airflow dags test rlhf_tuning (log: .rlhf/last_demo.log)"
 conf="{\"config_file\": \"$ROOT/.rlhf/demo/demo.yaml\"}"
-airflow dags test rlhf_tuning -c "$conf" 2>&1 | tee "$ROOT/.rlhf/last_demo.log" | grep -E "rlhf: error|step .* done|validated|DagRun Finished|state=|ERROR" || true
-if ! grep -q "state=success" "$ROOT/.rlhf/last_demo.log" && ! grep -qi "DagRun Finished.*success" "$ROOT/.rlhf/last_demo.log"; then
+AIRFLOW__LOGGING__LOGGING_LEVEL=INFO airflow dags test rlhf_tuning -c "$conf" > "$ROOT/.rlhf/last_demo.log" 2>&1 || true
+grep -oE "\[DAG TEST\] end task task_id=[a-z_.]+" "$ROOT/.rlhf/last_demo.log" | sed 's/.*task_id=/   done: /' || true
+if ! grep -qE "DagRun Finished: .*state=success" "$ROOT/.rlhf/last_demo.log"; then
+  grep -E "rlhf: error|exited with code" "$ROOT/.rlhf/last_demo.log" | tail -5 || true
   echo "!! the DAG run did not succeed; full log: .rlhf/last_demo.log"; exit 1
 fi
+python - <<'PY'
+import glob, json, os
+runs = sorted(glob.glob(".rlhf/artifacts/rlhf_tuning/*/"), key=os.path.getmtime)
+run = runs[-1]
+print(f"\nrun folder: {run}")
+for kind in ("preference", "prompt", "eval"):
+    report = json.load(open(f"{run}validate_{kind}/report.json"))
+    reasons = ", ".join(f"{n} {r}" for r, n in report["quarantined_by_reason"].items()) or "none"
+    print(f"  {kind:<10} read {report['rows_read']:>5}  kept {report['rows_kept']:>5}  "
+          f"quarantined {report['rows_quarantined']:>3} ({reasons})")
+PY
 
 echo
 echo "Done in $(( $(date +%s) - started )) s."

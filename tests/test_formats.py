@@ -155,7 +155,12 @@ json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=3) |
 def test_jsonl_parser_never_crashes_and_accounts_for_every_line(tmp_path_factory, lines):
     """Every non-blank line comes back as a row or a problem, with its own line number."""
     p = tmp_path_factory.mktemp("h") / "h.jsonl"
-    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    content = "\n".join(lines) + "\n"
+    p.write_text(content, encoding="utf-8")
+    if "\x00" in content:  # raw NUL bytes: refused as a binary/UTF-16 file, clearly
+        with pytest.raises(BadInput, match="NUL bytes"):
+            list(formats.read_records(p, str(p)))
+        return
     records = list(formats.read_records(p, str(p)))
     expected = [i for i, line in enumerate(lines, start=1) if line.strip()]
     assert [r.line for r in records] == expected

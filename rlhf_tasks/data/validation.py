@@ -120,6 +120,10 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, tokenizer, data_
 
     records = _read(storage, uri, data_cfg.max_file_mb)
     fields = formats.records_fields(records)
+    if not fields:
+        problems = [{"line": r.line, "field": r.field, "reasons": [r.error]} for r in records]
+        raise BadInput(f"no row could be parsed; first problems: {_first(problems, uri)}",
+                       file=uri)
     if fmt == "auto" or kind != "preference":
         fmt = formats.detect_format(fields, kind, uri)
     elif fmt not in ("chat",):
@@ -148,6 +152,8 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, tokenizer, data_
         raise BadInput(f"no row could be parsed; first problems: {_first(quarantine, uri)}",
                        file=uri)
 
+    if callable(tokenizer) and not hasattr(tokenizer, "encode"):
+        tokenizer = tokenizer()  # loaded only once the file has parsed
     # derived columns the expectations look at
     frame["_row"] = range(len(frame))
     frame["_prompt_tokens"] = count_tokens(tokenizer, frame["prompt"].tolist())

@@ -64,9 +64,11 @@ def build_datasets(out: Path, rng: random.Random) -> dict:
     _write_jsonl(out / "prompts.jsonl", [{"prompt": c.prompt} for c in prompt_cases])
 
     pairs: list[dict] = []
+    seen: set[tuple] = set()
     while len(pairs) < SIZES["preference_pairs"]:
         pair = _pair(rng.choice(train_cases), rng)
-        if pair and pair not in pairs[-50:]:
+        if pair and tuple(pair.values()) not in seen:
+            seen.add(tuple(pair.values()))
             pairs.append(pair)
     # deliberate problems: validation must quarantine exactly these rows
     bad = [dict(pairs[10]), dict(pairs[20]), dict(pairs[30]),                  # duplicates

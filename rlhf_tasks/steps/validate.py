@@ -32,8 +32,10 @@ def validate_kind(cfg, kind: str, uri: str | None = None, fmt: str | None = None
     with tracking.step_run(cfg, step, tags={"data.kind": kind, "data.source": uri}) as run_id, \
             validation.tempdir() as tmp:
         out_dir = Path(tmp) / "out"
-        tokenizer = validation.load_tokenizer(cfg.model.tokenizer or cfg.model.base_model,
-                                              cfg.model.trust_remote_code)
+        def tokenizer():
+            return validation.load_tokenizer(cfg.model.tokenizer or cfg.model.base_model,
+                                             cfg.model.trust_remote_code)
+
         eval_keys = None
         if kind != "eval" and cfg.data.eval_uri:
             eval_keys = validation.read_prompt_keys(storage, cfg.data.eval_uri,
