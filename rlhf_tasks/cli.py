@@ -78,8 +78,9 @@ def cmd_data_validate(args) -> int:
     storage = Storage.from_config(cfg, extra_read_roots=[
         p for p in (args.path, args.eval_set) if p and not p.startswith("s3://")])
     def tokenizer():
-        return validation.load_tokenizer(cfg.model.tokenizer or cfg.model.base_model,
-                                         cfg.model.trust_remote_code)
+        from rlhf_tasks import models
+
+        return models.load_tokenizer(cfg, storage)
 
     eval_keys = (validation.read_prompt_keys(storage, args.eval_set, cfg.data.max_file_mb)
                  if args.eval_set and args.kind != "eval" else None)

@@ -28,9 +28,9 @@ def demo_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(demo_dir):
-    from rlhf_tasks.data.validation import load_tokenizer
+    from rlhf_tasks.models import load_tokenizer_from
 
-    return load_tokenizer(str(demo_dir / "foundation"))
+    return load_tokenizer_from(str(demo_dir / "foundation"))
 
 
 @pytest.fixture

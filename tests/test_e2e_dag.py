@@ -18,6 +18,7 @@ def airflow_env(home: Path) -> dict:
             "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "RLHF_WORKDIR": str(home), "GX_ANALYTICS_ENABLED": "False"}
 
 
@@ -41,6 +42,7 @@ def run_config(tmp_path: Path, demo_dir: Path, **data) -> Path:
 
     cfg = yaml.safe_load((demo_dir / "demo.yaml").read_text())
     cfg["storage"]["artifact_root"] = str(tmp_path / "artifacts")
+    cfg["storage"]["allowed_roots"].append(str(tmp_path))
     cfg["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
                        "artifact_location": (tmp_path / "mlartifacts").as_uri()}
     cfg["data"].update(data)
@@ -83,7 +85,9 @@ def test_dag_fails_on_bad_data_without_retrying(airflow_home, demo_dir, tmp_path
                                                                   preference_uri=str(bad)))})
     log = proc.stdout + proc.stderr
     assert "chosen equals rejected" in log
-    assert "exited with code 2" in log
+    assert "exited with code 2" in log and "DagRun failed" in log
+    assert proc.returncode != 0
+    assert log.count("rlhf_tasks.cli run validate_preference") == 1, "bad input must not be retried"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs_df = mlflow.search_runs(experiment_names=["rlhf-tuning"])
     parent = runs_df[runs_df["tags.mlflow.parentRunId"].isna()]

@@ -64,15 +64,6 @@ class Validated:
                 "digest": self.digest}
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    if not Path(path).exists():
-        raise BadInput(f"tokenizer not found at {path} (set model.tokenizer or model.base_model)",
-                       field="model.tokenizer")
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
 def count_tokens(tokenizer, texts: list[str]) -> list[int]:
     if not texts:
         return []

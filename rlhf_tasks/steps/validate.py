@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rlhf_tasks import tracking
+from rlhf_tasks import models, tracking
 from rlhf_tasks.data import validation
 from rlhf_tasks.errors import BadInput
 from rlhf_tasks.storage import Storage, join
@@ -33,8 +33,7 @@ def validate_kind(cfg, kind: str, uri: str | None = None, fmt: str | None = None
             validation.tempdir() as tmp:
         out_dir = Path(tmp) / "out"
         def tokenizer():
-            return validation.load_tokenizer(cfg.model.tokenizer or cfg.model.base_model,
-                                             cfg.model.trust_remote_code)
+            return models.load_tokenizer(cfg, storage)
 
         eval_keys = None
         if kind != "eval" and cfg.data.eval_uri:
