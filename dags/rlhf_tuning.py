@@ -16,7 +16,8 @@ from rlhf_airflow.params import trigger_params
 
 CONFIG = "{{ ti.xcom_pull(task_ids='prepare_run')['config_uri'] }}"
 BACKEND = "{{ ti.xcom_pull(task_ids='prepare_run')['backend'] }}"
-PARENT = "tracking.parent_run_id={{ ti.xcom_pull(task_ids='start_tracking')['parent_run_id'] }}"
+PARENT = ("tracking.parent_run_id="
+          "{{ (ti.xcom_pull(task_ids='start_tracking') or {}).get('parent_run_id', '') }}")
 
 with DAG(
     dag_id="rlhf_tuning",

@@ -60,7 +60,8 @@ class DataSection(Section):
     min_preference_rows: int = Field(10, ge=1)
     min_prompt_rows: int = Field(10, ge=1)
     min_eval_rows: int = Field(10, ge=1)
-    max_file_mb: int = Field(4096, ge=1, description="Refuse input files larger than this.")
+    max_file_mb: int = Field(1024, ge=1, description="Refuse input files larger than this "
+                                                     "(rows are held in memory).")
 
 
 class RewardSection(Section):

@@ -90,7 +90,7 @@ def end_pipeline_run(cfg, status: str = "FINISHED") -> None:
     import mlflow
 
     setup(cfg)
-    if cfg.tracking.parent_run_id:
+    if cfg.tracking.parent_run_id:  # empty when the run failed before start_tracking
         mlflow.MlflowClient().set_terminated(cfg.tracking.parent_run_id, status=status)
 
 
@@ -101,7 +101,7 @@ def step_run(cfg, step: str, tags: dict[str, str] | None = None) -> Iterator[str
 
     experiment_id = setup(cfg)
     parent = cfg.tracking.parent_run_id
-    if parent is None:
+    if not parent:
         parent = start_pipeline_run(cfg)
     with mlflow.start_run(experiment_id=experiment_id, run_name=step, parent_run_id=parent,
                           tags={"rlhf.step": step, PIPELINE_TAG: cfg.run.pipeline,
