@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlhf_tasks.errors import BadInput
 
@@ -144,11 +144,6 @@ class PipelineConfig(Section):
     storage: StorageSection = StorageSection()
     tracking: TrackingSection = TrackingSection()
     compute: ComputeSection = ComputeSection()
-
-    @field_validator("run", mode="before")
-    @classmethod
-    def _none_is_default(cls, value: Any) -> Any:
-        return {} if value is None else value
 
     def step_uri(self, step: str, name: str = "") -> str:
         """``<artifact_root>/<pipeline>/<run_id>/<step>/<name>``."""

@@ -59,15 +59,6 @@ def row_rules(kind: str, max_prompt_tokens: int, max_target_tokens: int) -> list
     return rules
 
 
-@dataclass
-class SuiteOutcome:
-    failures: dict[int, list[RowRule]]  # _row -> rules it broke
-    table_success: bool
-    table_message: str
-    statistics: dict
-    docs_dir: Path
-
-
 class ExpectationRunner:
     """Holds one ephemeral GX context with a Data Docs site in ``docs_dir``."""
 
