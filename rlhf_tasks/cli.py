@@ -65,7 +65,7 @@ def cmd_run(args) -> int:
 def cmd_data_validate(args) -> int:
     import tempfile
 
-    from rlhf_tasks import config
+    from rlhf_tasks import config, models
     from rlhf_tasks.data import validation
     from rlhf_tasks.storage import Storage
 
@@ -77,17 +77,13 @@ def cmd_data_validate(args) -> int:
     cfg = config.load(args.config, overrides)
     storage = Storage.from_config(cfg, extra_read_roots=[
         p for p in (args.path, args.eval_set) if p and not p.startswith("s3://")])
-    def tokenizer():
-        from rlhf_tasks import models
-
-        return models.load_tokenizer(cfg, storage)
-
     eval_keys = (validation.read_prompt_keys(storage, args.eval_set, cfg.data.max_file_mb)
                  if args.eval_set and args.kind != "eval" else None)
     with tempfile.TemporaryDirectory(prefix="rlhf-validate-") as tmp:
         out_dir = Path(args.out) if args.out else Path(tmp)
         outcome = validation.validate_dataset(
-            storage=storage, uri=args.path, kind=args.kind, fmt=args.format, tokenizer=tokenizer,
+            storage=storage, uri=args.path, kind=args.kind, fmt=args.format,
+            load_tokenizer=lambda: models.load_tokenizer(cfg, storage),
             data_cfg=cfg.data, eval_keys=eval_keys, docs_dir=out_dir / "data_docs")
         validation.write_outputs(outcome, out_dir)
         summary = outcome.summary()

@@ -91,7 +91,7 @@ def test_s3_dataset_validates_from_s3(tmp_path, s3_endpoint, bucket, tokenizer):
                                                             Body=body.encode())
     cfg = config.validate({"data": {"min_preference_rows": 1}})
     out = validation.validate_dataset(storage=st, uri=f"s3://{bucket}/data/p.jsonl",
-                                      kind="preference", fmt="auto", tokenizer=tokenizer,
+                                      kind="preference", fmt="auto", load_tokenizer=lambda: tokenizer,
                                       data_cfg=cfg.data, eval_keys=None, docs_dir=tmp_path / "d")
     assert out.rows_kept == 5
     with pytest.raises(BadInput, match="outside the configured storage roots"):

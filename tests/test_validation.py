@@ -21,7 +21,7 @@ def run(tmp_path, tokenizer, rows, kind="preference", eval_keys=None, fmt="auto"
     path = rows if not isinstance(rows, list) else write_jsonl(tmp_path / "d.jsonl", rows)
     storage = Storage(str(tmp_path / "art"), [str(tmp_path)])
     return validation.validate_dataset(storage=storage, uri=str(path), kind=kind, fmt=fmt,
-                                       tokenizer=tokenizer, data_cfg=cfg.data,
+                                       load_tokenizer=lambda: tokenizer, data_cfg=cfg.data,
                                        eval_keys=eval_keys, docs_dir=tmp_path / "docs")
 
 
@@ -105,7 +105,7 @@ def test_demo_preferences_quarantine_exactly_the_planted_rows(demo_dir, tokenize
 
     cfg = config.load(str(demo_dir / "demo.yaml"))
     out = validation.validate_dataset(storage=storage, uri=str(demo_dir / "preferences.jsonl"),
-                                      kind="preference", fmt="auto", tokenizer=tokenizer,
+                                      kind="preference", fmt="auto", load_tokenizer=lambda: tokenizer,
                                       data_cfg=cfg.data, eval_keys=keys, docs_dir=tmp_path / "d")
     by_reason = out.reasons()
     assert by_reason == {"duplicate row": 3, "chosen equals rejected": 2,
@@ -121,7 +121,7 @@ def test_ranked_demo_file(demo_dir, tokenizer, tmp_path):
 
     cfg = config.load(str(demo_dir / "demo.yaml"))
     out = validation.validate_dataset(storage=storage, uri=str(demo_dir / "preferences_ranked.jsonl"),
-                                      kind="preference", fmt="ranked", tokenizer=tokenizer,
+                                      kind="preference", fmt="ranked", load_tokenizer=lambda: tokenizer,
                                       data_cfg=cfg.data, eval_keys=None, docs_dir=tmp_path / "d")
     assert out.fmt == "ranked" and out.quarantine == [] and out.rows_kept >= 300 * 5
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from typing import Any, Iterator
 
 from rlhf_tasks.errors import BadInput
 
-PREFERENCE_FORMATS = ("pairs", "ranked", "vertex", "chat")
 FORMAT_FIELDS = {
     "pairs": ("prompt", "chosen", "rejected"),
     "ranked": ("prompt", "responses"),
@@ -347,9 +345,3 @@ def canonical_columns(kind: str) -> list[str]:
         return ["prompt", "chosen", "rejected", "margin"]
     return ["prompt"]
 
-
-def describe_formats() -> str:
-    out = io.StringIO()
-    for name, fields in FORMAT_FIELDS.items():
-        out.write(f"{name}: {', '.join(fields)}\n")
-    return out.getvalue()

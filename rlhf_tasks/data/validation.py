@@ -10,9 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_tasks.data import formats
@@ -40,7 +39,6 @@ class Validated:
     frame: object  # pandas.DataFrame of kept canonical rows
     quarantine: list[dict]
     digest: str
-    gx_statistics: dict = field(default_factory=dict)
     min_rows_message: str = ""
 
     @property
@@ -103,7 +101,7 @@ def _content_digest(frame, columns: list[str]) -> str:
     return digest.hexdigest()
 
 
-def validate_dataset(*, storage, uri: str, kind: str, fmt: str, tokenizer, data_cfg,
+def validate_dataset(*, storage, uri: str, kind: str, fmt: str, load_tokenizer, data_cfg,
                      eval_keys: set[str] | None, docs_dir: Path) -> Validated:
     import pandas as pd
 
@@ -143,8 +141,7 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, tokenizer, data_
         raise BadInput(f"no row could be parsed; first problems: {_first(quarantine, uri)}",
                        file=uri)
 
-    if callable(tokenizer) and not hasattr(tokenizer, "encode"):
-        tokenizer = tokenizer()  # loaded only once the file has parsed
+    tokenizer = load_tokenizer()  # only once the file has parsed: bad files fail fast
     # derived columns the expectations look at
     frame["_row"] = range(len(frame))
     frame["_prompt_tokens"] = count_tokens(tokenizer, frame["prompt"].tolist())
@@ -164,7 +161,7 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, tokenizer, data_
 
     runner = ExpectationRunner(docs_dir)
     rules = row_rules(kind, data_cfg.max_prompt_tokens, data_cfg.max_target_tokens)
-    failures, statistics = runner.row_suite(f"{kind}-rows", frame, rules)
+    failures = runner.row_suite(f"{kind}-rows", frame, rules)
     for row_index, broken in sorted(failures.items()):
         line = int(frame.at[row_index, "_line"])
         reasons = [r.reason for r in broken]
@@ -183,7 +180,7 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, tokenizer, data_
     kept = kept[columns + ["_line"]].rename(columns={"_line": "source_line"})
     quarantine.sort(key=lambda q: q["line"])
     outcome = Validated(kind, uri, fmt, rows_read, kept, quarantine,
-                        _content_digest(kept, columns), statistics,
+                        _content_digest(kept, columns),
                         "" if table_ok else table_message)
     return outcome
 
@@ -205,26 +202,18 @@ def check_outcome(outcome: Validated, max_bad_fraction: float) -> None:
         raise BadInput(f"too few rows: {outcome.min_rows_message}", file=outcome.source)
 
 
-def write_outputs(outcome: Validated, out_dir: Path) -> dict[str, Path]:
-    """Write canonical Parquet (only when usable), quarantine and report into ``out_dir``."""
+def write_outputs(outcome: Validated, out_dir: Path) -> None:
+    """Write the quarantine and the report into ``out_dir`` (canonical data: see below)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
     quarantine = out_dir / "quarantine.jsonl"
     with open(quarantine, "w", encoding="utf-8") as fh:
         for q in outcome.quarantine:
             fh.write(json.dumps({"source": outcome.source, **q}, ensure_ascii=False) + "\n")
-    paths["quarantine"] = quarantine
     report = out_dir / "report.json"
     report.write_text(json.dumps(outcome.summary(), indent=2), encoding="utf-8")
-    paths["report"] = report
-    return paths
 
 
 def write_canonical(outcome: Validated, out_dir: Path) -> Path:
     path = out_dir / "canonical.parquet"
     outcome.frame.to_parquet(path, index=False)
     return path
-
-
-def tempdir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="rlhf-validate-")

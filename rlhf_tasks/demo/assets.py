@@ -67,8 +67,9 @@ def build_datasets(out: Path, rng: random.Random) -> dict:
     seen: set[tuple] = set()
     while len(pairs) < SIZES["preference_pairs"]:
         pair = _pair(rng.choice(train_cases), rng)
-        if pair and tuple(pair.values()) not in seen:
-            seen.add(tuple(pair.values()))
+        key = pair and tuple(pair.values())
+        if key and key not in seen:
+            seen.add(key)
             pairs.append(pair)
     # deliberate problems: validation must quarantine exactly these rows
     bad = [dict(pairs[10]), dict(pairs[20]), dict(pairs[30]),                  # duplicates

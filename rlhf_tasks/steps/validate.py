@@ -8,6 +8,7 @@ Outputs under ``<artifact_root>/<pipeline>/<run_id>/validate_<kind>/``:
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from rlhf_tasks import models, tracking
@@ -30,17 +31,15 @@ def validate_kind(cfg, kind: str, uri: str | None = None, fmt: str | None = None
     step = f"validate_{kind}"
     out_uri = cfg.step_uri(step)
     with tracking.step_run(cfg, step, tags={"data.kind": kind, "data.source": uri}) as run_id, \
-            validation.tempdir() as tmp:
+            tempfile.TemporaryDirectory(prefix="rlhf-validate-") as tmp:
         out_dir = Path(tmp) / "out"
-        def tokenizer():
-            return models.load_tokenizer(cfg, storage)
-
         eval_keys = None
         if kind != "eval" and cfg.data.eval_uri:
             eval_keys = validation.read_prompt_keys(storage, cfg.data.eval_uri,
                                                     cfg.data.max_file_mb)
         outcome = validation.validate_dataset(
-            storage=storage, uri=uri, kind=kind, fmt=fmt, tokenizer=tokenizer,
+            storage=storage, uri=uri, kind=kind, fmt=fmt,
+            load_tokenizer=lambda: models.load_tokenizer(cfg, storage),
             data_cfg=cfg.data, eval_keys=eval_keys, docs_dir=out_dir / "data_docs")
         validation.write_outputs(outcome, out_dir)
         problem = None
