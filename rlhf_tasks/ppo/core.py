@@ -1,0 +1,196 @@
+"""The math of PPO for language models: small, pure functions, each unit-tested by hand.
+
+Shapes: ``(batch, response_length)`` per-token tensors with a ``mask`` of the same shape
+(1 for a response token up to and including EOS, 0 for padding after it).
+
+Sources, cited where used:
+* [N+] Huang et al., "The N Implementation Details of RLHF with PPO" (ICLR blog track 2024)
+  and its follow-up "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
+  Summarization" (2024).
+* [Ziegler] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences":
+  the per-token KL penalty and the adaptive KL controller.
+* [Schulman] J. Schulman, "Approximating KL Divergence" (2020): the k1 and k3 estimators.
+* [GAE] Schulman et al. 2015, "High-Dimensional Continuous Control Using GAE".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over the masked entries (Bessel-corrected by default, as TRL and [N+] do)."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        if count > 1:
+            var = var * count / (count - 1)
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean (unless ``shift_mean=False``), unit variance over the masked entries.
+
+    [N+] "Advantage whitening" (shift_mean=True) and "Reward whitening" (shift_mean=False:
+    only the scale changes, so the sign of a reward survives).  Padding stays zero.
+    """
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def selective_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[tokens]`` without materialising the full log-softmax.
+
+    logits (..., V), tokens (...) -> (...).  Memory: one row of the vocabulary at a time
+    per position instead of a second (B, T, V) tensor.
+    """
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` per position: ``logsumexp(z) - sum(p * z)``."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1"
+               ) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled token's log-probs.
+
+    [Schulman] with ``log r = ref - policy`` for a token sampled from the policy:
+    k1 = -log r (unbiased, can be negative per token); k3 = (r - 1) - log r (unbiased and
+    always >= 0, lower variance).
+    """
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor
+                  ) -> torch.Tensor:
+    """[Ziegler] r_t = -beta * KL_t on every response token, plus the reward-model score on
+    the last one (the EOS token, or the last token of a response that never ended)."""
+    rewards = -kl_coef * kl * mask.to(kl.dtype)
+    last = mask.long().sum(1).clamp_min(1) - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[GAE] advantages and returns over the response tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}.  Past the
+    last token V and r are zero, so the episode ends there.  Returns = A + V.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    length = rewards.shape[1]
+    last_gae = torch.zeros_like(rewards[:, 0])
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate objective (PPO), as a loss; with clip fraction and approx KL."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            # [N+] approx KL between the rollout and the current policy, k3 [Schulman]
+            "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """[N+] "Value function loss clipping": 0.5 * max((V - R)^2, (clip(V) - R)^2)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+    return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the masked tokens (1 = perfect, <= 0 = useless)."""
+    var_returns = masked_var(returns, mask, unbiased=False)
+    if var_returns.item() == 0:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, mask, unbiased=False) / var_returns)
+
+
+@dataclass
+class KLController:
+    """The KL coefficient beta: fixed, or adaptive towards a target KL [Ziegler] sec. 2.2.
+
+    Adaptive: e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * n / horizon),
+    with n the episodes in the batch.
+    """
+
+    value: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if self.target is None or math.isnan(current_kl):
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N+] "Truncate at EOS": mask of the tokens up to and including the first EOS, and
+    whether an EOS was emitted at all (responses that never end are penalised)."""
+    is_eos = responses == eos_token_id
+    has_eos = is_eos.any(1)
+    width = responses.shape[1]
+    first = torch.where(has_eos, is_eos.float().argmax(1), torch.full_like(has_eos, width - 1,
+                                                                        dtype=torch.long))
+    positions = torch.arange(width, device=responses.device).unsqueeze(0)
+    return (positions <= first.unsqueeze(1)).long(), has_eos
+
+
+def linear_schedule(total_updates: int):
+    """[N+] learning-rate annealing: linear decay from 1 to 0 over the updates."""
+    return lambda update: max(0.0, 1.0 - update / max(1, total_updates))
+

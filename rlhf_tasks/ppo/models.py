@@ -1,0 +1,77 @@
+"""Build the models PPO needs, in one of two memory layouts (see docs/ARCHITECTURE.md).
+
+``shared`` (LoRA, the default): the policy is the base model with a LoRA adapter and the
+reference is the same weights with the adapter disabled; the critic is a LoRA adapter
+(plus a trainable copy of the score head) on the reward model, and the reward is the
+critic with its adapter disabled.  Two base-model copies in memory: policy and reward.
+
+``separate`` (what TRL's PPOTrainer does, and the only choice with full tuning): policy,
+a frozen reference copy (unless LoRA), the frozen reward model and a value model that is
+a trainable copy of the reward model.  Up to four copies.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from rlhf_tasks.ppo.trainer import Models
+
+
+def lora_config(rank: int, task_type: str, modules_to_save: list[str] | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
+                      target_modules="all-linear", task_type=task_type,
+                      modules_to_save=modules_to_save)
+
+
+def build_models(policy_base, reward_model, *, lora_rank: int, layout: str = "shared") -> Models:
+    """``policy_base``: a causal LM; ``reward_model``: a sequence-classification model with
+    one label (its LoRA, if any, already merged).  Both are consumed (wrapped in place)."""
+    from peft import get_peft_model
+
+    reward_model.requires_grad_(False)
+    if lora_rank > 0:
+        policy = get_peft_model(policy_base, lora_config(lora_rank, "CAUSAL_LM"))
+        reference = None
+    else:
+        reference = copy.deepcopy(policy_base).requires_grad_(False).eval()
+        policy = policy_base.requires_grad_(True)
+    if layout == "shared" and lora_rank > 0:
+        critic = get_peft_model(reward_model, lora_config(lora_rank, "SEQ_CLS", ["score"]))
+        return Models(policy=policy, critic=critic, reference=reference, reward=None)
+    if layout not in ("shared", "separate"):
+        raise ValueError(f"unknown model layout {layout!r}; use 'shared' or 'separate'")
+    value = copy.deepcopy(reward_model)
+    if lora_rank > 0:
+        value = get_peft_model(value, lora_config(lora_rank, "SEQ_CLS", ["score"]))
+    else:
+        value.requires_grad_(True)
+    return Models(policy=policy, critic=value, reference=reference, reward=reward_model.eval())
+
+
+def random_llama(vocab_size: int, hidden: int, layers: int, heads: int, *, seed: int = 0,
+                 intermediate: int | None = None, pad_token_id: int = 0, bos_token_id: int = 1,
+                 eos_token_id: int = 2, max_positions: int = 512):
+    """A random tiny Llama (causal LM) for tests and benchmarks, and its config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden,
+                         intermediate_size=intermediate or 4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, max_position_embeddings=max_positions,
+                         pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, tie_word_embeddings=False, num_labels=1)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), config
+
+
+def sequence_classifier_like(config, seed: int = 1):
+    """A random one-label sequence classifier with the same shapes (a stand-in reward model)."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config)

@@ -1,0 +1,473 @@
+"""PPO for causal language models, readable top to bottom (after CleanRL's ``ppo.py``).
+
+One call, :func:`train`, runs ``settings.total_updates`` PPO updates.  Each update:
+
+1. take ``batch_size`` prompts (a fixed, seeded order: the data position is one integer);
+2. roll out responses with Hugging Face ``generate`` (KV cache, left-padded prompts) and
+   keep the sampled tokens' log-probs of the *sampling* distribution (logits / T);
+3. score them: the reference policy's log-probs (the same LoRA model with its adapters
+   disabled, or a frozen copy), the value model's values and the reward model's score;
+4. reward = normalised score at the last token - beta * KL per token; GAE; whitening;
+5. ``ppo_epochs`` passes over the batch, reshuffled each pass, in minibatches (one
+   optimizer step each) made of microbatches (gradient accumulation);
+6. log ``ppo/*`` metrics; every ``checkpoint_every`` updates save everything needed to
+   resume exactly (weights, optimizer, scheduler, RNG, data position, KL controller).
+
+Comments tagged [N+ #k] name the implementation detail of Huang et al. ("The N
+Implementation Details of RLHF with PPO", and "The N+ Implementation Details ... TL;DR")
+that the line implements; the math lives in :mod:`rlhf_tasks.ppo.core`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rlhf_tasks.ppo import core
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOSettings:
+    total_updates: int = 32
+    batch_size: int = 32                # episodes (prompts) per update
+    num_minibatches: int = 4            # optimizer steps per PPO epoch
+    microbatch_size: int = 8            # forward/backward chunk inside a minibatch
+    ppo_epochs: int = 4
+    learning_rate: float = 3e-4
+    max_grad_norm: float = 1.0
+    adam_eps: float = 1e-5              # [N+ #3] Adam epsilon 1e-5, as the baselines use
+    gamma: float = 1.0                  # no discount inside a response
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_target: float | None = None      # set: adaptive KL controller towards this KL
+    kl_horizon: int = 10000
+    whiten_rewards: bool = False
+    temperature: float = 0.7
+    max_new_tokens: int = 32
+    missing_eos_penalty: float = 1.0
+    score_mean: float = 0.0             # reward normalisation, measured by the reward step
+    score_std: float = 1.0
+    checkpoint_every: int = 0           # 0: only at the end
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of "
+                             f"num_minibatches {self.num_minibatches}")
+        minibatch = self.batch_size // self.num_minibatches
+        if minibatch % min(self.microbatch_size, minibatch):
+            raise ValueError(f"minibatch size {minibatch} is not a multiple of "
+                             f"microbatch_size {self.microbatch_size}")
+
+
+@dataclass
+class Models:
+    """What PPO trains and reads.  ``None`` entries share weights with a trained model:
+
+    * ``reference=None``: the policy is a PEFT model; the reference is the same weights
+      with the adapters disabled (no second copy of the base model).
+    * ``reward=None``: the critic is a PEFT adapter on the reward model; the reward is the
+      critic with its adapters disabled (value model initialised from the reward model,
+      as InstructGPT did, at the cost of one base model instead of two).
+    """
+
+    policy: nn.Module            # causal LM, trainable
+    critic: nn.Module            # sequence-classification model (value head), trainable
+    reference: nn.Module | None = None
+    reward: nn.Module | None = None
+
+
+class PolicyAndValue(nn.Module):
+    """One module over policy and critic, so DDP wraps (and one optimizer steps) both."""
+
+    def __init__(self, policy: nn.Module, critic: nn.Module):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, ids, mask, positions, width: int, temperature: float):
+        return (response_logits(self.policy, ids, mask, positions, width, temperature),
+                token_values(self.critic, ids, mask, positions, width))
+
+
+# -- forward passes ------------------------------------------------------------------------
+def response_logits(model, ids, mask, positions, width: int, temperature: float):
+    """Logits predicting the last ``width`` tokens, divided by the sampling temperature.
+
+    [N+ #4 "Correct log-probs for temperature"]: rollouts sample from logits / T, so the
+    training log-probs must be computed from logits / T too.  ``logits_to_keep`` computes
+    the vocabulary projection only for the response positions, not for the prompt.
+    """
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                logits_to_keep=width + 1, use_cache=False)
+    return out.logits[:, :-1].float() / temperature
+
+
+def _backbone_and_head(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix), inner.score
+
+
+def token_values(critic, ids, mask, positions, width: int):
+    """Per-token values for the last ``width`` positions (the state before each token)."""
+    backbone, head = _backbone_and_head(critic)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                      use_cache=False).last_hidden_state
+    return head(hidden[:, -width - 1:-1]).squeeze(-1).float()
+
+
+def sequence_scores(model, ids, mask, positions, last_index):
+    """The reward model's score read at ``last_index`` (EOS, or the last token)."""
+    backbone, head = _backbone_and_head(model)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                      use_cache=False).last_hidden_state
+    picked = hidden[torch.arange(len(ids), device=ids.device), last_index]
+    return head(picked).squeeze(-1).float()
+
+
+def adapters_disabled(model):
+    """Context: the PEFT model's base weights (the reference / the reward model)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """[N+ #9 "Disable dropout"]: dropout would make the PPO ratio differ from 1 even
+    before any update, so it is switched off in every model."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+# -- rollouts --------------------------------------------------------------------------------
+class _SampledLogprobs:
+    """A logits processor that turns raw logits into the sampling distribution (logits / T)
+    and records the log-prob of each sampled token, one (batch, vocab) tensor at a time
+    instead of keeping every step's scores (as ``output_scores`` would)."""
+
+    def __init__(self, temperature: float, prompt_width: int):
+        self.temperature, self.prompt_width = temperature, prompt_width
+        self.logprobs: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids, scores):
+        if self._last is not None:  # the token sampled from the previous step's scores
+            self.logprobs.append(self._last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        scores = scores.float() / self.temperature
+        self._last = torch.log_softmax(scores, dim=-1)
+        return scores
+
+    def finish(self, sequences) -> torch.Tensor:
+        if self._last is not None:
+            self.logprobs.append(self._last.gather(-1, sequences[:, -1:]).squeeze(-1))
+        self._last = None
+        return torch.stack(self.logprobs, 1)
+
+
+@torch.no_grad()
+def rollout(policy, query_ids, query_mask, settings: PPOSettings, eos_token_id: int,
+            pad_token_id: int):
+    """Sample responses with ``generate``; returns (responses, rollout log-probs).
+
+    [N+ #1 "left padding"]: prompts are left-padded so every response starts at the same
+    column; ``generate`` derives position ids from the attention mask so padding does not
+    shift positions, and uses the KV cache.  [N+ #2 "sampling"]: plain multinomial sampling
+    of logits / T (top-k 0, top-p 1), so the log-probs are those of the distribution sampled.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    recorder = _SampledLogprobs(settings.temperature, query_ids.shape[1])
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True,
+                              temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask,
+                                generation_config=config,
+                                logits_processor=LogitsProcessorList([recorder]))
+    responses = sequences[:, query_ids.shape[1]:]
+    return responses, recorder.finish(sequences)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """[N+ #1] position ids that skip the left padding (0 at the first real token)."""
+    return (mask.cumsum(1) - 1).clamp_min(0)
+
+
+def _collate_prompts(prompts: list[list[int]], pad_token_id: int, device):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters()
+            if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, *, update: int, wrapped: nn.Module, optimizer, scheduler,
+                    kl_ctl: core.KLController, data_position: int, history: list) -> Path:
+    """Weights in safetensors; optimizer/scheduler/RNG state in a torch file of tensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_trainable_state(wrapped), str(folder / "trainable.safetensors"))
+    torch.save({
+        "update": update, "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "kl_controller": kl_ctl.state_dict(),
+        "data_position": data_position, "history": history,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }, folder / "state.pt")
+    return folder
+
+
+def load_checkpoint(folder: Path, *, wrapped: nn.Module, optimizer, scheduler,
+                    kl_ctl: core.KLController) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "trainable.safetensors"))
+    missing = set(_trainable_state(wrapped)) - set(weights)
+    if missing:
+        raise ValueError(f"checkpoint {folder} lacks {len(missing)} trainable tensors, "
+                         f"e.g. {sorted(missing)[0]} (different LoRA settings?)")
+    wrapped.load_state_dict(weights, strict=False)
+    state = torch.load(folder / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    kl_ctl.load_state_dict(state["kl_controller"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+# -- the loop --------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    updates: int
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+
+def prompt_batch(prompts: list[list[int]], position: int, size: int, seed: int
+                 ) -> list[list[int]]:
+    """The next ``size`` prompts of a seeded order that reshuffles every pass over the data."""
+    out = []
+    n = len(prompts)
+    while len(out) < size:
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = order[offset: offset + size - len(out)].tolist()
+        out += [prompts[i] for i in take]
+        position += len(take)
+    return out
+
+
+def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
+          eos_token_id: int, pad_token_id: int, device: str | torch.device = "cpu",
+          resume_from: Path | None = None, checkpoint_dir: Path | None = None,
+          on_checkpoint: Callable[[int, Path], None] | None = None,
+          on_metrics: Callable[[int, dict], None] | None = None,
+          stop_after: int | None = None, accelerator=None) -> TrainResult:
+    """Run PPO; ``stop_after`` ends early after that many updates (to test resuming)."""
+    s = settings
+    torch.manual_seed(s.seed)
+    random.seed(s.seed)
+    for model in filter(None, (models.policy, models.critic, models.reference, models.reward)):
+        disable_dropout(model)
+    for frozen in filter(None, (models.reference, models.reward)):
+        frozen.eval().requires_grad_(False)
+
+    wrapped = PolicyAndValue(models.policy, models.critic)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, eps=s.adam_eps, weight_decay=0.0)
+    # [N+ #7 "Learning rate annealing"]: linear decay to 0 over the updates
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, core.linear_schedule(s.total_updates))
+    kl_ctl = core.KLController(s.kl_coef, s.kl_target, s.kl_horizon)
+    if accelerator is not None:
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+        device = accelerator.device
+    unwrapped = accelerator.unwrap_model(wrapped) if accelerator is not None else wrapped
+    rank, world = ((accelerator.process_index, accelerator.num_processes)
+                   if accelerator is not None else (0, 1))
+
+    start_update, data_position, history = 0, 0, []
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, wrapped=unwrapped, optimizer=optimizer,
+                                scheduler=scheduler, kl_ctl=kl_ctl)
+        start_update, data_position, history = (state["update"], state["data_position"],
+                                                state["history"])
+        log.info("resumed PPO at update %d from %s", start_update, resume_from)
+
+    minibatch = s.batch_size // s.num_minibatches
+    micro = min(s.microbatch_size, minibatch)
+    started = time.perf_counter()
+    last_update = min(s.total_updates, start_update + stop_after) if stop_after else s.total_updates
+    update = start_update
+    for update in range(start_update + 1, last_update + 1):
+        tick = time.perf_counter()
+        # 1. prompts: ``batch_size`` per process, each process its own share
+        batch_prompts = prompt_batch(prompts, data_position, s.batch_size * world, s.seed)
+        data_position += s.batch_size * world
+        query_ids, query_mask = _collate_prompts(batch_prompts[rank::world], pad_token_id, device)
+        width_q = query_ids.shape[1]
+
+        # 2. rollouts (policy in eval mode: dropout is off anyway)
+        unwrapped.eval()
+        responses, logprobs = rollout(unwrapped.policy, query_ids, query_mask, s,
+                                      eos_token_id, pad_token_id)
+        # [N+ #5 "Truncate at EOS"]: tokens after the first EOS are padding; a response
+        # that never emits EOS keeps all its tokens and is penalised below.
+        mask, has_eos = core.response_mask(responses, eos_token_id)
+        width = responses.shape[1]
+        responses = responses.masked_fill(mask == 0, pad_token_id)
+        ids = torch.cat([query_ids, responses], 1)
+        full_mask = torch.cat([query_mask, mask], 1)
+        positions = _positions(full_mask)
+        maskf = mask.float()
+
+        # 3. score the rollouts
+        with torch.no_grad():
+            if models.reference is None:
+                with adapters_disabled(unwrapped.policy):
+                    ref_logits = response_logits(unwrapped.policy, ids, full_mask, positions,
+                                                 width, s.temperature)
+            else:
+                ref_logits = response_logits(models.reference, ids, full_mask, positions,
+                                             width, s.temperature)
+            ref_logprobs = core.selective_logprobs(ref_logits, responses)
+            del ref_logits
+            values = token_values(unwrapped.critic, ids, full_mask, positions, width)
+            last_index = width_q + mask.sum(1) - 1
+            if models.reward is None:
+                with adapters_disabled(unwrapped.critic):
+                    raw_scores = sequence_scores(unwrapped.critic, ids, full_mask, positions,
+                                                 last_index)
+            else:
+                raw_scores = sequence_scores(models.reward, ids, full_mask, positions, last_index)
+            # reward normalisation: the reward step measured mean/std of the score on the
+            # reference policy's samples, so rewards start near mean 0, std 1
+            scores = (raw_scores - s.score_mean) / s.score_std
+            # [N+ #6 "EOS trick"]: a fixed penalty for a response that never ended
+            scores = torch.where(has_eos, scores, scores - s.missing_eos_penalty)
+
+            # 4. rewards: [Ziegler] score at the last token minus beta * per-token KL
+            logprobs, ref_logprobs = logprobs * maskf, ref_logprobs * maskf
+            kl = core.kl_penalty(logprobs, ref_logprobs, s.kl_estimator) * maskf
+            rewards = core.token_rewards(scores, kl, kl_ctl.value, mask)
+            if s.whiten_rewards:  # [N+ #8 "Reward whitening"] (scale only)
+                rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+            values = values * maskf
+            advantages, returns = core.gae(rewards, values, mask, s.gamma, s.lam)
+            # [N+ #10 "Advantage whitening"] over the batch's response tokens
+            advantages = core.masked_whiten(advantages, mask)
+
+        # 5. PPO epochs over the batch: a fresh permutation each epoch, minibatches
+        # (one optimizer step each), microbatches (gradient accumulation)
+        unwrapped.train()
+        stats: dict[str, list[float]] = {k: [] for k in (
+            "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl",
+            "entropy", "ratio")}
+        local = len(query_ids)
+        shuffle = torch.Generator().manual_seed(s.seed * 7919 + update)
+        for _ in range(s.ppo_epochs):
+            order = torch.randperm(local, generator=shuffle)
+            for start in range(0, local, minibatch):
+                mb_rows = order[start: start + minibatch]
+                optimizer.zero_grad(set_to_none=True)
+                for m_start in range(0, len(mb_rows), micro):
+                    rows = mb_rows[m_start: m_start + micro]
+                    m = maskf[rows]
+                    new_logits, new_values = wrapped(ids[rows], full_mask[rows], positions[rows],
+                                                     width, s.temperature)
+                    new_logprobs = core.selective_logprobs(new_logits, responses[rows])
+                    pg_loss, pg_stats = core.policy_loss(new_logprobs, logprobs[rows],
+                                                         advantages[rows], m, s.clip_range)
+                    vf_loss, vf_stats = core.value_loss(new_values, values[rows], returns[rows],
+                                                        m, s.value_clip_range)
+                    loss = (pg_loss + s.vf_coef * vf_loss) * len(rows) / len(mb_rows)
+                    if accelerator is not None:
+                        accelerator.backward(loss)
+                    else:
+                        loss.backward()
+                    with torch.no_grad():
+                        stats["policy_loss"].append(pg_loss.item())
+                        stats["value_loss"].append(vf_loss.item())
+                        stats["policy_clipfrac"].append(pg_stats["clipfrac"].item())
+                        stats["value_clipfrac"].append(vf_stats["clipfrac"].item())
+                        stats["approx_kl"].append(pg_stats["approx_kl"].item())
+                        stats["ratio"].append(pg_stats["ratio"].item())
+                        stats["entropy"].append(
+                            core.masked_mean(core.entropy_from_logits(new_logits), m).item())
+                # gradient clipping (global norm over policy and value parameters)
+                if accelerator is not None:
+                    accelerator.clip_grad_norm_(params, s.max_grad_norm)
+                else:
+                    nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                optimizer.step()
+        scheduler.step()
+
+        # 6. metrics for this update
+        seconds = time.perf_counter() - tick
+        mean_kl = (kl.sum(1)).mean().item()
+        lengths = mask.sum(1).float()
+        metrics = {
+            "reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
+            "score_raw_mean": raw_scores.mean().item(),
+            "kl": mean_kl, "kl_coef": kl_ctl.value,
+            "entropy": sum(stats["entropy"]) / len(stats["entropy"]),
+            "policy_clipfrac": _avg(stats["policy_clipfrac"]),
+            "value_clipfrac": _avg(stats["value_clipfrac"]),
+            "approx_kl": _avg(stats["approx_kl"]), "policy_loss": _avg(stats["policy_loss"]),
+            "value_loss": _avg(stats["value_loss"]), "ratio": _avg(stats["ratio"]),
+            "explained_variance": core.explained_variance(values, returns, mask),
+            "response_length": lengths.mean().item(),
+            "eos_rate": has_eos.float().mean().item(),
+            "tokens_per_s": lengths.sum().item() / seconds,
+            "episodes_per_s": local / seconds,
+            "learning_rate": scheduler.get_last_lr()[0],
+        }
+        kl_ctl.update(mean_kl, s.batch_size * world)
+        history.append({"update": update, **{k: round(v, 6) for k, v in metrics.items()}})
+        if on_metrics is not None:
+            on_metrics(update, metrics)
+        log.info("ppo update %d/%d: reward %.3f kl %.3f entropy %.3f len %.1f (%.1fs)", update,
+                 s.total_updates, metrics["reward_mean"], mean_kl, metrics["entropy"],
+                 metrics["response_length"], seconds)
+
+        due = s.checkpoint_every and update % s.checkpoint_every == 0
+        if checkpoint_dir is not None and rank == 0 and (due or update == last_update):
+            folder = save_checkpoint(checkpoint_dir / f"update-{update:06d}", update=update,
+                                     wrapped=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                                     kl_ctl=kl_ctl, data_position=data_position,
+                                     history=history)
+            if on_checkpoint is not None:
+                on_checkpoint(update, folder)
+    return TrainResult(updates=update, history=history, resumed_from=start_update,
+                       seconds=time.perf_counter() - started)
+
+
+def _avg(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
