@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlhf_tasks.errors import BadInput
 
-DatasetKind = Literal["preference", "prompt", "eval"]
+DatasetKind = Literal["preference", "prompt", "eval", "sft"]
 PreferenceFormat = Literal["auto", "pairs", "ranked", "vertex", "chat"]
 
 
@@ -60,32 +60,83 @@ class DataSection(Section):
     min_preference_rows: int = Field(10, ge=1)
     min_prompt_rows: int = Field(10, ge=1)
     min_eval_rows: int = Field(10, ge=1)
+    min_sft_rows: int = Field(10, ge=1)
     max_file_mb: int = Field(1024, ge=1, description="Refuse input files larger than this "
                                                      "(rows are held in memory).")
 
 
 class RewardSection(Section):
     train_steps: int = Field(200, ge=1, le=1_000_000)
-    learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0)
+    learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0,
+                                            description="Times the base rate: 1e-3 with LoRA, "
+                                                        "2e-5 for full tuning.")
     lora_rank: int = Field(8, ge=0, le=512, description="0 means full fine-tuning.")
-    batch_size: int = Field(16, ge=1, le=4096)
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    batch_size: int = Field(16, ge=1, le=4096, description="Preference pairs per step.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0,
+                                 description="Share of prompts held out for pairwise accuracy.")
+    use_margin: bool = Field(False, description="Subtract the data's margin inside the loss "
+                                                "(Llama 2 style); rows without one use 0.")
+    center_rewards_coefficient: float | None = Field(
+        0.01, ge=0.0, description="Penalty keeping scores centred on 0 (None: off).")
+    norm_samples: int = Field(256, ge=2, le=100_000,
+                              description="Reference-policy samples that measure the score's "
+                                          "mean and std for normalisation.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
 
 
 class SFTSection(Section):
     enabled: bool = False
     train_steps: int = Field(150, ge=1, le=1_000_000)
-    learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0)
+    learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0,
+                                            description="Times the base rate: 1e-3 with LoRA, "
+                                                        "2e-5 for full tuning.")
     lora_rank: int = Field(8, ge=0, le=512)
+    batch_size: int = Field(32, ge=1, le=4096)
+    checkpoint_every: int = Field(50, ge=1)
 
 
 class PPOSection(Section):
     train_steps: int = Field(32, ge=1, le=1_000_000, description="PPO updates (RL steps).")
-    learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0)
+    learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0,
+                                            description="Times the base rate: 3e-4 with LoRA, "
+                                                        "1e-6 for full tuning.")
     kl_coef: float = Field(0.05, ge=0.0, le=10.0, description="KL penalty coefficient.")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: float | None = Field(None, gt=0.0, description="Set: adaptive KL controller "
+                                                              "aiming at this KL per response.")
     lora_rank: int = Field(8, ge=0, le=512)
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096, description="Episodes (prompts) per update.")
+    num_minibatches: int = Field(4, ge=1, le=4096)
+    microbatch_size: int = Field(8, ge=1, le=4096)
     ppo_epochs: int = Field(4, ge=1, le=64)
+    response_length: int | None = Field(None, ge=1, le=32768,
+                                        description="Max new tokens per rollout; default "
+                                                    "data.max_target_tokens.")
+    temperature: float = Field(0.7, gt=0.0, le=5.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    clip_range: float = Field(0.2, gt=0.0, le=1.0)
+    value_clip_range: float = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.1, ge=0.0)
+    whiten_rewards: bool = False
+    missing_eos_penalty: float = Field(1.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    model_layout: Literal["shared", "separate"] = Field(
+        "shared", description="shared: value model is an adapter on the reward model; "
+                              "separate: a full copy (as TRL does).")
+    checkpoint_every: int = Field(10, ge=1)
+    merge_adapter: bool = Field(False, description="Also save the policy merged into the base.")
+
+    @model_validator(mode="after")
+    def _batches_divide(self):
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of "
+                             f"num_minibatches {self.num_minibatches}")
+        minibatch = self.batch_size // self.num_minibatches
+        if minibatch % min(self.microbatch_size, minibatch):
+            raise ValueError(f"the minibatch ({minibatch} episodes) must be a multiple of "
+                             f"microbatch_size {self.microbatch_size}")
+        return self
 
 
 class EvaluationSection(Section):

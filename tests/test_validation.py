@@ -17,7 +17,7 @@ def run(tmp_path, tokenizer, rows, kind="preference", eval_keys=None, fmt="auto"
     from rlhf_tasks import config
 
     cfg = config.validate({"data": {"min_preference_rows": 1, "min_prompt_rows": 1,
-                                    "min_eval_rows": 1, **data}})
+                                    "min_eval_rows": 1, "min_sft_rows": 1, **data}})
     path = rows if not isinstance(rows, list) else write_jsonl(tmp_path / "d.jsonl", rows)
     storage = Storage(str(tmp_path / "art"), [str(tmp_path)])
     return validation.validate_dataset(storage=storage, uri=str(path), kind=kind, fmt=fmt,
@@ -156,3 +156,20 @@ def test_validate_step_rejects_and_writes_no_canonical(make_config, tmp_path):
     manifest = json.load(open(step_dir + "/MANIFEST.json"))
     assert manifest["status"] == "rejected" and "canonical.parquet" not in manifest["files"]
     assert json.loads(open(step_dir + "/quarantine.jsonl").readline())["line"] == 2
+
+
+def test_sft_kind_quarantines_empty_long_and_leaked_rows(tmp_path, tokenizer):
+    rows = [{"prompt": "led the team", "completion": "Led a team of 5"},
+            {"prompt": "ran the budget", "completion": ""},
+            {"prompt": "wrote reports", "completion": "word " * 40},
+            {"prompt": "held out", "completion": "x"},
+            {"messages": [{"role": "user", "content": "fixed bugs"},
+                          {"role": "assistant", "content": "Fixed 20 bugs"}]}]
+    out = run(tmp_path, tokenizer, rows[:4], kind="sft", eval_keys={"held out"},
+              max_target_tokens=20)
+    assert out.fmt == "completion"
+    assert reasons(out) == {(2, "empty completion"), (3, "completion longer than 20 tokens"),
+                            (4, "prompt also in the eval set (leakage)")}
+    assert out.frame.columns.tolist() == ["prompt", "completion", "source_line"]
+    chat = run(tmp_path, tokenizer, rows[4:], kind="sft")
+    assert chat.frame.iloc[0][["prompt", "completion"]].tolist() == ["fixed bugs", "Fixed 20 bugs"]

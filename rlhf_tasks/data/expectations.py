@@ -42,19 +42,17 @@ def row_rules(kind: str, max_prompt_tokens: int, max_target_tokens: int) -> list
                              "ExpectColumnValuesToBeInSet",
                              (("column", "_in_eval"), ("value_set", [False]))))
     if kind == "preference":
+        rules.append(RowRule("chosen equals rejected", "chosen", "ExpectColumnValuesToBeInSet",
+                             (("column", "_chosen_equals_rejected"), ("value_set", [False]))))
+    from rlhf_tasks.data.formats import TARGET_COLUMNS
+
+    for column in TARGET_COLUMNS.get(kind, ()):
         rules += [
-            RowRule("empty chosen", "chosen", "ExpectColumnValueLengthsToBeBetween",
-                    (("column", "chosen"), ("min_value", 1))),
-            RowRule("empty rejected", "rejected", "ExpectColumnValueLengthsToBeBetween",
-                    (("column", "rejected"), ("min_value", 1))),
-            RowRule("chosen equals rejected", "chosen", "ExpectColumnValuesToBeInSet",
-                    (("column", "_chosen_equals_rejected"), ("value_set", [False]))),
-            RowRule(f"chosen longer than {max_target_tokens} tokens", "chosen",
+            RowRule(f"empty {column}", column, "ExpectColumnValueLengthsToBeBetween",
+                    (("column", column), ("min_value", 1))),
+            RowRule(f"{column} longer than {max_target_tokens} tokens", column,
                     "ExpectColumnValuesToBeBetween",
-                    (("column", "_chosen_tokens"), ("max_value", max_target_tokens))),
-            RowRule(f"rejected longer than {max_target_tokens} tokens", "rejected",
-                    "ExpectColumnValuesToBeBetween",
-                    (("column", "_rejected_tokens"), ("max_value", max_target_tokens))),
+                    (("column", f"_{column}_tokens"), ("max_value", max_target_tokens))),
         ]
     return rules
 

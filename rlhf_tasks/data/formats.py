@@ -36,7 +36,10 @@ FORMAT_FIELDS = {
     "chat": ("messages",),
     "prompt": ("prompt",),
     "input_text": ("input_text",),
+    "completion": ("prompt", "completion"),
 }
+# the response columns of each dataset kind: checked for emptiness, length and duplicates
+TARGET_COLUMNS = {"preference": ("chosen", "rejected"), "sft": ("completion",)}
 KNOWN_FIELDS = sorted({f for fields in FORMAT_FIELDS.values() for f in fields} |
                       {"margin", "ranks"})
 
@@ -178,6 +181,11 @@ def detect_format(fields: set[str], kind: str, source: str) -> str:
             if set(FORMAT_FIELDS[name]) <= fields:
                 return name
         candidates = ("pairs", "ranked", "vertex")
+    elif kind == "sft":
+        for name in ("completion", "chat"):
+            if set(FORMAT_FIELDS[name]) <= fields:
+                return name
+        candidates = ("completion", "chat")
     else:
         for name in ("prompt", "input_text", "chat"):
             if set(FORMAT_FIELDS[name]) <= fields:
@@ -318,6 +326,17 @@ def _prompt_row(data: dict, fmt: str) -> list[dict]:
     return [{"prompt": _text(data, fmt)}]
 
 
+def _sft_row(data: dict, fmt: str) -> list[dict]:
+    """Prompt + reference response; chat: the last assistant turn is the response."""
+    if fmt == "chat":
+        prompt_msgs, completion = _split_conversation(_messages(data.get("messages"), "messages"),
+                                                      "messages")
+        if not prompt_msgs:
+            raise _Bad("messages", "no prompt turn before the answer")
+        return [{"prompt": render_turns(prompt_msgs), "completion": completion}]
+    return [{"prompt": _text(data, "prompt"), "completion": _text(data, "completion")}]
+
+
 NORMALISERS = {"pairs": _pairs, "ranked": _ranked, "vertex": _vertex, "chat": _pairs}
 
 
@@ -327,6 +346,8 @@ def normalise(record: RawRecord, kind: str, fmt: str) -> list[dict] | RowProblem
     try:
         if kind == "preference":
             return NORMALISERS[fmt](record.data)
+        if kind == "sft":
+            return _sft_row(record.data, fmt)
         return _prompt_row(record.data, fmt)
     except _Bad as bad:
         return RowProblem(record.line, bad.field, bad.reason, record.raw)
@@ -343,5 +364,7 @@ def records_fields(records: list[RawRecord]) -> set[str]:
 def canonical_columns(kind: str) -> list[str]:
     if kind == "preference":
         return ["prompt", "chosen", "rejected", "margin"]
+    if kind == "sft":
+        return ["prompt", "completion"]
     return ["prompt"]
 

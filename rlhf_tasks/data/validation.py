@@ -18,7 +18,7 @@ from rlhf_tasks.data import formats
 from rlhf_tasks.errors import BadInput
 
 MIN_ROWS_FIELD = {"preference": "min_preference_rows", "prompt": "min_prompt_rows",
-                  "eval": "min_eval_rows"}
+                  "eval": "min_eval_rows", "sft": "min_sft_rows"}
 
 
 def reason_category(reason: str) -> str:
@@ -146,8 +146,7 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, load_tokenizer, 
     frame["_row"] = range(len(frame))
     frame["_prompt_tokens"] = count_tokens(tokenizer, frame["prompt"].tolist())
     keys = frame["prompt"].map(prompt_key)
-    dup_cols = [keys] + ([frame["chosen"].str.strip(), frame["rejected"].str.strip()]
-                         if kind == "preference" else [])
+    dup_cols = [keys] + [frame[c].str.strip() for c in formats.TARGET_COLUMNS.get(kind, ())]
     dup_key = pd.Series(list(zip(*dup_cols)), index=frame.index)
     first_line = frame.groupby(dup_key, sort=False)["_line"].transform("first")
     is_dup = dup_key.duplicated(keep="first")
@@ -156,8 +155,8 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, load_tokenizer, 
     frame["_in_eval"] = keys.isin(eval_keys or set()) if kind != "eval" else False
     if kind == "preference":
         frame["_chosen_equals_rejected"] = frame["chosen"].str.strip() == frame["rejected"].str.strip()
-        frame["_chosen_tokens"] = count_tokens(tokenizer, frame["chosen"].tolist())
-        frame["_rejected_tokens"] = count_tokens(tokenizer, frame["rejected"].tolist())
+    for column in formats.TARGET_COLUMNS.get(kind, ()):
+        frame[f"_{column}_tokens"] = count_tokens(tokenizer, frame[column].tolist())
 
     runner = ExpectationRunner(docs_dir)
     rules = row_rules(kind, data_cfg.max_prompt_tokens, data_cfg.max_target_tokens)

@@ -16,6 +16,10 @@ STEPS: dict[str, str] = {
     "validate_preference": "rlhf_tasks.steps.validate:validate_preference",
     "validate_prompt": "rlhf_tasks.steps.validate:validate_prompt",
     "validate_eval": "rlhf_tasks.steps.validate:validate_eval",
+    "validate_sft": "rlhf_tasks.steps.validate:validate_sft",
+    "reward": "rlhf_tasks.steps.reward:reward",
+    "sft": "rlhf_tasks.steps.sft:sft",
+    "ppo": "rlhf_tasks.steps.ppo:ppo",
 }
 
 

@@ -17,7 +17,8 @@ from rlhf_tasks.errors import BadInput
 from rlhf_tasks.storage import Storage, join
 
 log = logging.getLogger(__name__)
-URI_FIELD = {"preference": "preference_uri", "prompt": "prompt_uri", "eval": "eval_uri"}
+URI_FIELD = {"preference": "preference_uri", "prompt": "prompt_uri", "eval": "eval_uri",
+             "sft": "sft_uri"}
 
 
 def validate_kind(cfg, kind: str, uri: str | None = None, fmt: str | None = None,
@@ -98,3 +99,7 @@ def validate_prompt(cfg) -> dict:
 
 def validate_eval(cfg) -> dict:
     return validate_kind(cfg, "eval")
+
+
+def validate_sft(cfg) -> dict:
+    return validate_kind(cfg, "sft")

@@ -1,0 +1,82 @@
+"""The reward model as the other steps use it: load, score, measure accuracy and normalisation.
+
+Saved by the reward step as a folder with ``reward_model.json`` (what it is: a LoRA adapter
+over ``base_model`` or a full model, and the score normalisation), the weights in
+safetensors (``adapter_model.safetensors`` with the score head, or ``model.safetensors``)
+and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf_tasks.errors import BadInput
+
+INFO = "reward_model.json"
+
+
+def _pad_right(rows: list[list[int]], pad_token_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def score_sequences(model, rows: list[list[int]], pad_token_id: int, batch_size: int = 64,
+                    device: str = "cpu") -> list[float]:
+    """The model's score of each full sequence (read at its last token)."""
+    import torch
+
+    from rlhf_tasks.ppo.trainer import sequence_scores
+
+    out: list[float] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            ids, mask = _pad_right(rows[start: start + batch_size], pad_token_id)
+            ids, mask = ids.to(device), mask.to(device)
+            positions = (mask.cumsum(1) - 1).clamp_min(0)
+            out += sequence_scores(model, ids, mask, positions, mask.sum(1) - 1).tolist()
+    return out
+
+
+def pairwise_accuracy(model, chosen: list[list[int]], rejected: list[list[int]],
+                      pad_token_id: int, device: str = "cpu") -> dict:
+    """Share of held-out pairs where the chosen response scores higher (ties count half)."""
+    if not chosen:
+        return {"accuracy": float("nan"), "pairs": 0, "margin": float("nan")}
+    a = score_sequences(model, chosen, pad_token_id, device=device)
+    b = score_sequences(model, rejected, pad_token_id, device=device)
+    wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
+    return {"accuracy": wins / len(a), "pairs": len(a),
+            "margin": sum(x - y for x, y in zip(a, b)) / len(a)}
+
+
+def load_reward_model(folder: str | Path, *, base_model_dir: Path, trust_remote_code: bool = False):
+    """The reward model as a plain sequence classifier (a LoRA adapter merged in); + its info."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = Path(folder)
+    info_path = folder / INFO
+    if not info_path.exists():
+        raise BadInput(f"not a reward model folder (no {INFO})", file=str(folder))
+    info = json.loads(info_path.read_text())
+    if info["kind"] == "full":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code)
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(
+            base_model_dir, num_labels=1, use_safetensors=True,
+            trust_remote_code=trust_remote_code)
+        base.config.pad_token_id = info["pad_token_id"]
+        model = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    model.config.pad_token_id = info["pad_token_id"]
+    return model.eval(), info

@@ -1,0 +1,151 @@
+"""The ``ppo`` step: tune the base model against the reward model with the project's PPO.
+
+Inputs: ``validate_prompt/canonical.parquet`` and ``reward/model/`` (with its
+normalisation).  The policy starts from ``model.base_model``; the reference policy is the
+same model with its LoRA adapter disabled; the value model starts from the reward model.
+Outputs under ``<run>/ppo/``: ``model/`` (the policy's LoRA adapter in safetensors, the
+tokenizer, ``ppo_summary.json``, and ``merged/`` when ``ppo.merge_adapter``),
+``checkpoints/update-N/`` every ``ppo.checkpoint_every`` updates; a rerun resumes from the
+newest and ends with the weights an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from rlhf_tasks import models, tracking, training
+from rlhf_tasks.storage import Storage, join
+
+log = logging.getLogger(__name__)
+BASE_LR_LORA, BASE_LR_FULL = 3e-4, 1e-6
+
+
+def ppo_settings(cfg, score_mean: float = 0.0, score_std: float = 1.0):
+    from rlhf_tasks.ppo.trainer import PPOSettings
+
+    p = cfg.ppo
+    return PPOSettings(
+        total_updates=p.train_steps, batch_size=p.batch_size, num_minibatches=p.num_minibatches,
+        microbatch_size=p.microbatch_size, ppo_epochs=p.ppo_epochs,
+        learning_rate=training.learning_rate(BASE_LR_LORA, BASE_LR_FULL, p.lora_rank,
+                                             p.learning_rate_multiplier),
+        max_grad_norm=p.max_grad_norm, gamma=p.gamma, lam=p.lam, clip_range=p.clip_range,
+        value_clip_range=p.value_clip_range, vf_coef=p.vf_coef, kl_coef=p.kl_coef,
+        kl_estimator=p.kl_estimator, kl_target=p.kl_target, whiten_rewards=p.whiten_rewards,
+        temperature=p.temperature,
+        max_new_tokens=p.response_length or cfg.data.max_target_tokens,
+        missing_eos_penalty=p.missing_eos_penalty, score_mean=score_mean, score_std=score_std,
+        checkpoint_every=p.checkpoint_every, seed=cfg.run.seed)
+
+
+def _accelerator(cfg):
+    """An Accelerator when launched by ``accelerate launch`` on several processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=training.resolve_device(cfg) == "cpu")
+
+
+def ppo(cfg, stop_after: int | None = None) -> dict:
+    from rlhf_tasks.ppo import trainer as ppo_trainer
+    from rlhf_tasks.ppo.models import build_models
+    from rlhf_tasks.reward_model import load_reward_model
+
+    storage = Storage.from_config(cfg)
+    out_uri = cfg.step_uri("ppo")
+    checkpoints_uri = join(out_uri, "checkpoints")
+    device = training.resolve_device(cfg)
+    accelerator = _accelerator(cfg)
+    with tracking.step_run(cfg, "ppo", tags={"ppo.model_layout": cfg.ppo.model_layout,
+                                             "ppo.lora_rank": str(cfg.ppo.lora_rank)}) as run_id, \
+            tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
+        tmp = Path(tmp)
+        tokenizer = models.load_tokenizer(cfg, storage)
+        base_dir = models.local_model_dir(cfg.model.base_model, storage)
+        reward_dir = storage.get_dir(cfg.step_uri("reward", "model"), tmp / "reward")
+        reward_model, info = load_reward_model(reward_dir, base_model_dir=base_dir,
+                                               trust_remote_code=cfg.model.trust_remote_code)
+        norm = info["normalisation"]
+        settings = ppo_settings(cfg, norm["mean"], norm["std"])
+        prompts = [training.encode_prompt(tokenizer, p, cfg.model.instruction)
+                   for p in training.read_canonical(cfg, storage, "prompt")["prompt"]]
+        policy = models.load_causal_lm(cfg, storage)
+        policy.generation_config.pad_token_id = tokenizer.pad_token_id
+        stack = build_models(policy, reward_model, lora_rank=cfg.ppo.lora_rank,
+                             layout=cfg.ppo.model_layout)
+        for model in filter(None, (stack.policy, stack.critic, stack.reference, stack.reward)):
+            model.to(device)
+
+        resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, tmp / "resume")
+
+        def on_metrics(update: int, metrics: dict) -> None:
+            tracking.log_metrics("ppo", metrics, step=update)
+
+        def on_checkpoint(update: int, folder: Path) -> None:
+            training.upload_checkpoint(storage, folder, checkpoints_uri, update)
+
+        started = time.perf_counter()
+        result = ppo_trainer.train(
+            stack, prompts, settings, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, device=device, resume_from=resume,
+            checkpoint_dir=tmp / "checkpoints", on_checkpoint=on_checkpoint,
+            on_metrics=on_metrics, stop_after=stop_after, accelerator=accelerator)
+        if result.updates < settings.total_updates:  # stopped early on purpose (tests)
+            return {"updates": result.updates, "stopped_early": True, "mlflow_run_id": run_id}
+
+        first, last = result.history[0], result.history[-1]
+        summary = {
+            "updates": result.updates, "resumed_from": result.resumed_from,
+            "reward_first": first["reward_mean"], "reward_last": last["reward_mean"],
+            "kl_last": last["kl"], "seconds": round(time.perf_counter() - started, 1),
+            "settings": settings.__dict__, "reward_model": cfg.step_uri("reward", "model"),
+            "base_model": cfg.model.base_model, "lora_rank": cfg.ppo.lora_rank,
+            "mlflow_run_id": run_id,
+        }
+        model_dir = tmp / "model"
+        policy = stack.policy.cpu()
+        policy.save_pretrained(model_dir, safe_serialization=True)
+        if cfg.ppo.merge_adapter and cfg.ppo.lora_rank:
+            policy.merge_and_unload().save_pretrained(model_dir / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(model_dir / "merged")
+        tokenizer.save_pretrained(model_dir)
+        (model_dir / "ppo_summary.json").write_text(json.dumps(summary, indent=2))
+        (model_dir / "history.json").write_text(json.dumps(result.history))
+        storage.put_dir(model_dir, join(out_uri, "model"),
+                        extra={"step": "ppo", "kind": "lora" if cfg.ppo.lora_rank else "full"})
+        _log_curves(result.history, tmp / "curves.png")
+        tracking.log_metrics("ppo", {"reward_lift": last["reward_mean"] - first["reward_mean"],
+                                     "seconds": summary["seconds"]})
+    return {"model_uri": join(out_uri, "model"), "updates": result.updates,
+            "resumed_from": result.resumed_from,
+            "reward_first": round(first["reward_mean"], 4),
+            "reward_last": round(last["reward_mean"], 4), "kl_last": round(last["kl"], 4),
+            "mlflow_run_id": run_id}
+
+
+def _log_curves(history: list[dict], path: Path) -> None:
+    """Reward and KL per update as a PNG in the step's MLflow run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    steps = [h["update"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, title in zip(axes, ("reward_mean", "kl", "response_length"),
+                              ("normalised reward", "KL to reference", "response length")):
+        ax.plot(steps, [h[key] for h in history], marker=".")
+        ax.set_title(title)
+        ax.set_xlabel("PPO update")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    mlflow.log_artifact(str(path), artifact_path="ppo")

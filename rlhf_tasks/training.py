@@ -1,0 +1,144 @@
+"""What the training steps (reward, sft, ppo) share: token layout, data, checkpoints, metrics.
+
+* Token layout, the same in every step and in the demo's foundation corpus:
+  ``<bos> format_prompt(prompt) | format_response(response) <eos>``, concatenated as token
+  ids, so the reward model scores exactly the sequences PPO generates.
+* Checkpoints live in the artifact store under ``<step>/checkpoints/<name>-<n>/`` with a
+  manifest written last; a rerun (an Airflow retry) downloads the newest whole one and
+  resumes from it.
+* Hugging Face ``Trainer`` logs go to MLflow under the step's namespace (``reward/loss``)
+  through :class:`MlflowMetrics`, not through the Trainer's own MLflow integration, which
+  would open runs of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from pathlib import Path
+
+from rlhf_tasks import tracking
+from rlhf_tasks.errors import BadInput
+from rlhf_tasks.prompting import format_prompt, format_response
+from rlhf_tasks.storage import MANIFEST, Storage, join
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(cfg) -> str:
+    import torch
+
+    if cfg.compute.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("compute.device is 'cuda' but no CUDA device is visible",
+                       field="compute.device")
+    if cfg.compute.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.compute.device
+
+
+# -- token layout ---------------------------------------------------------------------------
+def encode_prompt(tokenizer, prompt: str, instruction: str) -> list[int]:
+    ids = tokenizer(format_prompt(prompt, instruction), add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    return tokenizer(format_response(response), add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
+
+
+# -- data -----------------------------------------------------------------------------------
+def read_canonical(cfg, storage: Storage, kind: str):
+    """The validated data of ``kind`` (from its validate step), as a DataFrame."""
+    import pandas as pd
+
+    uri = cfg.step_uri(f"validate_{kind}", "canonical.parquet")
+    if not storage.exists(uri):
+        raise BadInput(f"no validated {kind} data: run validate_{kind} first", file=uri)
+    with storage.local_copy(uri) as path:
+        return pd.read_parquet(path)
+
+
+def split_by_prompt(frame, fraction: float, seed: int):
+    """Hold out ``fraction`` of the prompts (all their rows), so no prompt is in both."""
+    prompts = sorted(set(frame["prompt"]))
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: round(len(prompts) * fraction)])
+    mask = frame["prompt"].isin(held)
+    return frame[~mask].reset_index(drop=True), frame[mask].reset_index(drop=True)
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+def latest_checkpoint(storage: Storage, checkpoints_uri: str) -> tuple[str, int] | None:
+    """The newest whole checkpoint under ``checkpoints_uri``: (its URI, its number)."""
+    best = None
+    for uri in storage.list(checkpoints_uri):
+        name = uri[len(checkpoints_uri.rstrip("/")) + 1:]
+        match = re.fullmatch(r"([A-Za-z]+-(\d+))/" + re.escape(MANIFEST), name)
+        if match and (best is None or int(match.group(2)) > best[1]):
+            best = (join(checkpoints_uri, match.group(1)), int(match.group(2)))
+    return best
+
+
+def fetch_latest_checkpoint(storage: Storage, checkpoints_uri: str, local_root: Path
+                            ) -> Path | None:
+    """Download the newest whole checkpoint into ``local_root/<name>``; None if there is none."""
+    found = latest_checkpoint(storage, checkpoints_uri)
+    if found is None:
+        return None
+    uri, number = found
+    target = Path(local_root) / uri.rstrip("/").rsplit("/", 1)[-1]
+    storage.get_dir(uri, target)
+    log.info("resuming from checkpoint %s (step %d)", uri, number)
+    return target
+
+
+def upload_checkpoint(storage: Storage, local_dir: Path, checkpoints_uri: str, step: int) -> str:
+    uri = join(checkpoints_uri, Path(local_dir).name)
+    storage.put_dir(local_dir, uri, extra={"step": step})
+    return uri
+
+
+def trainer_callbacks(namespace: str, storage: Storage, checkpoints_uri: str):
+    """Hugging Face Trainer callbacks: metrics to MLflow, checkpoints to the artifact store."""
+    from transformers import TrainerCallback
+
+    class MlflowMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            metrics = {}
+            for key, value in (logs or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    name = key.replace("eval_", "eval/", 1) if key.startswith("eval_") else (
+                        f"train/{key}")
+                    metrics[name] = value
+            if metrics:
+                tracking.log_metrics(namespace, metrics, step=state.global_step)
+
+    class CheckpointSync(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    upload_checkpoint(storage, folder, checkpoints_uri, state.global_step)
+
+    return [MlflowMetrics(), CheckpointSync()]
+
+
+def trainer_common_args(cfg, *, output_dir: Path, steps: int, batch_size: int,
+                        learning_rate: float, checkpoint_every: int) -> dict:
+    """Settings every TRL trainer here shares (TRL's *Config classes take them all)."""
+    import sys
+
+    return dict(output_dir=str(output_dir), max_steps=steps,
+                per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+                learning_rate=learning_rate, lr_scheduler_type="linear",
+                warmup_steps=max(1, steps // 20), logging_steps=max(1, min(10, steps // 10)),
+                save_strategy="steps", save_steps=checkpoint_every, save_total_limit=2,
+                report_to="none", seed=cfg.run.seed, data_seed=cfg.run.seed,
+                use_cpu=resolve_device(cfg) == "cpu", dataloader_num_workers=0,
+                disable_tqdm=not sys.stderr.isatty(), eval_strategy="no")
+
+
+def learning_rate(base_lora: float, base_full: float, lora_rank: int, multiplier: float) -> float:
+    return (base_lora if lora_rank > 0 else base_full) * multiplier
