@@ -1,4 +1,6 @@
-"""RLHF tuning pipeline: validate -> (reward -> PPO -> evaluate -> panel -> gate, to come).
+"""RLHF tuning pipeline: validate -> reward model -> PPO (+ optional SFT baseline).
+
+Evaluation, the expert panel and the gate come next.
 
 A thin DAG: the stage graph and the trigger form.  Every heavy step is an
 ``RlhfStepOperator`` running ``rlhf run STEP`` on the backend chosen in the form; this file
@@ -47,10 +49,31 @@ with DAG(
             RlhfStepOperator(task_id=kind, step=f"validate_{kind}", config_uri=CONFIG,
                              overrides=[PARENT], backend=BACKEND)
 
+    reward = RlhfStepOperator(task_id="reward", step="reward", config_uri=CONFIG,
+                              overrides=[PARENT], backend=BACKEND,
+                              doc_md="TRL RewardTrainer + LoRA on the validated preferences.")
+    ppo = RlhfStepOperator(task_id="ppo", step="ppo", config_uri=CONFIG, overrides=[PARENT],
+                           backend=BACKEND, doc_md="The project's PPO against the reward model.")
+
+    # the supervised baseline runs only when the form (or the base config) asks for it;
+    # skipping it skips its validation and training, nothing else
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def sft_enabled(prepared: dict) -> bool:
+        return bool(prepared.get("sft_enabled"))
+
+    validate_sft = RlhfStepOperator(task_id="validate_sft", step="validate_sft",
+                                    config_uri=CONFIG, overrides=[PARENT], backend=BACKEND)
+    sft = RlhfStepOperator(task_id="sft", step="sft", config_uri=CONFIG, overrides=[PARENT],
+                           backend=BACKEND, doc_md="TRL SFTTrainer + LoRA: the baseline.")
+
     finish = RlhfStepOperator(task_id="finish_tracking", step="finish", config_uri=CONFIG,
-                              overrides=[PARENT], backend=BACKEND)
+                              overrides=[PARENT], backend=BACKEND,
+                              trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     abort = RlhfStepOperator(task_id="abort_tracking", step="abort", config_uri=CONFIG,
                              overrides=[PARENT], backend=BACKEND,
                              trigger_rule=TriggerRule.ONE_FAILED, retries=0)
 
-    prepared >> start >> validate >> [finish, abort]
+    prepared >> start >> validate >> reward >> ppo
+    validate >> sft_enabled(prepared) >> validate_sft >> sft
+    [ppo, sft] >> finish
+    [validate, reward, ppo, validate_sft, sft] >> abort

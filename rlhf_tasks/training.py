@@ -94,6 +94,11 @@ def fetch_latest_checkpoint(storage: Storage, checkpoints_uri: str, local_root: 
     return target
 
 
+def checkpoint_step(folder: Path | None) -> int:
+    """The number of a checkpoint folder (``checkpoint-N``, ``update-N``); 0 for none."""
+    return int(Path(folder).name.rsplit("-", 1)[1]) if folder else 0
+
+
 def upload_checkpoint(storage: Storage, local_dir: Path, checkpoints_uri: str, step: int) -> str:
     uri = join(checkpoints_uri, Path(local_dir).name)
     storage.put_dir(local_dir, uri, extra={"step": step})

@@ -27,6 +27,16 @@ def demo_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> Path:
+    """The demo with a foundation model trained for fewer steps (about 30 s on 2 cores)."""
+    from rlhf_tasks.demo.assets import build_demo
+
+    out = tmp_path_factory.mktemp("demo-model")
+    build_demo(out, foundation_steps=200)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tokenizer(demo_dir):
     from rlhf_tasks.models import load_tokenizer_from
 

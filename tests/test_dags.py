@@ -31,6 +31,16 @@ def test_graph(dagbag):
     assert dag.get_task("validate.preference").upstream_task_ids == {"start_tracking"}
     assert dag.get_task("start_tracking").upstream_task_ids == {"prepare_run"}
     assert dag.get_task("validate.eval").step == "validate_eval"
+    # training: reward after every validation, PPO after the reward model; SFT is gated
+    assert dag.get_task("reward").upstream_task_ids == {
+        "validate.preference", "validate.prompt", "validate.eval"}
+    assert dag.get_task("ppo").upstream_task_ids == {"reward"}
+    assert dag.get_task("validate_sft").upstream_task_ids == {"sft_enabled"}
+    assert dag.get_task("sft").upstream_task_ids == {"validate_sft"}
+    assert dag.get_task("sft_enabled").ignore_downstream_trigger_rules is False
+    assert dag.get_task("finish_tracking").upstream_task_ids == {"ppo", "sft"}
+    assert dag.get_task("finish_tracking").trigger_rule == "none_failed_min_one_success"
+    assert {"reward", "ppo", "sft"} <= dag.get_task("abort_tracking").upstream_task_ids
 
 
 def test_params_have_descriptions_and_bounds(dagbag):

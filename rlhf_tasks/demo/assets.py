@@ -121,6 +121,11 @@ def write_config(out: Path) -> Path:
             "max_bad_fraction": 0.01,
         },
         "storage": {"allowed_roots": [str(root)]},
+        # sized for 2 CPU cores: about a minute per training step
+        "reward": {"train_steps": 200, "batch_size": 16, "lora_rank": 8},
+        "sft": {"enabled": True, "train_steps": 150, "batch_size": 32, "lora_rank": 8},
+        "ppo": {"train_steps": 32, "batch_size": 32, "num_minibatches": 4, "ppo_epochs": 4,
+                "response_length": 32, "temperature": 0.7, "kl_coef": 0.05, "lora_rank": 8},
     }
     import yaml
 
@@ -130,18 +135,23 @@ def write_config(out: Path) -> Path:
     return path
 
 
-def build_demo(out: Path, force: bool = False, seed: int = 1234, model: bool = True) -> dict:
-    """Build everything; ``model=False`` stops after the data and the tokenizer (tests)."""
+def build_demo(out: Path, force: bool = False, seed: int = 1234, model: bool = True,
+               foundation_steps: int | None = None) -> dict:
+    """Build everything; ``model=False`` stops after the data and the tokenizer, and
+    ``foundation_steps`` trains a smaller foundation model (both for tests)."""
     import logging
 
     log = logging.getLogger(__name__)
     out.mkdir(parents=True, exist_ok=True)
     info_path = out / "info.json"
-    fingerprint = hashlib.sha256(json.dumps([BUILD_VERSION, SIZES, FOUNDATION, seed, model]).encode()
+    steps = foundation_steps or FOUNDATION["steps"]
+    fingerprint = hashlib.sha256(json.dumps([BUILD_VERSION, SIZES, FOUNDATION, seed, model,
+                                             steps]).encode()
                                  ).hexdigest()[:16]
     if info_path.exists() and not force:
         info = json.loads(info_path.read_text())
         if info.get("fingerprint") == fingerprint and (out / "foundation").is_dir():
+            write_config(out)  # cheap, and keeps the config in step with this code
             log.info("demo assets in %s are up to date (use --force to rebuild)", out)
             return info
     started = time.perf_counter()
@@ -165,7 +175,7 @@ def build_demo(out: Path, force: bool = False, seed: int = 1234, model: bool = T
         info_path.write_text(json.dumps(info, indent=2))
         return info
     log.info("tokenizer: %d tokens; training the foundation model", len(tokenizer))
-    training = train_foundation(corpus, tokenizer, model_dir, steps=FOUNDATION["steps"],
+    training = train_foundation(corpus, tokenizer, model_dir, steps=steps,
                                 batch_size=FOUNDATION["batch_size"], seed=seed)
     eval_prompts = [json.loads(line)["prompt"] for line in open(out / "eval.jsonl")]
     answers = sample_answers(model_dir, [format_prompt(p, INSTRUCTION) for p in eval_prompts],

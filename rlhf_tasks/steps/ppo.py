@@ -53,6 +53,8 @@ def _accelerator(cfg):
 
 
 def ppo(cfg, stop_after: int | None = None) -> dict:
+    import torch
+
     from rlhf_tasks.ppo import trainer as ppo_trainer
     from rlhf_tasks.ppo.models import build_models
     from rlhf_tasks.reward_model import load_reward_model
@@ -75,6 +77,7 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
         settings = ppo_settings(cfg, norm["mean"], norm["std"])
         prompts = [training.encode_prompt(tokenizer, p, cfg.model.instruction)
                    for p in training.read_canonical(cfg, storage, "prompt")["prompt"]]
+        torch.manual_seed(cfg.run.seed)  # LoRA initialisation: the same on every rerun
         policy = models.load_causal_lm(cfg, storage)
         policy.generation_config.pad_token_id = tokenizer.pad_token_id
         stack = build_models(policy, reward_model, lora_rank=cfg.ppo.lora_rank,

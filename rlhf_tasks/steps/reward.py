@@ -150,6 +150,8 @@ def reward(cfg) -> dict:
         import mlflow
 
         mlflow.log_dict(info, "reward/reward_model.json")
-    return {"model_uri": model_uri, "heldout_accuracy": round(accuracy["accuracy"], 4),
+    return {"model_uri": model_uri, "resumed_from": training.checkpoint_step(resume),
+            "heldout_accuracy": round(accuracy["accuracy"], 4),
             "heldout_pairs": accuracy["pairs"], "norm_mean": round(norm["mean"], 4),
             "norm_std": round(norm["std"], 4), "mlflow_run_id": run_id}
+

@@ -70,5 +70,7 @@ def sft(cfg) -> dict:
         storage.put_dir(model_dir, model_uri, extra={"step": "sft", "kind": summary["kind"]})
         tracking.log_metrics("sft", {"train_rows": len(frame), "final_loss": output.training_loss,
                                      "seconds": time.perf_counter() - started})
-    return {"model_uri": model_uri, "train_rows": len(frame),
+    return {"model_uri": model_uri, "resumed_from": training.checkpoint_step(resume),
+            "train_rows": len(frame),
             "train_loss": round(output.training_loss, 4), "mlflow_run_id": run_id}
+

@@ -1,0 +1,174 @@
+"""The training steps on the demo: the reward model learns, PPO learns within its KL bound,
+checkpoints resume, and a resumed PPO run ends with the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from rlhf_tasks.steps.ppo import ppo
+from rlhf_tasks.steps.reward import reward
+from rlhf_tasks.steps.sft import sft
+from rlhf_tasks.steps.validate import validate_kind
+
+PPO = {"train_steps": 16, "batch_size": 32, "num_minibatches": 4, "microbatch_size": 8,
+       "ppo_epochs": 4, "response_length": 24, "temperature": 0.7, "kl_coef": 0.05,
+       "kl_target": 0.5, "checkpoint_every": 8}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_model_dir):
+    """Validate, then train reward, SFT and PPO once on the demo (about 2 minutes)."""
+    from rlhf_tasks import config
+
+    tmp = tmp_path_factory.mktemp("training")
+    import yaml
+
+    raw = yaml.safe_load((demo_model_dir / "demo.yaml").read_text())
+    raw["storage"] = {"artifact_root": str(tmp / "artifacts"),
+                      "allowed_roots": [str(demo_model_dir), str(tmp)]}
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+                       "artifact_location": (tmp / "mlartifacts").as_uri()}
+    raw["reward"] = {"train_steps": 120, "batch_size": 16, "checkpoint_every": 60,
+                     "norm_samples": 128}
+    raw["sft"] = {"enabled": True, "train_steps": 20, "batch_size": 16, "checkpoint_every": 10}
+    raw["ppo"] = PPO
+    cfg = config.validate(raw)
+    for kind in ("preference", "prompt", "eval", "sft"):
+        validate_kind(cfg, kind)
+    results = {"reward": reward(cfg), "sft": sft(cfg), "ppo": ppo(cfg)}
+    return cfg, results, tmp
+
+
+def _eval_prompts(cfg, tokenizer, n=96):
+    from rlhf_tasks.training import encode_prompt
+
+    lines = open(cfg.data.eval_uri).read().splitlines()[:n]
+    return [encode_prompt(tokenizer, json.loads(line)["prompt"], cfg.model.instruction)
+            for line in lines]
+
+
+def test_reward_model_beats_chance_and_is_normalised(trained):
+    cfg, results, _ = trained
+    result = results["reward"]
+    assert result["heldout_pairs"] > 100
+    assert result["heldout_accuracy"] > 0.75, result
+    info = json.loads(open(f"{result['model_uri']}/reward_model.json").read())
+    assert info["kind"] == "lora" and info["normalisation"]["samples"] == 128
+    assert (open(f"{result['model_uri']}/adapter_model.safetensors", "rb").read(8))
+    # PPO's first rollouts come from the reference policy: normalised, they are ~N(0, 1)
+    first = json.loads(open(f"{results['ppo']['model_uri']}/history.json").read())[0]
+    assert abs(first["reward_mean"]) < 0.5 and 0.5 < first["reward_std"] < 1.6, first
+
+
+def test_ppo_raises_the_reward_of_fresh_samples_within_the_kl_bound(trained):
+    """Fresh samples on held-out prompts: tuned policy vs base, scored by the reward model."""
+    from peft import PeftModel
+
+    from rlhf_tasks import models
+    from rlhf_tasks.ppo import core
+    from rlhf_tasks.ppo.trainer import (_collate_prompts, _positions, response_logits,
+                                        rollout, sequence_scores)
+    from rlhf_tasks.reward_model import load_reward_model
+    from rlhf_tasks.steps.ppo import ppo_settings
+
+    cfg, results, _ = trained
+    tokenizer = models.load_tokenizer(cfg)
+    scorer, info = load_reward_model(results["reward"]["model_uri"],
+                                     base_model_dir=models.local_model_dir(cfg.model.base_model))
+    policy = PeftModel.from_pretrained(models.load_causal_lm(cfg), results["ppo"]["model_uri"])
+    policy.eval()
+    settings = ppo_settings(cfg)
+    ids, mask = _collate_prompts(_eval_prompts(cfg, tokenizer), tokenizer.pad_token_id, "cpu")
+    norm = info["normalisation"]
+    measured = {}
+    for name in ("base", "tuned"):
+        torch.manual_seed(0)
+        if name == "base":
+            with policy.disable_adapter():
+                responses, _ = rollout(policy, ids, mask, settings, tokenizer.eos_token_id,
+                                       tokenizer.pad_token_id)
+        else:
+            responses, _ = rollout(policy, ids, mask, settings, tokenizer.eos_token_id,
+                                   tokenizer.pad_token_id)
+        keep, _ = core.response_mask(responses, tokenizer.eos_token_id)
+        responses = responses.masked_fill(keep == 0, tokenizer.pad_token_id)
+        full = torch.cat([ids, responses], 1)
+        full_mask = torch.cat([mask, keep], 1)
+        pos = _positions(full_mask)
+        with torch.no_grad():
+            scores = sequence_scores(scorer, full, full_mask, pos, ids.shape[1] + keep.sum(1) - 1)
+            width = responses.shape[1]
+            logp = core.selective_logprobs(
+                response_logits(policy, full, full_mask, pos, width, settings.temperature),
+                responses)
+            with policy.disable_adapter():
+                ref = core.selective_logprobs(
+                    response_logits(policy, full, full_mask, pos, width, settings.temperature),
+                    responses)
+        # KL(tuned || reference) of the tuned policy's samples (0 for the base by definition)
+        kl = ((logp - ref) * keep).sum(1).mean().item()
+        measured[name] = {"reward": ((scores - norm["mean"]) / norm["std"]).mean().item(),
+                          "kl": kl}
+    lift = measured["tuned"]["reward"] - measured["base"]["reward"]
+    assert lift > 0.3, measured  # in units of the reference policy's score std
+    # the adaptive controller aims at kl_target; allow the overshoot of a short run
+    assert 0 < measured["tuned"]["kl"] < 2 * PPO["kl_target"], measured
+
+
+def test_ppo_logs_every_metric_each_update(trained):
+    import mlflow
+
+    cfg, results, tmp = trained
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    run = mlflow.get_run(results["ppo"]["mlflow_run_id"])
+    for name in ("reward_mean", "reward_std", "kl", "entropy", "policy_clipfrac",
+                 "value_clipfrac", "approx_kl", "value_loss", "explained_variance",
+                 "response_length", "tokens_per_s"):
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, f"ppo/{name}")
+        assert len(history) == PPO["train_steps"], name
+    assert "reward/heldout/accuracy" in mlflow.get_run(
+        results["reward"]["mlflow_run_id"]).data.metrics
+    assert any(k.startswith("sft/train/") for k in mlflow.get_run(
+        results["sft"]["mlflow_run_id"]).data.metrics)
+
+
+def test_ppo_resumes_to_the_same_weights(trained):
+    """Stop after 2 updates (a checkpoint every 2), rerun: the same weights as 4 in one go."""
+    from safetensors.torch import load_file
+
+    cfg, _, tmp = trained
+    src = f"{cfg.storage.artifact_root}/{cfg.run.pipeline}/{cfg.run.run_id}"
+    short = {**PPO, "train_steps": 4, "checkpoint_every": 2, "batch_size": 16,
+             "num_minibatches": 2}
+    weights = {}
+    for run_id in ("straight", "resumed"):
+        for step in ("validate_prompt", "reward"):
+            shutil.copytree(f"{src}/{step}", f"{cfg.storage.artifact_root}/{cfg.run.pipeline}/"
+                                             f"{run_id}/{step}")
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.run.run_id = run_id
+        run_cfg.ppo = run_cfg.ppo.model_validate(short)
+        if run_id == "resumed":
+            stopped = ppo(run_cfg, stop_after=2)
+            assert stopped == {"updates": 2, "stopped_early": True,
+                               "mlflow_run_id": stopped["mlflow_run_id"]}
+        result = ppo(run_cfg)
+        assert result["updates"] == 4
+        assert result["resumed_from"] == (2 if run_id == "resumed" else 0)
+        weights[run_id] = load_file(f"{result['model_uri']}/adapter_model.safetensors")
+    assert weights["straight"].keys() == weights["resumed"].keys()
+    for name, tensor in weights["straight"].items():
+        assert torch.equal(tensor, weights["resumed"][name]), name
+
+
+def test_reward_rerun_resumes_from_the_last_checkpoint(trained):
+    cfg, results, _ = trained
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.reward.train_steps = 130  # the first run saved checkpoint-120
+    result = reward(run_cfg)
+    assert result["resumed_from"] == 120
+    assert result["heldout_accuracy"] > 0.75
