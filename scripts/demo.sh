@@ -25,16 +25,30 @@ import glob, json, os
 runs = sorted(glob.glob(".rlhf/artifacts/rlhf_tuning/*/"), key=os.path.getmtime)
 run = runs[-1]
 print(f"\nrun folder: {run}")
-for kind in ("preference", "prompt", "eval"):
+for kind in ("preference", "prompt", "eval", "sft"):
+    if not os.path.exists(f"{run}validate_{kind}/report.json"):
+        continue
     report = json.load(open(f"{run}validate_{kind}/report.json"))
     reasons = ", ".join(f"{n} {r}" for r, n in report["quarantined_by_reason"].items()) or "none"
     print(f"  {kind:<10} read {report['rows_read']:>5}  kept {report['rows_kept']:>5}  "
           f"quarantined {report['rows_quarantined']:>3} ({reasons})")
+reward = json.load(open(f"{run}reward/model/reward_model.json"))
+print(f"  reward model: held-out pairwise accuracy {reward['heldout']['accuracy']:.3f} "
+      f"on {reward['heldout']['pairs']} pairs; reference-policy score mean "
+      f"{reward['normalisation']['mean']:.3f}, std {reward['normalisation']['std']:.3f}")
+if os.path.exists(f"{run}sft/model/sft_summary.json"):
+    sft = json.load(open(f"{run}sft/model/sft_summary.json"))
+    print(f"  SFT baseline: {sft['steps']} steps on {sft['train_rows']} rows, "
+          f"train loss {sft['train_loss']:.3f}")
+ppo = json.load(open(f"{run}ppo/model/ppo_summary.json"))
+print(f"  PPO: {ppo['updates']} updates in {ppo['seconds']:.0f} s; normalised reward "
+      f"{ppo['reward_first']:+.3f} -> {ppo['reward_last']:+.3f}; KL to reference {ppo['kl_last']:.3f}")
 PY
 
 echo
 echo "Done in $(( $(date +%s) - started )) s."
 echo "  artifacts:   $ROOT/.rlhf/artifacts/rlhf_tuning/"
 echo "  Data Docs:   $ROOT/.rlhf/artifacts/rlhf_tuning/<run>/validate_preference/data_docs/index.html"
+echo "  PPO curves:  MLflow run 'ppo' of the pipeline run, artifact ppo/curves.png"
 echo "  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri sqlite:///$ROOT/.rlhf/mlflow.db --port 5000"
 echo "  log:         .rlhf/last_demo.log"

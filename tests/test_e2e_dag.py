@@ -37,10 +37,27 @@ def dags_test(home: Path, conf: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900, cwd=home)
 
 
+def task_states(home: Path, log: str) -> dict[str, str]:
+    """Task states of the run that ``airflow dags test`` logged, from Airflow's own DB."""
+    import re
+
+    run_id = re.search(r"DagRun Finished: .*?run_id=([^,\s]+)", log).group(1)
+    proc = subprocess.run([str(Path(sys.executable).parent / "airflow"), "tasks",
+                           "states-for-dag-run", "rlhf_tuning", run_id, "-o", "json"],
+                          env=airflow_env(home), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout[proc.stdout.index("["):])
+    return {row["task_id"]: row["state"] for row in rows}
+
+
 def run_config(tmp_path: Path, demo_dir: Path, **data) -> Path:
+    """The demo's config with small training sizes and the SFT baseline off."""
     import yaml
 
     cfg = yaml.safe_load((demo_dir / "demo.yaml").read_text())
+    cfg["reward"].update(train_steps=20, norm_samples=32)
+    cfg["sft"]["enabled"] = False
+    cfg["ppo"].update(train_steps=2, batch_size=16, response_length=16)
     cfg["storage"]["artifact_root"] = str(tmp_path / "artifacts")
     cfg["storage"]["allowed_roots"].append(str(tmp_path))
     cfg["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -51,12 +68,19 @@ def run_config(tmp_path: Path, demo_dir: Path, **data) -> Path:
     return path
 
 
-def test_dag_validates_demo_data_and_tracks_it(airflow_home, demo_dir, tmp_path):
+def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path):
     import mlflow
 
+    demo_dir = demo_model_dir
     proc = dags_test(airflow_home, {"config_file": str(run_config(tmp_path, demo_dir))})
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
+    # the SFT baseline is off: its two tasks are skipped, and the run still finishes
+    assert "rlhf_tasks.cli run sft" not in log and "rlhf_tasks.cli run validate_sft" not in log
+    states = task_states(airflow_home, log)
+    assert states["validate_sft"] == states["sft"] == "skipped", states
+    assert states["reward"] == states["ppo"] == states["finish_tracking"] == "success", states
+    assert states["abort_tracking"] == "skipped", states
     runs = list((tmp_path / "artifacts" / "rlhf_tuning").iterdir())
     assert len(runs) == 1
     for kind, kept in (("preference", 4000), ("prompt", 1500), ("eval", 200)):
@@ -71,7 +95,13 @@ def test_dag_validates_demo_data_and_tracks_it(airflow_home, demo_dir, tmp_path)
     children = runs_df[runs_df["tags.mlflow.parentRunId"].notna()]
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
     assert set(children["tags.rlhf.step"]) == {"validate_preference", "validate_prompt",
-                                               "validate_eval"}
+                                               "validate_eval", "reward", "ppo"}
+    for step in ("reward", "ppo"):
+        manifest = json.loads((runs[0] / step / "model" / "MANIFEST.json").read_text())
+        assert manifest["step"] == step and "adapter_model.safetensors" in manifest["files"]
+    ppo = children[children["tags.rlhf.step"] == "ppo"].iloc[0]
+    assert ppo["metrics.ppo/kl"] == ppo["metrics.ppo/kl"]  # logged (not NaN)
+    assert 0.0 <= children["metrics.reward/heldout/accuracy"].max() <= 1.0
     assert (children["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]).all()
     assert children["metrics.data/preference/rows_quarantined"].max() == 10
 
