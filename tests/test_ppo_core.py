@@ -52,6 +52,22 @@ def test_selective_logprobs_and_entropy():
           torch.log_softmax(big, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1), 1e-5)
 
 
+def test_selective_logprobs_gradient_matches_log_softmax():
+    logits = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(7, (3, 4))
+    weights = torch.randn(3, 4, dtype=torch.float64)
+    (core.selective_logprobs(logits, tokens, rows_per_chunk=5) * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    reference = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (reference * weights).sum().backward()
+    close(ours, logits.grad, 1e-12)
+    # by hand: d/dz log softmax(z)[k] = onehot(k) - softmax(z); z = [0, ln 3], k = 1
+    z = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)
+    core.selective_logprobs(z, T([1])).sum().backward()
+    close(z.grad, [[-0.25, 0.25]])
+
+
 def test_kl_estimators():
     logp, ref = T([math.log(0.5)]), T([math.log(0.25)])
     close(core.kl_penalty(logp, ref, "k1"), [math.log(2.0)])              # ln .5 - ln .25

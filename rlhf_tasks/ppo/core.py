@@ -53,14 +53,45 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return whitened * mask.to(values.dtype)
 
 
-def selective_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(logits)[token], computed and differentiated a few rows at a time.
+
+    Saves only the logits (which the vocabulary projection produced anyway) and writes
+    the gradient ``g * (onehot - softmax)`` straight into one output tensor, so no
+    (batch, length, vocab) temporaries beyond the gradient itself are allocated.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, rows_per_chunk):
+        flat, flat_tokens = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
+        lse = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in flat.split(rows_per_chunk)])
+        out = flat.gather(-1, flat_tokens).squeeze(-1) - lse
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.rows_per_chunk = rows_per_chunk
+        return out.view(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, tokens, lse = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        grad = torch.empty_like(flat)
+        g, idx = grad_out.reshape(-1, 1), tokens.reshape(-1, 1)
+        n = ctx.rows_per_chunk
+        for start in range(0, flat.shape[0], n):
+            rows = slice(start, start + n)
+            torch.exp(flat[rows] - lse[rows, None], out=grad[rows])
+            grad[rows].mul_(-g[rows]).scatter_add_(-1, idx[rows], g[rows])
+        return grad.view(logits.shape), None, None
+
+
+def selective_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                       rows_per_chunk: int = 64) -> torch.Tensor:
     """``log_softmax(logits)[tokens]`` without materialising the full log-softmax.
 
-    logits (..., V), tokens (...) -> (...).  Memory: one row of the vocabulary at a time
-    per position instead of a second (B, T, V) tensor.
+    logits (..., V), tokens (...) -> (...).  Memory: the log-softmax is never stored;
+    temporaries cover ``rows_per_chunk`` positions at a time (see :class:`_TokenLogprobs`).
     """
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return _TokenLogprobs.apply(logits, tokens, rows_per_chunk)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -111,9 +111,11 @@ def response_logits(model, ids, mask, positions, width: int, temperature: float)
     training log-probs must be computed from logits / T too.  ``logits_to_keep`` computes
     the vocabulary projection only for the response positions, not for the prompt.
     """
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                logits_to_keep=width + 1, use_cache=False)
-    return out.logits[:, :-1].float() / temperature
+    length = ids.shape[1]
+    keep = torch.arange(length - width - 1, length - 1, device=ids.device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   logits_to_keep=keep, use_cache=False).logits.float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
 
 
 def _backbone_and_head(model):
@@ -180,7 +182,6 @@ class _SampledLogprobs:
         return torch.stack(self.logprobs, 1)
 
 
-@torch.no_grad()
 def rollout(policy, query_ids, query_mask, settings: PPOSettings, eos_token_id: int,
             pad_token_id: int):
     """Sample responses with ``generate``; returns (responses, rollout log-probs).
@@ -196,11 +197,13 @@ def rollout(policy, query_ids, query_mask, settings: PPOSettings, eos_token_id: 
     config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True,
                               temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
                               eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask,
-                                generation_config=config,
-                                logits_processor=LogitsProcessorList([recorder]))
-    responses = sequences[:, query_ids.shape[1]:]
-    return responses, recorder.finish(sequences)
+    with torch.inference_mode():
+        sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask,
+                                    generation_config=config,
+                                    logits_processor=LogitsProcessorList([recorder]))
+        logprobs = recorder.finish(sequences)
+    # clones are ordinary tensors again, usable in the training graph
+    return sequences[:, query_ids.shape[1]:].clone(), logprobs.clone()
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -302,7 +305,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
 
     wrapped = PolicyAndValue(models.policy, models.critic)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, eps=s.adam_eps, weight_decay=0.0)
+    optimizer = _adamw(params, s)
     # [N+ #7 "Learning rate annealing"]: linear decay to 0 over the updates
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, core.linear_schedule(s.total_updates))
     kl_ctl = core.KLController(s.kl_coef, s.kl_target, s.kl_horizon)
@@ -348,25 +351,30 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         positions = _positions(full_mask)
         maskf = mask.float()
 
-        # 3. score the rollouts
+        # 3. score the rollouts, a microbatch of rows at a time: the reference's logits for
+        # the whole batch at once would be the largest tensor of the update
+        ref_logprobs, values, raw_scores = [], [], []
+        last_index = width_q + mask.sum(1) - 1
+        with torch.inference_mode():
+            for rows in torch.arange(len(ids)).split(s.microbatch_size):
+                args = (ids[rows], full_mask[rows], positions[rows])
+                if models.reference is None:
+                    with adapters_disabled(unwrapped.policy):
+                        ref_logits = response_logits(unwrapped.policy, *args, width, s.temperature)
+                else:
+                    ref_logits = response_logits(models.reference, *args, width, s.temperature)
+                ref_logprobs.append(core.selective_logprobs(ref_logits, responses[rows]))
+                del ref_logits
+                values.append(token_values(unwrapped.critic, *args, width))
+                if models.reward is None:
+                    with adapters_disabled(unwrapped.critic):
+                        raw_scores.append(sequence_scores(unwrapped.critic, *args,
+                                                          last_index[rows]))
+                else:
+                    raw_scores.append(sequence_scores(models.reward, *args, last_index[rows]))
+        ref_logprobs, values, raw_scores = (torch.cat(t).clone() for t in
+                                            (ref_logprobs, values, raw_scores))
         with torch.no_grad():
-            if models.reference is None:
-                with adapters_disabled(unwrapped.policy):
-                    ref_logits = response_logits(unwrapped.policy, ids, full_mask, positions,
-                                                 width, s.temperature)
-            else:
-                ref_logits = response_logits(models.reference, ids, full_mask, positions,
-                                             width, s.temperature)
-            ref_logprobs = core.selective_logprobs(ref_logits, responses)
-            del ref_logits
-            values = token_values(unwrapped.critic, ids, full_mask, positions, width)
-            last_index = width_q + mask.sum(1) - 1
-            if models.reward is None:
-                with adapters_disabled(unwrapped.critic):
-                    raw_scores = sequence_scores(unwrapped.critic, ids, full_mask, positions,
-                                                 last_index)
-            else:
-                raw_scores = sequence_scores(models.reward, ids, full_mask, positions, last_index)
             # reward normalisation: the reward step measured mean/std of the score on the
             # reference policy's samples, so rewards start near mean 0, std 1
             scores = (raw_scores - s.score_mean) / s.score_std
@@ -419,8 +427,12 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
                         stats["value_clipfrac"].append(vf_stats["clipfrac"].item())
                         stats["approx_kl"].append(pg_stats["approx_kl"].item())
                         stats["ratio"].append(pg_stats["ratio"].item())
-                        stats["entropy"].append(
-                            core.masked_mean(core.entropy_from_logits(new_logits), m).item())
+                        # a few rows at a time: softmax temporaries the size of the logits
+                        entropy = torch.cat([core.entropy_from_logits(chunk)
+                                             for chunk in new_logits.split(2)])
+                        stats["entropy"].append(core.masked_mean(entropy, m).item())
+                    # free this microbatch's logits before the next forward allocates its own
+                    del new_logits, new_values, new_logprobs, loss
                 # gradient clipping (global norm over policy and value parameters)
                 if accelerator is not None:
                     accelerator.clip_grad_norm_(params, s.max_grad_norm)
@@ -467,6 +479,15 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
                 on_checkpoint(update, folder)
     return TrainResult(updates=update, history=history, resumed_from=start_update,
                        seconds=time.perf_counter() - started)
+
+
+def _adamw(params, s: PPOSettings):
+    """AdamW, fused (one kernel for all parameters) where torch supports it on the device."""
+    try:
+        return torch.optim.AdamW(params, lr=s.learning_rate, eps=s.adam_eps, weight_decay=0.0,
+                                 fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=s.learning_rate, eps=s.adam_eps, weight_decay=0.0)
 
 
 def _avg(values: list[float]) -> float:

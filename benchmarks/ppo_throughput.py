@@ -1,0 +1,190 @@
+"""PPO throughput and peak memory: the project's PPO against TRL 1.12's PPOTrainer.
+
+Both sides get the same work: random tiny Llamas of the given sizes (policy, reference,
+reward model and a separate value model, all full-weight, as TRL's PPOTrainer uses them),
+the same prompts, batch, mini-batches, PPO epochs, response length and sampling settings.
+The timed part is training only (models built, imports done); memory is the process's
+peak resident set size.  The last line printed is ``episodes_per_s=... peak_rss_mb=...``.
+
+One implementation per process (peak RSS is per process):
+
+    .venv/bin/python benchmarks/ppo_throughput.py --impl rlhf
+    /path/to/trl112-venv/bin/python benchmarks/ppo_throughput.py --impl trl
+
+or both, alternating, several runs each, with medians:
+
+    .venv/bin/python benchmarks/ppo_throughput.py --compare --runs 3 \\
+        --trl-python /path/to/trl112-venv/bin/python
+
+The TRL side needs a separate virtual environment, because TRL 1.14+ has no PPO:
+``python -m venv V && V/bin/pip install torch==2.13.0 trl==1.12.0 transformers==5.24.0
+accelerate==1.15.0 datasets==5.2.0`` (``make bench-trl-venv`` does this in .rlhf/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--impl", choices=["rlhf", "trl"], default="rlhf")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--episodes", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-minibatches", type=int, default=4)
+    p.add_argument("--ppo-epochs", type=int, default=4)
+    p.add_argument("--response-length", type=int, default=32)
+    p.add_argument("--prompt-length", type=int, default=48, help="longest prompt (tokens)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", action="store_true", help="run both, alternating")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--trl-python", default=str(ROOT / ".rlhf" / "bench-trl112" / "bin" / "python"))
+    return p.parse_args(argv)
+
+
+def build(args):
+    """Policy, reference, reward and value models (random, seeded) and the prompts."""
+    import torch
+
+    from rlhf_tasks.ppo.models import random_llama, sequence_classifier_like
+
+    policy, config = random_llama(args.vocab, args.hidden, args.layers, args.heads,
+                                  seed=args.seed, pad_token_id=PAD, bos_token_id=BOS,
+                                  eos_token_id=EOS,
+                                  max_positions=args.prompt_length + args.response_length + 8)
+    reference = copy.deepcopy(policy)
+    reward = sequence_classifier_like(config, seed=args.seed + 1)
+    value = copy.deepcopy(reward)
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = []
+    for _ in range(args.episodes):
+        n = int(torch.randint(args.prompt_length // 2, args.prompt_length + 1, (1,), generator=g))
+        prompts.append([BOS] + torch.randint(3, args.vocab, (n - 1,), generator=g).tolist())
+    return policy, reference, reward, value, prompts
+
+
+def run_rlhf(args) -> float:
+    from rlhf_tasks.ppo.trainer import Models, PPOSettings, train
+
+    policy, reference, reward, value, prompts = build(args)
+    value.requires_grad_(True)
+    settings = PPOSettings(
+        total_updates=args.episodes // args.batch_size, batch_size=args.batch_size,
+        num_minibatches=args.num_minibatches,
+        microbatch_size=args.batch_size // args.num_minibatches, ppo_epochs=args.ppo_epochs,
+        learning_rate=3e-6, temperature=args.temperature, max_new_tokens=args.response_length,
+        missing_eos_penalty=0.0, seed=args.seed)
+    started = time.perf_counter()
+    train(Models(policy=policy, critic=value, reference=reference, reward=reward), prompts,
+          settings, eos_token_id=EOS, pad_token_id=PAD)
+    return time.perf_counter() - started
+
+
+def _word_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1",
+                                   eos_token="t2", unk_token="t3")
+    fast.padding_side = "left"
+    return fast
+
+
+def run_trl(args) -> float:
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    policy, reference, reward, value, prompts = build(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        # TRL 1.12: rollout batch = per_device_train_batch_size * gradient_accumulation_steps,
+        # split into num_mini_batches minibatches, each one optimizer step (accumulation 1)
+        config = PPOConfig(
+            output_dir=tmp, per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1, num_mini_batches=args.num_minibatches,
+            local_rollout_forward_batch_size=args.batch_size, total_episodes=args.episodes,
+            num_ppo_epochs=args.ppo_epochs, response_length=args.response_length,
+            temperature=args.temperature, learning_rate=3e-6, stop_token="eos",
+            missing_eos_penalty=None, num_sample_generations=0, report_to="none",
+            save_strategy="no", logging_steps=10_000, use_cpu=True, seed=args.seed,
+            dataloader_num_workers=0, disable_tqdm=True)
+        trainer = PPOTrainer(args=config, processing_class=_word_tokenizer(args.vocab),
+                             model=policy, ref_model=reference, reward_model=reward,
+                             value_model=value,
+                             train_dataset=Dataset.from_dict({"input_ids": prompts}))
+        started = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - started
+
+
+def single(args) -> None:
+    import torch
+
+    torch.manual_seed(args.seed)
+    seconds = run_rlhf(args) if args.impl == "rlhf" else run_trl(args)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"impl": args.impl, "seconds": round(seconds, 2), "torch_threads":
+                      torch.get_num_threads(), **{k: v for k, v in vars(args).items()
+                                                  if k not in ("compare", "runs", "trl_python")}}))
+    print(f"episodes_per_s={args.episodes / seconds:.3f} peak_rss_mb={peak_mb:.0f}")
+
+
+def compare(args, argv: list[str]) -> None:
+    passthrough = [a for a in argv if a not in ("--compare",)]
+    drop = {"--runs", "--trl-python"}
+    cleaned, skip = [], False
+    for a in passthrough:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            skip = True
+            continue
+        cleaned.append(a)
+    results: dict[str, list[tuple[float, float]]] = {"rlhf": [], "trl": []}
+    for run in range(args.runs):
+        for impl, python in (("rlhf", sys.executable), ("trl", args.trl_python)):
+            proc = subprocess.run([python, __file__, "--impl", impl, *cleaned],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{impl} run failed:\n{proc.stderr[-3000:]}")
+            last = proc.stdout.strip().splitlines()[-1]
+            fields = dict(kv.split("=") for kv in last.split())
+            results[impl].append((float(fields["episodes_per_s"]), float(fields["peak_rss_mb"])))
+            print(f"run {run + 1} {impl:<4} {last}", flush=True)
+    med = {impl: (statistics.median(e for e, _ in r), statistics.median(m for _, m in r))
+           for impl, r in results.items()}
+    print(f"median of {args.runs}: rlhf {med['rlhf'][0]:.3f} ep/s {med['rlhf'][1]:.0f} MB | "
+          f"trl-1.12 {med['trl'][0]:.3f} ep/s {med['trl'][1]:.0f} MB")
+    print(f"speed ratio {med['rlhf'][0] / med['trl'][0]:.2f}x  "
+          f"memory ratio {med['rlhf'][1] / med['trl'][1]:.2f}x")
+    print(f"episodes_per_s={med['rlhf'][0]:.3f} peak_rss_mb={med['rlhf'][1]:.0f}")
+
+
+if __name__ == "__main__":
+    parsed = parse_args()
+    if parsed.compare:
+        compare(parsed, sys.argv[1:])
+    else:
+        single(parsed)
