@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast bench-trl-venv clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"
+
+# TRL 1.12, the last release with a PPOTrainer, in its own venv for benchmarks/ppo_throughput.py
+bench-trl-venv:
+	@test -x .rlhf/bench-trl112/bin/python || $(PYTHON) -m venv .rlhf/bench-trl112
+	.rlhf/bench-trl112/bin/python -m pip install -q "torch==2.13.0"
+	.rlhf/bench-trl112/bin/python -m pip install -q trl==1.12.0 transformers==5.24.0 \
+		accelerate==1.15.0 datasets==5.2.0
 
 clean:
 	rm -rf .rlhf
