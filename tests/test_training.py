@@ -151,7 +151,7 @@ def test_ppo_resumes_to_the_same_weights(trained):
                                              f"{run_id}/{step}")
         run_cfg = cfg.model_copy(deep=True)
         run_cfg.run.run_id = run_id
-        run_cfg.ppo = run_cfg.ppo.model_validate(short)
+        run_cfg.ppo = run_cfg.ppo.model_validate({**short, "merge_adapter": run_id == "straight"})
         if run_id == "resumed":
             stopped = ppo(run_cfg, stop_after=2)
             assert stopped == {"updates": 2, "stopped_early": True,
@@ -163,6 +163,18 @@ def test_ppo_resumes_to_the_same_weights(trained):
     assert weights["straight"].keys() == weights["resumed"].keys()
     for name, tensor in weights["straight"].items():
         assert torch.equal(tensor, weights["resumed"][name]), name
+    # merge_adapter: a plain checkpoint that computes what base + adapter computes
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_tasks import models
+
+    model_dir = f"{cfg.storage.artifact_root}/{cfg.run.pipeline}/straight/ppo/model"
+    merged = AutoModelForCausalLM.from_pretrained(f"{model_dir}/merged", use_safetensors=True)
+    adapted = PeftModel.from_pretrained(models.load_causal_lm(cfg), model_dir)
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
 
 
 def test_reward_rerun_resumes_from_the_last_checkpoint(trained):
