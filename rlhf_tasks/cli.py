@@ -37,6 +37,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _write_result(path: str | None, result: dict) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under `accelerate launch`, the first process reports for all
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
     if not path:
         print(text)

@@ -11,7 +11,8 @@ One call, :func:`train`, runs ``settings.total_updates`` PPO updates.  Each upda
 5. ``ppo_epochs`` passes over the batch, reshuffled each pass, in minibatches (one
    optimizer step each) made of microbatches (gradient accumulation);
 6. log ``ppo/*`` metrics; every ``checkpoint_every`` updates save everything needed to
-   resume exactly (weights, optimizer, scheduler, RNG, data position, KL controller).
+   resume exactly (weights, optimizer, scheduler, data position, KL controller; the
+   random state is derived from the seed and the update number).
 
 Comments tagged [N+ #k] name the implementation detail of Huang et al. ("The N
 Implementation Details of RLHF with PPO", and "The N+ Implementation Details ... TL;DR")
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,7 +229,10 @@ def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: Path, *, update: int, wrapped: nn.Module, optimizer, scheduler,
                     kl_ctl: core.KLController, data_position: int, history: list) -> Path:
-    """Weights in safetensors; optimizer/scheduler/RNG state in a torch file of tensors."""
+    """Weights in safetensors; optimizer, scheduler, KL controller and data position in a
+    torch file.  Random state needs no saving: every update seeds its sampling from
+    (seed, update, rank), so a resumed run draws what an uninterrupted one would, on any
+    number of processes."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -238,8 +241,6 @@ def save_checkpoint(folder: Path, *, update: int, wrapped: nn.Module, optimizer,
         "update": update, "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "kl_controller": kl_ctl.state_dict(),
         "data_position": data_position, "history": history,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }, folder / "state.pt")
     return folder
 
@@ -258,10 +259,6 @@ def load_checkpoint(folder: Path, *, wrapped: nn.Module, optimizer, scheduler,
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_controller"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
 
 
@@ -296,8 +293,6 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
           stop_after: int | None = None, accelerator=None) -> TrainResult:
     """Run PPO; ``stop_after`` ends early after that many updates (to test resuming)."""
     s = settings
-    torch.manual_seed(s.seed)
-    random.seed(s.seed)
     for model in filter(None, (models.policy, models.critic, models.reference, models.reward)):
         disable_dropout(model)
     for frozen in filter(None, (models.reference, models.reward)):
@@ -331,6 +326,9 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
     update = start_update
     for update in range(start_update + 1, last_update + 1):
         tick = time.perf_counter()
+        # sampling randomness per (seed, update, rank): the same after a resume, and
+        # different on every process of a multi-GPU run
+        torch.manual_seed(s.seed * 1_000_003 + update * 1_009 + rank)
         # 1. prompts: ``batch_size`` per process, each process its own share
         batch_prompts = prompt_batch(prompts, data_position, s.batch_size * world, s.seed)
         data_position += s.batch_size * world

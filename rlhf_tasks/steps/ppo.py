@@ -11,6 +11,7 @@ newest and ends with the weights an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -64,9 +65,12 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
     checkpoints_uri = join(out_uri, "checkpoints")
     device = training.resolve_device(cfg)
     accelerator = _accelerator(cfg)
-    with tracking.step_run(cfg, "ppo", tags={"ppo.model_layout": cfg.ppo.model_layout,
-                                             "ppo.lora_rank": str(cfg.ppo.lora_rank)}) as run_id, \
-            tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
+    # under `accelerate launch` every process trains; only the first tracks and saves
+    main = accelerator is None or accelerator.is_main_process
+    run = (tracking.step_run(cfg, "ppo", tags={"ppo.model_layout": cfg.ppo.model_layout,
+                                               "ppo.lora_rank": str(cfg.ppo.lora_rank)})
+           if main else contextlib.nullcontext(None))
+    with run as run_id, tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
         tmp = Path(tmp)
         tokenizer = models.load_tokenizer(cfg, storage)
         base_dir = models.local_model_dir(cfg.model.base_model, storage)
@@ -88,7 +92,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
         resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, tmp / "resume")
 
         def on_metrics(update: int, metrics: dict) -> None:
-            tracking.log_metrics("ppo", metrics, step=update)
+            if main:
+                tracking.log_metrics("ppo", metrics, step=update)
 
         def on_checkpoint(update: int, folder: Path) -> None:
             training.upload_checkpoint(storage, folder, checkpoints_uri, update)
@@ -101,6 +106,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             on_metrics=on_metrics, stop_after=stop_after, accelerator=accelerator)
         if result.updates < settings.total_updates:  # stopped early on purpose (tests)
             return {"updates": result.updates, "stopped_early": True, "mlflow_run_id": run_id}
+        if not main:
+            return {"updates": result.updates, "rank": accelerator.process_index}
 
         first, last = result.history[0], result.history[-1]
         summary = {

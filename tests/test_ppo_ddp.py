@@ -1,0 +1,33 @@
+"""PPO data-parallel through accelerate: two CPU processes (gloo) stay in step.
+
+Launched with ``torchrun`` (what ``accelerate launch --multi_gpu`` runs underneath; on CPU
+this accelerate version starts a single process), the worker uses ``Accelerator`` as the
+``ppo`` step does under ``WORLD_SIZE`` > 1.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_train_in_sync(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(port), "-m", "tests.ddp_ppo_worker", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["tensors_moved"] > 0
+    # DDP averages the gradients, so both copies of the policy end identical ...
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    # ... while each process rolled out its own prompts
+    assert ranks[0]["reward_mean"] != ranks[1]["reward_mean"]
