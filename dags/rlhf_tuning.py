@@ -9,6 +9,7 @@ imports no torch, transformers, trl or great_expectations (a test guards that).
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
@@ -18,6 +19,8 @@ from rlhf_airflow.params import trigger_params
 
 CONFIG = "{{ ti.xcom_pull(task_ids='prepare_run')['config_uri'] }}"
 BACKEND = "{{ ti.xcom_pull(task_ids='prepare_run')['backend'] }}"
+# GPU steps queue in this pool (create it: `airflow pools set gpu 4 "GPU pods"`)
+GPU_POOL = os.environ.get("RLHF_GPU_POOL", "default_pool")
 PARENT = ("tracking.parent_run_id="
           "{{ (ti.xcom_pull(task_ids='start_tracking') or {}).get('parent_run_id', '') }}")
 
@@ -41,8 +44,8 @@ with DAG(
         return build(dict(params), dag_run.dag_id, dag_run.run_id)
 
     prepared = prepare_run()
-    start = RlhfStepOperator(task_id="start_tracking", step="start", config_uri=CONFIG,
-                             backend=BACKEND)
+    # bookkeeping steps are light: they always run on the worker
+    start = RlhfStepOperator(task_id="start_tracking", step="start", config_uri=CONFIG)
 
     with TaskGroup("validate", tooltip="Great Expectations suites per dataset") as validate:
         for kind in ("preference", "prompt", "eval"):
@@ -50,10 +53,11 @@ with DAG(
                              overrides=[PARENT], backend=BACKEND)
 
     reward = RlhfStepOperator(task_id="reward", step="reward", config_uri=CONFIG,
-                              overrides=[PARENT], backend=BACKEND,
+                              overrides=[PARENT], backend=BACKEND, pool=GPU_POOL,
                               doc_md="TRL RewardTrainer + LoRA on the validated preferences.")
     ppo = RlhfStepOperator(task_id="ppo", step="ppo", config_uri=CONFIG, overrides=[PARENT],
-                           backend=BACKEND, doc_md="The project's PPO against the reward model.")
+                           backend=BACKEND, pool=GPU_POOL,
+                           doc_md="The project's PPO against the reward model.")
 
     # the supervised baseline runs only when the form (or the base config) asks for it;
     # skipping it skips its validation and training, nothing else
@@ -64,13 +68,14 @@ with DAG(
     validate_sft = RlhfStepOperator(task_id="validate_sft", step="validate_sft",
                                     config_uri=CONFIG, overrides=[PARENT], backend=BACKEND)
     sft = RlhfStepOperator(task_id="sft", step="sft", config_uri=CONFIG, overrides=[PARENT],
-                           backend=BACKEND, doc_md="TRL SFTTrainer + LoRA: the baseline.")
+                           backend=BACKEND, pool=GPU_POOL,
+                           doc_md="TRL SFTTrainer + LoRA: the baseline.")
 
     finish = RlhfStepOperator(task_id="finish_tracking", step="finish", config_uri=CONFIG,
-                              overrides=[PARENT], backend=BACKEND,
+                              overrides=[PARENT],
                               trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     abort = RlhfStepOperator(task_id="abort_tracking", step="abort", config_uri=CONFIG,
-                             overrides=[PARENT], backend=BACKEND,
+                             overrides=[PARENT],
                              trigger_rule=TriggerRule.ONE_FAILED, retries=0)
 
     prepared >> start >> validate >> reward >> ppo

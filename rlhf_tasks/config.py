@@ -176,10 +176,45 @@ class TrackingSection(Section):
     parent_run_id: str | None = None
 
 
+class KubernetesSection(Section):
+    """How heavy steps run as pods (``compute.backend: kubernetes``)."""
+
+    image: str = Field("ghcr.io/rlhf-airflow/trainer:0.1.0",
+                       description="Trainer image (docker/trainer.Dockerfile).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    namespace: str = Field("rlhf", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    service_account: str | None = "rlhf-trainer"
+    kubernetes_conn_id: str | None = Field(None, description="Airflow connection; None: "
+                                                             "in-cluster or kubeconfig.")
+    node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+        description="Node labels for GPU steps.")
+    tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                  "effect": "NoSchedule"}],
+        description="Tolerations for GPU steps (GPU node pools are usually tainted).")
+    env_secrets: list[str] = Field(
+        default_factory=lambda: ["rlhf-s3", "rlhf-mlflow"],
+        description="Kubernetes secrets whose keys become the pod's environment "
+                    "(AWS_*, MLFLOW_TRACKING_*): credentials never pass through Params.")
+    cpu: str = "4"
+    memory: str = "32Gi"
+    cpu_step_memory: str = "8Gi"
+    shm_size: str = Field("16Gi", description="Memory-backed /dev/shm (DataLoader, NCCL).")
+    on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "keep_pod"] = \
+        "delete_succeeded_pod"
+    startup_timeout_seconds: int = Field(1800, ge=60, description="Waiting for a GPU node "
+                                                                  "to scale up counts here.")
+    logging_interval: int = Field(60, ge=5, description="Seconds between log fetches while "
+                                                        "the task is deferred.")
+
+
 class ComputeSection(Section):
     backend: Literal["local", "kubernetes"] = "local"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_gpus: int = Field(1, ge=0, le=64)
+    num_gpus: int = Field(1, ge=0, le=64, description="GPUs per training pod; more than one "
+                                                      "runs `accelerate launch` data-parallel.")
+    kubernetes: KubernetesSection = KubernetesSection()
 
 
 class PipelineConfig(Section):

@@ -1,8 +1,8 @@
 """Where a step runs.  Each backend turns the same ``rlhf run`` argv into a finished step.
 
 * ``local``: a subprocess on the worker, its output streamed into the task log.
-* ``kubernetes``: the seam for a pod per step (KubernetesPodOperator); not offered by the
-  trigger form until it exists.
+* ``kubernetes`` is not a backend object: the step operator is itself a
+  KubernetesPodOperator (see ``operators.py`` and ``kubernetes.py``).
 """
 
 from __future__ import annotations

@@ -1,32 +1,44 @@
-"""``RlhfStepOperator``: runs one ``rlhf run STEP`` on the chosen backend.
+"""``RlhfStepOperator``: runs one ``rlhf run STEP`` on the backend the run chose.
+
+* ``local``: a subprocess on the worker, its output in the task log.
+* ``kubernetes``: a pod (this operator *is* a KubernetesPodOperator), built from the run
+  config by :func:`rlhf_airflow.kubernetes.pod_settings`, deferrable (the task holds no
+  worker slot while the pod runs; logs are fetched every ``logging_interval`` seconds),
+  its result read back through the XCom sidecar.
 
 Returns the step's JSON result (XCom).  Exit code 2 (bad input or config) fails the task
-without retries; any other failure raises an ordinary error, so Airflow retries and the
-step resumes from its checkpoints.
+without retries on either backend; any other failure is an ordinary error, so Airflow
+retries and the step resumes from its checkpoints.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from airflow.sdk import BaseOperator
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from rlhf_airflow.backends import StepFailed, get_backend, step_argv
 
 
-class RlhfStepOperator(BaseOperator):
-    template_fields: Sequence[str] = ("config_uri", "overrides", "backend")
+class RlhfStepOperator(KubernetesPodOperator):
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "config_uri",
+                                      "overrides", "backend")
     ui_color = "#e8d5f5"
 
     def __init__(self, *, step: str, config_uri: str, overrides: list[str] | None = None,
                  backend: str = "local", **kwargs):
+        kwargs.setdefault("deferrable", True)
+        kwargs.setdefault("get_logs", True)
+        kwargs.setdefault("do_xcom_push", True)
+        kwargs.setdefault("reattach_on_restart", True)
         super().__init__(**kwargs)
         self.step, self.config_uri = step, config_uri
         self.overrides, self.backend = list(overrides or []), backend
 
-    def execute(self, context):
-        backend = get_backend(self.backend)
+    # -- local -----------------------------------------------------------------------------
+    def _run_local(self):
+        backend = get_backend("local")
         argv = step_argv(self.step, self.config_uri, self.overrides, "@RESULT@")
         try:
             return backend.run(self.step, argv, self.log.info)
@@ -34,3 +46,48 @@ class RlhfStepOperator(BaseOperator):
             if exc.bad_input:
                 raise AirflowFailException(str(exc)) from None
             raise RuntimeError(str(exc)) from None
+
+    # -- kubernetes ------------------------------------------------------------------------
+    def configure_pod(self) -> None:
+        """Set the pod's image, command, resources ... from the run config (which the
+        operator reads at run time: the form chose the backend and the sizes)."""
+        from airflow.providers.cncf.kubernetes.utils.pod_manager import OnFinishAction
+
+        from rlhf_airflow.kubernetes import pod_settings
+        from rlhf_tasks import config
+
+        cfg = config.load(self.config_uri, self.overrides)
+        for name, value in pod_settings(cfg, self.step, self.config_uri, self.overrides).items():
+            setattr(self, name, value)
+        self.on_finish_action = OnFinishAction(self.on_finish_action)
+
+    def _exit_code(self) -> int | None:
+        pod = getattr(self, "pod", None)
+        for status in (getattr(pod, "status", None) and pod.status.container_statuses) or []:
+            if status.name == self.base_container_name and status.state.terminated:
+                return status.state.terminated.exit_code
+        return None
+
+    def _fail_fast_on_bad_input(self, call):
+        try:
+            return call()
+        except Exception as exc:
+            if self._exit_code() == 2:
+                raise AirflowFailException(f"step {self.step} rejected its input (exit 2): "
+                                           f"{exc}") from None
+            raise
+
+    def execute(self, context):
+        if self.backend == "local":
+            return self._run_local()
+        if self.backend != "kubernetes":
+            raise AirflowFailException(f"unknown backend {self.backend!r}; "
+                                       "use 'local' or 'kubernetes'")
+        self.configure_pod()
+        return self._fail_fast_on_bad_input(lambda: super(RlhfStepOperator, self).execute(context))
+
+    def trigger_reentry(self, context, event):
+        # a resumed task is a fresh operator: set the pod settings again first
+        self.configure_pod()
+        return self._fail_fast_on_bad_input(
+            lambda: super(RlhfStepOperator, self).trigger_reentry(context, event))

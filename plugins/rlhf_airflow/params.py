@@ -107,8 +107,10 @@ def trigger_params() -> dict[str, Param]:
         "pass_rate_threshold": _num("panel.pass_rate_threshold",
                                     defaults.panel.pass_rate_threshold, "number",
                                     "Minimum expert pass rate for promotion."),
-        "backend": Param(defaults.compute.backend, type="string", enum=["local"],
-                         description="Where heavy steps run."),
+        "backend": Param(defaults.compute.backend, type="string", enum=["local", "kubernetes"],
+                         description="Where heavy steps run: a process on the worker, or "
+                                     "a pod per step (image, GPUs, secrets: compute.kubernetes "
+                                     "in the base config)."),
     }
 
 

@@ -1,0 +1,65 @@
+"""The pod a step runs in under ``compute.backend: kubernetes``: built from the run config.
+
+``pod_settings(cfg, step, ...)`` returns the KubernetesPodOperator attributes for one
+step; ``RlhfStepOperator`` applies them when the run asks for Kubernetes.  GPU steps
+(reward, sft, ppo) get ``nvidia.com/gpu`` limits, the GPU node selector and tolerations;
+every pod gets a memory-backed ``/dev/shm``, its credentials from Kubernetes secrets
+(``envFrom``; nothing secret passes through Params, XCom or logs), and writes its result
+to ``/airflow/xcom/return.json`` for the XCom sidecar.  Several GPUs run the same argv
+under ``accelerate launch`` with one process per GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf_airflow.backends import step_argv
+
+GPU_STEPS = frozenset({"reward", "sft", "ppo"})
+XCOM_RESULT = "/airflow/xcom/return.json"
+
+
+def step_command(step: str, config_uri: str, overrides: list[str], gpus: int
+                 ) -> tuple[list[str], list[str]]:
+    """(command, args) of the container: ``rlhf run ...``, or under accelerate for gpus > 1."""
+    argv = step_argv(step, config_uri, overrides, XCOM_RESULT)
+    if gpus > 1:
+        return (["accelerate", "launch", "--multi_gpu", "--num_machines", "1",
+                 "--num_processes", str(gpus), "-m", "rlhf_tasks.cli"], argv[1:])
+    return [argv[0]], argv[1:]
+
+
+def pod_settings(cfg, step: str, config_uri: str, overrides: list[str]) -> dict[str, Any]:
+    from kubernetes.client import models as k8s
+
+    kube = cfg.compute.kubernetes
+    gpus = cfg.compute.num_gpus if step in GPU_STEPS else 0
+    cmds, arguments = step_command(step, config_uri, overrides, gpus)
+    limits = {"memory": kube.memory if gpus else kube.cpu_step_memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    requests = {"cpu": kube.cpu, "memory": limits["memory"]}
+    return {
+        "name": f"rlhf-{step.replace('_', '-')}",
+        "namespace": kube.namespace,
+        "image": kube.image,
+        "image_pull_policy": kube.image_pull_policy,
+        "service_account_name": kube.service_account,
+        "kubernetes_conn_id": kube.kubernetes_conn_id,
+        "cmds": cmds,
+        "arguments": arguments,
+        "labels": {"app.kubernetes.io/name": "rlhf-trainer", "rlhf/step": step,
+                   "rlhf/pipeline": cfg.run.pipeline},
+        "container_resources": k8s.V1ResourceRequirements(requests=requests, limits=limits),
+        "node_selector": dict(kube.node_selector) if gpus else None,
+        "tolerations": [k8s.V1Toleration(**t) for t in kube.tolerations] if gpus else None,
+        "volumes": [k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
+            medium="Memory", size_limit=kube.shm_size))],
+        "volume_mounts": [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name))
+                     for name in kube.env_secrets],
+        "env_vars": [k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")],
+        "on_finish_action": kube.on_finish_action,
+        "startup_timeout_seconds": kube.startup_timeout_seconds,
+        "logging_interval": kube.logging_interval,
+    }
