@@ -16,6 +16,7 @@ from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 
 from rlhf_airflow.operators import RlhfStepOperator
 from rlhf_airflow.params import trigger_params
+from rlhf_airflow.scheduling import base_config, retraining_schedule
 
 CONFIG = "{{ ti.xcom_pull(task_ids='prepare_run')['config_uri'] }}"
 BACKEND = "{{ ti.xcom_pull(task_ids='prepare_run')['backend'] }}"
@@ -27,7 +28,8 @@ PARENT = ("tracking.parent_run_id="
 with DAG(
     dag_id="rlhf_tuning",
     description="Validate data, train a reward model, tune with PPO, gate on an expert panel.",
-    schedule=None,
+    # retraining: schedule.cron and/or new preference data (see rlhf_airflow/scheduling.py)
+    schedule=retraining_schedule(base_config()),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

@@ -217,6 +217,25 @@ class ComputeSection(Section):
     kubernetes: KubernetesSection = KubernetesSection()
 
 
+class ScheduleSection(Section):
+    """When the DAG retrains by itself (read from the base config at DAG parse time)."""
+
+    cron: str | None = Field(None, description="Retrain on this cron schedule (UTC), "
+                                               "e.g. '0 3 * * 1' for Mondays at 03:00.")
+    on_new_preferences: bool = Field(False, description="Also retrain when the preference "
+                                                        "dataset's Asset gets a new event.")
+
+    @model_validator(mode="after")
+    def _cron_is_valid(self):
+        if self.cron is not None:
+            from croniter import croniter
+
+            if not croniter.is_valid(self.cron):
+                raise ValueError(f"'{self.cron}' is not a cron expression (five fields: "
+                                 "minute hour day-of-month month day-of-week)")
+        return self
+
+
 class PipelineConfig(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -230,6 +249,7 @@ class PipelineConfig(Section):
     storage: StorageSection = StorageSection()
     tracking: TrackingSection = TrackingSection()
     compute: ComputeSection = ComputeSection()
+    schedule: ScheduleSection = ScheduleSection()
 
     def step_uri(self, step: str, name: str = "") -> str:
         """``<artifact_root>/<pipeline>/<run_id>/<step>/<name>``."""

@@ -125,3 +125,27 @@ def test_step_argv_is_backend_neutral():
     assert step_argv("validate_eval", "s3://b/c.json", ["a.b=1"], "/airflow/xcom/return.json") == [
         "rlhf", "run", "validate_eval", "--config", "s3://b/c.json", "--set", "a.b=1",
         "--result", "/airflow/xcom/return.json"]
+
+
+def test_retraining_schedule_follows_the_base_config(tmp_path):
+    from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+    from rlhf_airflow.scheduling import base_config, retraining_schedule
+
+    def schedule(**section):
+        path = tmp_path / "base.yaml"
+        path.write_text(json.dumps({"data": {"preference_uri": str(tmp_path / "p.jsonl")},
+                                    "schedule": section}))
+        return retraining_schedule(base_config(str(path)))
+
+    assert schedule() is None
+    assert retraining_schedule(base_config("")) is None
+    assert isinstance(schedule(cron="0 3 * * 1"), CronTriggerTimetable)
+    on_data = schedule(on_new_preferences=True)
+    assert on_data == [Asset(name="rlhf-preferences", uri=(tmp_path / "p.jsonl").as_uri(),
+                             group="rlhf")]
+    both = schedule(cron="0 3 * * 1", on_new_preferences=True)
+    assert isinstance(both, AssetOrTimeSchedule)
+    # a broken base config must not break DAG parsing: it is logged and ignored
+    (tmp_path / "bad.yaml").write_text("schedule: {cron: 'every monday'}\n")
+    assert base_config(str(tmp_path / "bad.yaml")) is None

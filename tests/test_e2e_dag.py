@@ -122,3 +122,69 @@ def test_dag_fails_on_bad_data_without_retrying(airflow_home, demo_dir, tmp_path
     runs_df = mlflow.search_runs(experiment_names=["rlhf-tuning"])
     parent = runs_df[runs_df["tags.mlflow.parentRunId"].isna()]
     assert parent.iloc[0]["status"] == "FAILED"
+
+
+def airflow_python(home: Path, code: str, **env) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], env={**airflow_env(home), **env},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_new_preference_data_queues_a_retraining_run(airflow_home, demo_dir, tmp_path):
+    """The ingest DAG emits the Asset event only when the data changed, and the event
+    queues rlhf_tuning when the base config asks for retraining on new data."""
+    import shutil
+
+    import yaml
+
+    prefs = tmp_path / "prefs.jsonl"
+    shutil.copy(demo_dir / "preferences.jsonl", prefs)
+    config = run_config(tmp_path, demo_dir, preference_uri=str(prefs))
+    raw = yaml.safe_load(config.read_text())
+    raw["schedule"] = {"cron": "0 3 * * 1", "on_new_preferences": True}
+    config.write_text(yaml.safe_dump(raw))
+    env = {"RLHF_BASE_CONFIG": str(config)}
+    airflow = str(Path(sys.executable).parent / "airflow")
+    proc = subprocess.run([airflow, "dags", "reserialize"], env={**airflow_env(airflow_home),
+                          **env}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a new DAG starts paused; a paused DAG is not queued by asset events
+    proc = subprocess.run([airflow, "dags", "unpause", "rlhf_tuning"],
+                          env={**airflow_env(airflow_home), **env}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count = (
+        "from sqlalchemy import select, func\n"
+        "from airflow.utils.session import create_session\n"
+        "from airflow.models.asset import AssetEvent, AssetModel, AssetDagRunQueue\n"
+        "with create_session() as s:\n"
+        f"    a = s.scalar(select(AssetModel).where(AssetModel.uri == {prefs.as_uri()!r}))\n"
+        "    events = s.scalar(select(func.count()).select_from(AssetEvent)"
+        ".where(AssetEvent.asset_id == a.id))\n"
+        "    queued = s.scalars(select(AssetDagRunQueue.target_dag_id)"
+        ".where(AssetDagRunQueue.asset_id == a.id)).all()\n"
+        "    print(events, sorted(queued))\n")
+
+    def ingest():
+        run = subprocess.run([airflow, "dags", "test", "rlhf_ingest_preferences"],
+                             env={**airflow_env(airflow_home), **env}, capture_output=True,
+                             text=True, timeout=600, cwd=airflow_home)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+        return run.stdout + run.stderr
+
+    ingest()
+    assert airflow_python(airflow_home, count, **env) == "1 ['rlhf_tuning']"
+    assert "preference data unchanged" in ingest()
+    assert airflow_python(airflow_home, count, **env).startswith("1 ")
+    with open(prefs, "a") as fh:
+        fh.write('{"prompt": "ran payroll", "chosen": "Cut payroll errors by 20%", '
+                 '"rejected": "Did payroll"}\n')
+    ingest()
+    assert airflow_python(airflow_home, count, **env).startswith("2 ")
+    schedule = airflow_python(airflow_home, (
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"d = DagBag(dag_folder={str(ROOT / 'dags')!r}, bundle_path={str(ROOT / 'dags')!r})"
+        ".dags['rlhf_tuning']\n"
+        "print(type(d.timetable).__name__)\n"), **env)
+    assert schedule == "AssetOrTimeSchedule", schedule
