@@ -37,7 +37,7 @@ def local_model_dir(uri: str, storage: Storage | None = None,
     return target
 
 
-def _require_safetensors(path: Path) -> None:
+def require_safetensors(path: Path) -> None:
     if not list(path.glob("*.safetensors")):
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found {', '.join(pickles)}: convert to safetensors)" if pickles else ""
@@ -67,6 +67,6 @@ def load_causal_lm(cfg, storage: Storage | None = None, path: str | None = None,
     from transformers import AutoModelForCausalLM
 
     folder = local_model_dir(path or cfg.model.base_model, storage)
-    _require_safetensors(folder)
+    require_safetensors(folder)
     return AutoModelForCausalLM.from_pretrained(
         folder, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True, **kwargs)

@@ -33,7 +33,7 @@ def score_sequences(model, rows: list[list[int]], pad_token_id: int, batch_size:
     """The model's score of each full sequence (read at its last token)."""
     import torch
 
-    from rlhf_tasks.ppo.trainer import sequence_scores
+    from rlhf_tasks.ppo.trainer import position_ids, sequence_scores
 
     out: list[float] = []
     model.eval()
@@ -41,8 +41,8 @@ def score_sequences(model, rows: list[list[int]], pad_token_id: int, batch_size:
         for start in range(0, len(rows), batch_size):
             ids, mask = _pad_right(rows[start: start + batch_size], pad_token_id)
             ids, mask = ids.to(device), mask.to(device)
-            positions = (mask.cumsum(1) - 1).clamp_min(0)
-            out += sequence_scores(model, ids, mask, positions, mask.sum(1) - 1).tolist()
+            out += sequence_scores(model, ids, mask, position_ids(mask),
+                                   mask.sum(1) - 1).tolist()
     return out
 
 

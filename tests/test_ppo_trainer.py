@@ -7,7 +7,7 @@ import torch
 
 from rlhf_tasks.ppo import core
 from rlhf_tasks.ppo.models import build_models, random_llama, sequence_classifier_like
-from rlhf_tasks.ppo.trainer import (PPOSettings, _collate_prompts, _positions, prompt_batch,
+from rlhf_tasks.ppo.trainer import (PPOSettings, collate_prompts, position_ids, prompt_batch,
                                     response_logits, rollout, train)
 
 VOCAB, PAD, EOS = 120, 0, 2
@@ -30,7 +30,7 @@ def test_rollout_logprobs_equal_a_forward_pass_over_left_padded_prompts():
     training forward computes (the PPO ratio starts at exactly 1)."""
     models = tiny(4, "shared")
     settings = PPOSettings(max_new_tokens=6, temperature=0.7)
-    ids, mask = _collate_prompts(prompts(8), PAD, "cpu")
+    ids, mask = collate_prompts(prompts(8), PAD, "cpu")
     assert (mask[:, 0] == 0).any(), "some prompts must be left-padded"
     torch.manual_seed(0)
     responses, logprobs = rollout(models.policy, ids, mask, settings, EOS, PAD)
@@ -38,7 +38,7 @@ def test_rollout_logprobs_equal_a_forward_pass_over_left_padded_prompts():
     responses = responses.masked_fill(keep == 0, PAD)
     full, full_mask = torch.cat([ids, responses], 1), torch.cat([mask, keep], 1)
     with torch.no_grad():
-        logits = response_logits(models.policy, full, full_mask, _positions(full_mask),
+        logits = response_logits(models.policy, full, full_mask, position_ids(full_mask),
                                  responses.shape[1], settings.temperature)
     again = core.selective_logprobs(logits, responses)
     assert torch.allclose(logprobs * keep, again * keep, atol=1e-5)

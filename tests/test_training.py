@@ -70,7 +70,7 @@ def test_ppo_raises_the_reward_of_fresh_samples_within_the_kl_bound(trained):
 
     from rlhf_tasks import models
     from rlhf_tasks.ppo import core
-    from rlhf_tasks.ppo.trainer import (_collate_prompts, _positions, response_logits,
+    from rlhf_tasks.ppo.trainer import (collate_prompts, position_ids, response_logits,
                                         rollout, sequence_scores)
     from rlhf_tasks.reward_model import load_reward_model
     from rlhf_tasks.steps.ppo import ppo_settings
@@ -82,7 +82,7 @@ def test_ppo_raises_the_reward_of_fresh_samples_within_the_kl_bound(trained):
     policy = PeftModel.from_pretrained(models.load_causal_lm(cfg), results["ppo"]["model_uri"])
     policy.eval()
     settings = ppo_settings(cfg)
-    ids, mask = _collate_prompts(_eval_prompts(cfg, tokenizer), tokenizer.pad_token_id, "cpu")
+    ids, mask = collate_prompts(_eval_prompts(cfg, tokenizer), tokenizer.pad_token_id, "cpu")
     norm = info["normalisation"]
     measured = {}
     for name in ("base", "tuned"):
@@ -98,7 +98,7 @@ def test_ppo_raises_the_reward_of_fresh_samples_within_the_kl_bound(trained):
         responses = responses.masked_fill(keep == 0, tokenizer.pad_token_id)
         full = torch.cat([ids, responses], 1)
         full_mask = torch.cat([mask, keep], 1)
-        pos = _positions(full_mask)
+        pos = position_ids(full_mask)
         with torch.no_grad():
             scores = sequence_scores(scorer, full, full_mask, pos, ids.shape[1] + keep.sum(1) - 1)
             width = responses.shape[1]

@@ -206,12 +206,12 @@ def rollout(policy, query_ids, query_mask, settings: PPOSettings, eos_token_id: 
     return sequences[:, query_ids.shape[1]:].clone(), logprobs.clone()
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """[N+ #1] position ids that skip the left padding (0 at the first real token)."""
     return (mask.cumsum(1) - 1).clamp_min(0)
 
 
-def _collate_prompts(prompts: list[list[int]], pad_token_id: int, device):
+def collate_prompts(prompts: list[list[int]], pad_token_id: int, device):
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -332,7 +332,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         # 1. prompts: ``batch_size`` per process, each process its own share
         batch_prompts = prompt_batch(prompts, data_position, s.batch_size * world, s.seed)
         data_position += s.batch_size * world
-        query_ids, query_mask = _collate_prompts(batch_prompts[rank::world], pad_token_id, device)
+        query_ids, query_mask = collate_prompts(batch_prompts[rank::world], pad_token_id, device)
         width_q = query_ids.shape[1]
 
         # 2. rollouts (policy in eval mode: dropout is off anyway)
@@ -346,7 +346,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         responses = responses.masked_fill(mask == 0, pad_token_id)
         ids = torch.cat([query_ids, responses], 1)
         full_mask = torch.cat([query_mask, mask], 1)
-        positions = _positions(full_mask)
+        positions = position_ids(full_mask)
         maskf = mask.float()
 
         # 3. score the rollouts, a microbatch of rows at a time: the reference's logits for

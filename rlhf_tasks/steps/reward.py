@@ -47,21 +47,22 @@ def sample_reference(policy, prompts: list[list[int]], tokenizer, cfg, device: s
     import torch
 
     from rlhf_tasks.ppo import core
-    from rlhf_tasks.ppo.trainer import _collate_prompts, rollout
+    from rlhf_tasks.ppo.trainer import collate_prompts, rollout
     from rlhf_tasks.steps.ppo import ppo_settings
 
     settings = ppo_settings(cfg)
     sequences = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
-        ids, mask = _collate_prompts(chunk, tokenizer.pad_token_id, device)
+        ids, mask = collate_prompts(chunk, tokenizer.pad_token_id, device)
         responses, _ = rollout(policy, ids, mask, settings, tokenizer.eos_token_id,
                                tokenizer.pad_token_id)
         keep, _ = core.response_mask(responses, tokenizer.eos_token_id)
         for prompt, response, n in zip(chunk, responses.tolist(), keep.sum(1).tolist()):
             sequences.append(prompt + response[:n])
         del responses
-    torch.cuda.empty_cache() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return sequences
 
 
@@ -93,7 +94,7 @@ def reward(cfg) -> dict:
         held_out = _encode_pairs(eval_df, tokenizer, instruction, False)
 
         base_dir = models.local_model_dir(cfg.model.base_model, storage)
-        models._require_safetensors(base_dir)
+        models.require_safetensors(base_dir)
         model = AutoModelForSequenceClassification.from_pretrained(
             base_dir, num_labels=1, use_safetensors=True,
             trust_remote_code=cfg.model.trust_remote_code)
