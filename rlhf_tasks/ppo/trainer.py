@@ -14,7 +14,7 @@ One call, :func:`train`, runs ``settings.total_updates`` PPO updates.  Each upda
    resume exactly (weights, optimizer, scheduler, data position, KL controller; the
    random state is derived from the seed and the update number).
 
-Comments tagged [N+ #k] name the implementation detail of Huang et al. ("The N
+Comments tagged [N+ "name"] name the implementation detail of Huang et al. ("The N
 Implementation Details of RLHF with PPO", and "The N+ Implementation Details ... TL;DR")
 that the line implements; the math lives in :mod:`rlhf_tasks.ppo.core`.
 """
@@ -45,7 +45,7 @@ class PPOSettings:
     ppo_epochs: int = 4
     learning_rate: float = 3e-4
     max_grad_norm: float = 1.0
-    adam_eps: float = 1e-5              # [N+ #3] Adam epsilon 1e-5, as the baselines use
+    adam_eps: float = 1e-5              # [N+ "Adam epsilon"] 1e-5, as the baselines use
     gamma: float = 1.0                  # no discount inside a response
     lam: float = 0.95
     clip_range: float = 0.2
@@ -107,7 +107,7 @@ class PolicyAndValue(nn.Module):
 def response_logits(model, ids, mask, positions, width: int, temperature: float):
     """Logits predicting the last ``width`` tokens, divided by the sampling temperature.
 
-    [N+ #4 "Correct log-probs for temperature"]: rollouts sample from logits / T, so the
+    [N+ "Correct log-probs for temperature"]: rollouts sample from logits / T, so the
     training log-probs must be computed from logits / T too.  ``logits_to_keep`` computes
     the vocabulary projection only for the response positions, not for the prompt.
     """
@@ -146,7 +146,7 @@ def adapters_disabled(model):
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """[N+ #9 "Disable dropout"]: dropout would make the PPO ratio differ from 1 even
+    """[N+ "Disable dropout"]: dropout would make the PPO ratio differ from 1 even
     before any update, so it is switched off in every model."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -186,9 +186,9 @@ def rollout(policy, query_ids, query_mask, settings: PPOSettings, eos_token_id: 
             pad_token_id: int):
     """Sample responses with ``generate``; returns (responses, rollout log-probs).
 
-    [N+ #1 "left padding"]: prompts are left-padded so every response starts at the same
+    [N+ "left padding"]: prompts are left-padded so every response starts at the same
     column; ``generate`` derives position ids from the attention mask so padding does not
-    shift positions, and uses the KV cache.  [N+ #2 "sampling"]: plain multinomial sampling
+    shift positions, and uses the KV cache.  [N+ "sampling"]: plain multinomial sampling
     of logits / T (top-k 0, top-p 1), so the log-probs are those of the distribution sampled.
     """
     from transformers import GenerationConfig, LogitsProcessorList
@@ -207,7 +207,7 @@ def rollout(policy, query_ids, query_mask, settings: PPOSettings, eos_token_id: 
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """[N+ #1] position ids that skip the left padding (0 at the first real token)."""
+    """[N+ "left padding"] position ids that skip the left padding (0 at the first real token)."""
     return (mask.cumsum(1) - 1).clamp_min(0)
 
 
@@ -301,7 +301,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
     wrapped = PolicyAndValue(models.policy, models.critic)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = _adamw(params, s)
-    # [N+ #7 "Learning rate annealing"]: linear decay to 0 over the updates
+    # [N+ "Learning rate annealing"]: linear decay to 0 over the updates
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, core.linear_schedule(s.total_updates))
     kl_ctl = core.KLController(s.kl_coef, s.kl_target, s.kl_horizon)
     if accelerator is not None:
@@ -339,7 +339,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         unwrapped.eval()
         responses, logprobs = rollout(unwrapped.policy, query_ids, query_mask, s,
                                       eos_token_id, pad_token_id)
-        # [N+ #5 "Truncate at EOS"]: tokens after the first EOS are padding; a response
+        # [N+ "Truncate at EOS"]: tokens after the first EOS are padding; a response
         # that never emits EOS keeps all its tokens and is penalised below.
         mask, has_eos = core.response_mask(responses, eos_token_id)
         width = responses.shape[1]
@@ -376,18 +376,18 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
             # reward normalisation: the reward step measured mean/std of the score on the
             # reference policy's samples, so rewards start near mean 0, std 1
             scores = (raw_scores - s.score_mean) / s.score_std
-            # [N+ #6 "EOS trick"]: a fixed penalty for a response that never ended
+            # [N+ "EOS trick"]: a fixed penalty for a response that never ended
             scores = torch.where(has_eos, scores, scores - s.missing_eos_penalty)
 
             # 4. rewards: [Ziegler] score at the last token minus beta * per-token KL
             logprobs, ref_logprobs = logprobs * maskf, ref_logprobs * maskf
             kl = core.kl_penalty(logprobs, ref_logprobs, s.kl_estimator) * maskf
             rewards = core.token_rewards(scores, kl, kl_ctl.value, mask)
-            if s.whiten_rewards:  # [N+ #8 "Reward whitening"] (scale only)
+            if s.whiten_rewards:  # [N+ "Reward whitening"] (scale only)
                 rewards = core.masked_whiten(rewards, mask, shift_mean=False)
             values = values * maskf
             advantages, returns = core.gae(rewards, values, mask, s.gamma, s.lam)
-            # [N+ #10 "Advantage whitening"] over the batch's response tokens
+            # [N+ "Advantage whitening"] over the batch's response tokens
             advantages = core.masked_whiten(advantages, mask)
 
         # 5. PPO epochs over the batch: a fresh permutation each epoch, minibatches
