@@ -129,14 +129,22 @@ class PPOSection(Section):
 
     @model_validator(mode="after")
     def _batches_divide(self):
-        if self.batch_size % self.num_minibatches:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of "
-                             f"num_minibatches {self.num_minibatches}")
-        minibatch = self.batch_size // self.num_minibatches
-        if minibatch % min(self.microbatch_size, minibatch):
-            raise ValueError(f"the minibatch ({minibatch} episodes) must be a multiple of "
-                             f"microbatch_size {self.microbatch_size}")
+        check_batch_split(self.batch_size, self.num_minibatches, self.microbatch_size)
         return self
+
+
+def check_batch_split(batch_size: int, num_minibatches: int, microbatch_size: int) -> None:
+    """PPO splits a batch into equal minibatches of whole microbatches; ValueError if not.
+
+    Shared by the config (where it becomes a BadInput naming ``ppo``) and ``PPOSettings``.
+    """
+    if batch_size % num_minibatches:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of "
+                         f"num_minibatches {num_minibatches}")
+    minibatch = batch_size // num_minibatches
+    if minibatch % min(microbatch_size, minibatch):
+        raise ValueError(f"the minibatch ({minibatch} episodes) must be a multiple of "
+                         f"microbatch_size {microbatch_size}")
 
 
 class EvaluationSection(Section):

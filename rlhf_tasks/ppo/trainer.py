@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from rlhf_tasks.config import check_batch_split
 from rlhf_tasks.ppo import core
 
 log = logging.getLogger(__name__)
@@ -65,13 +66,7 @@ class PPOSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.batch_size % self.num_minibatches:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of "
-                             f"num_minibatches {self.num_minibatches}")
-        minibatch = self.batch_size // self.num_minibatches
-        if minibatch % min(self.microbatch_size, minibatch):
-            raise ValueError(f"minibatch size {minibatch} is not a multiple of "
-                             f"microbatch_size {self.microbatch_size}")
+        check_batch_split(self.batch_size, self.num_minibatches, self.microbatch_size)
 
 
 @dataclass
