@@ -105,3 +105,26 @@ def bucket(s3_endpoint, request):
     name = "rlhf-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+POSTGRES_DSN = os.environ.get("RLHF_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+
+
+@pytest.fixture()
+def postgres_url():
+    """A fresh database on the local PostgreSQL (trust auth), dropped afterwards."""
+    import uuid
+
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(f"{POSTGRES_DSN}/postgres", isolation_level="AUTOCOMMIT")
+    name = f"rlhf_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    except sqlalchemy.exc.OperationalError as exc:  # pragma: no cover - machine set-up
+        pytest.fail(f"PostgreSQL at {POSTGRES_DSN} is not reachable: {exc}")
+    yield f"{POSTGRES_DSN}/{name}"
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -1,0 +1,122 @@
+"""Turn verdicts into decisions: per-item majority, per-model pass rate with a Wilson
+interval, Fleiss' kappa for agreement, and a two-proportion test of candidate against
+champion.  Pure functions on plain data; the hand-computed tests are in
+tests/test_panel_aggregate.py.
+
+References:
+* E. B. Wilson (1927), "Probable inference, the law of succession, and statistical
+  inference", JASA 22:209 -- the score interval.
+* J. L. Fleiss (1971), "Measuring nominal scale agreement among many raters",
+  Psychological Bulletin 76:378.
+* The pooled two-proportion z-test (e.g. Agresti, "Categorical Data Analysis", 3.1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+Z95 = 1.959963984540054  # the 97.5% quantile of N(0, 1)
+
+
+def majority(votes: list[bool]) -> bool:
+    """Pass when strictly more than half of the verdicts pass; a tie fails (the bar is a bar)."""
+    return sum(votes) * 2 > len(votes)
+
+
+def wilson_interval(passes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval for a binomial proportion; (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = passes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def fleiss_kappa(counts: list[tuple[int, ...]]) -> float | None:
+    """Fleiss' kappa from per-item category counts (each item rated by the same number of
+    raters).  None when it is undefined: fewer than 2 raters, or every verdict the same."""
+    if not counts:
+        return None
+    raters = sum(counts[0])
+    if raters < 2 or any(sum(c) != raters for c in counts):
+        raise ValueError("Fleiss' kappa needs the same number (>= 2) of ratings per item")
+    items = len(counts)
+    per_item = [(sum(c * c for c in row) - raters) / (raters * (raters - 1)) for row in counts]
+    p_bar = sum(per_item) / items
+    categories = len(counts[0])
+    shares = [sum(row[j] for row in counts) / (items * raters) for j in range(categories)]
+    p_e = sum(s * s for s in shares)
+    if p_e >= 1.0:
+        return None
+    return (p_bar - p_e) / (1 - p_e)
+
+
+def normal_sf(z: float) -> float:
+    """P(Z > z) for Z ~ N(0, 1)."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
+    """Pooled z statistic and one-sided p-value for H1: p1 > p2."""
+    if n1 == 0 or n2 == 0:
+        return 0.0, 1.0
+    pooled = (x1 + x2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    diff = x1 / n1 - x2 / n2
+    if se == 0:
+        return (0.0, 1.0) if diff <= 0 else (math.inf, 0.0)
+    z = diff / se
+    return z, normal_sf(z)
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    model: str
+    items: int            # items with a majority verdict (quorum reached)
+    passed: int
+    pass_rate: float
+    ci_low: float
+    ci_high: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PanelResult:
+    scores: dict[str, ModelScore]
+    kappa: float | None
+    items_judged: int      # items with at least one verdict
+    items_decided: int
+    verdicts: int
+    reviewers: int
+
+
+def aggregate(verdicts: list[dict], k: int) -> PanelResult:
+    """``verdicts``: rows with ``item_id``, ``model``, ``reviewer``, ``passed`` and ``id``
+    (arrival order).  Each item counts with its first ``k`` verdicts; items with fewer
+    are left out of the pass rates (and of kappa)."""
+    by_item: dict[str, list[dict]] = defaultdict(list)
+    for row in sorted(verdicts, key=lambda r: r["id"]):
+        by_item[row["item_id"]].append(row)
+    models: dict[str, list[bool]] = defaultdict(list)
+    counts = []
+    for rows in by_item.values():
+        if len(rows) < k:
+            continue
+        votes = [bool(r["passed"]) for r in rows[:k]]
+        models[rows[0]["model"]].append(majority(votes))
+        counts.append((sum(votes), k - sum(votes)))
+    scores = {}
+    for model, outcomes in sorted(models.items()):
+        passed, n = sum(outcomes), len(outcomes)
+        low, high = wilson_interval(passed, n)
+        scores[model] = ModelScore(model, n, passed, passed / n, low, high)
+    kappa = fleiss_kappa(counts) if k >= 2 else None
+    return PanelResult(scores=scores, kappa=kappa, items_judged=len(by_item),
+                       items_decided=len(counts), verdicts=len(verdicts),
+                       reviewers=len({r["reviewer"] for r in verdicts}))

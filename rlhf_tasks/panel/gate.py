@@ -1,0 +1,72 @@
+"""The gate policy: promote the candidate only when the panel's verdicts clear the bar.
+
+* its pass rate is at least ``min_pass_rate``;
+* against the reference (the registry's champion; the foundation model when there is
+  no champion yet, since that is what serves), the lift is at least ``min_lift`` and a
+  one-sided two-proportion test gives p < ``significance``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from rlhf_tasks.panel.aggregate import PanelResult, two_proportion_test
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    min_pass_rate: float
+    min_lift: float
+    significance: float
+
+    @classmethod
+    def from_config(cls, panel_cfg) -> "GatePolicy":
+        return cls(panel_cfg.pass_rate_threshold, panel_cfg.min_lift, panel_cfg.significance)
+
+
+@dataclass
+class GateDecision:
+    promote: bool
+    candidate: str
+    reference: str | None
+    candidate_pass_rate: float | None
+    reference_pass_rate: float | None
+    lift: float | None
+    z: float | None
+    p_value: float | None
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def summary(self) -> str:
+        return ("promote" if self.promote else "reject") + (
+            ": " + "; ".join(self.reasons) if self.reasons else "")
+
+
+def decide(result: PanelResult, policy: GatePolicy, candidate: str,
+           reference: str | None) -> GateDecision:
+    reasons: list[str] = []
+    cand = result.scores.get(candidate)
+    if cand is None:
+        return GateDecision(False, candidate, reference, None, None, None, None, None,
+                            [f"no decided items for the candidate ({candidate})"])
+    if cand.pass_rate < policy.min_pass_rate:
+        reasons.append(f"pass rate {cand.pass_rate:.3f} is below the minimum "
+                       f"{policy.min_pass_rate:.3f}")
+    ref = result.scores.get(reference) if reference else None
+    lift = z = p = None
+    if reference and ref is None:
+        reasons.append(f"no decided items for the reference ({reference})")
+    if ref is not None:
+        lift = cand.pass_rate - ref.pass_rate
+        z, p = two_proportion_test(cand.passed, cand.items, ref.passed, ref.items)
+        if lift < policy.min_lift:
+            reasons.append(f"lift over {reference} {lift:+.3f} is below the minimum "
+                           f"{policy.min_lift:+.3f}")
+        if p >= policy.significance:
+            reasons.append(f"lift over {reference} is not significant "
+                           f"(p = {p:.3g} >= {policy.significance})")
+    return GateDecision(not reasons, candidate, reference, cand.pass_rate,
+                        ref.pass_rate if ref else None, lift, z, p, reasons)

@@ -1,0 +1,320 @@
+"""The verdict store: review batches, blinded items, reviewers, assignments and verdicts.
+
+SQLAlchemy over SQLite (the default, ``sqlite:///.rlhf/panel.db``) or PostgreSQL
+(``postgresql+psycopg2://...`` in production).  Rules the schema enforces, not the
+callers:
+
+* a reviewer judges an item at most once (unique ``(item_id, reviewer)``); a second
+  verdict is refused with :class:`AlreadyJudged`, so concurrent submissions lose nothing
+  and count nothing twice;
+* which model wrote an item (``model``) lives only here: the reviewer-facing views
+  (:meth:`PanelStore.next_item`, exports) never include it;
+* reviewer tokens are stored as SHA-256 hashes, never in clear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Iterable
+
+from sqlalchemy import (Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint,
+                        create_engine, event, func, select)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from rlhf_tasks.errors import BadInput
+
+ASSIGNMENT_LEASE = timedelta(minutes=20)  # an item served to a reviewer is held this long
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ReviewBatch(Base):
+    __tablename__ = "review_batches"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(200))
+    run_id: Mapped[str] = mapped_column(String(250))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    verdicts_per_item: Mapped[int] = mapped_column(Integer)
+    quality_bar: Mapped[str] = mapped_column(Text)
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    __table_args__ = (UniqueConstraint("pipeline", "run_id", name="uq_batch_run"),)
+
+
+class ReviewItem(Base):
+    __tablename__ = "review_items"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # random: not guessable
+    batch_id: Mapped[str] = mapped_column(ForeignKey("review_batches.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)                  # shuffled order
+    prompt_index: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    response: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(100))                 # server side only
+
+
+class Reviewer(Base):
+    __tablename__ = "reviewers"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    token_sha256: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    item_id: Mapped[str] = mapped_column(ForeignKey("review_items.id"), primary_key=True)
+    reviewer: Mapped[str] = mapped_column(String(100), primary_key=True)
+    assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Verdict(Base):
+    __tablename__ = "verdicts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(ForeignKey("review_items.id"), index=True)
+    reviewer: Mapped[str] = mapped_column(String(100))
+    passed: Mapped[bool] = mapped_column(Boolean)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str] = mapped_column(String(20), default="web")  # web, api, import, simulated
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    __table_args__ = (UniqueConstraint("item_id", "reviewer", name="uq_verdict_item_reviewer"),)
+
+
+class AlreadyJudged(Exception):
+    """The reviewer has already given a verdict on this item."""
+
+
+class UnknownItem(Exception):
+    """No such item."""
+
+
+@dataclass(frozen=True)
+class BlindItem:
+    """What a reviewer sees: never the model."""
+    id: str
+    batch_id: str
+    prompt: str
+    response: str
+    quality_bar: str
+    simulated: bool
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "batch_id": self.batch_id, "prompt": self.prompt,
+                "response": self.response, "quality_bar": self.quality_bar,
+                "simulated": self.simulated}
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def resolve_url(url: str) -> str:
+    """Relative ``sqlite:///`` paths made absolute (every process agrees on the file)."""
+    from pathlib import Path
+
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        path = Path(url[len(prefix):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return url
+
+
+class PanelStore:
+    def __init__(self, url: str):
+        self.url = resolve_url(url)
+        sqlite = self.url.startswith("sqlite")
+        self.engine = create_engine(
+            self.url, pool_pre_ping=True,
+            connect_args={"timeout": 30, "check_same_thread": False} if sqlite else {})
+        if sqlite:
+            @event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(dbapi_conn, _record):  # concurrent readers + one writer
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._session()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- batches ---------------------------------------------------------------------------
+    def create_batch(self, *, pipeline: str, run_id: str, items: Iterable[dict],
+                     verdicts_per_item: int, quality_bar: str, simulated: bool,
+                     seed: int = 0) -> str:
+        """A blinded batch from ``items`` (``prompt_index``, ``prompt``, ``response``,
+        ``model``), shuffled with ``seed``.  A batch already made for this pipeline run is
+        returned as it is (a retried evaluate step must not make a second one)."""
+        with self.session() as s:
+            found = s.scalar(select(ReviewBatch.id).where(ReviewBatch.pipeline == pipeline,
+                                                          ReviewBatch.run_id == run_id))
+            if found:
+                return found
+            batch = ReviewBatch(id=uuid.uuid4().hex, pipeline=pipeline, run_id=run_id,
+                                verdicts_per_item=verdicts_per_item, quality_bar=quality_bar,
+                                simulated=simulated)
+            rows = list(items)
+            random.Random(seed).shuffle(rows)
+            s.add(batch)
+            s.flush()
+            s.add_all(ReviewItem(id=uuid.uuid4().hex, batch_id=batch.id, position=i,
+                                 prompt_index=int(r["prompt_index"]), prompt=r["prompt"],
+                                 response=r["response"], model=r["model"])
+                      for i, r in enumerate(rows))
+            try:
+                s.commit()
+            except IntegrityError:  # another process made it at the same moment
+                s.rollback()
+                return s.scalar(select(ReviewBatch.id).where(ReviewBatch.pipeline == pipeline,
+                                                             ReviewBatch.run_id == run_id))
+            return batch.id
+
+    def batch(self, batch_id: str) -> ReviewBatch:
+        with self.session() as s:
+            batch = s.get(ReviewBatch, batch_id)
+        if batch is None:
+            raise BadInput(f"no review batch {batch_id!r} in the panel store")
+        return batch
+
+    def batches(self) -> list[ReviewBatch]:
+        with self.session() as s:
+            return list(s.scalars(select(ReviewBatch).order_by(ReviewBatch.created_at.desc())))
+
+    # -- reviewers -------------------------------------------------------------------------
+    def add_reviewer(self, name: str, *, simulated: bool = False, with_token: bool = True) -> str | None:
+        """Create (or re-key) a reviewer; returns the new token (shown once)."""
+        if not name or len(name) > 100:
+            raise BadInput("a reviewer name is 1 to 100 characters", field="reviewer")
+        token = secrets.token_urlsafe(24) if with_token else None
+        with self.session() as s:
+            row = s.get(Reviewer, name) or Reviewer(name=name, simulated=simulated)
+            row.token_sha256 = hash_token(token) if token else row.token_sha256
+            s.add(row)
+            s.commit()
+        return token
+
+    def reviewer_for_token(self, token: str) -> str | None:
+        if not token:
+            return None
+        with self.session() as s:
+            return s.scalar(select(Reviewer.name).where(
+                Reviewer.token_sha256 == hash_token(token)))
+
+    # -- reviewing -------------------------------------------------------------------------
+    def next_item(self, batch_id: str, reviewer: str) -> BlindItem | None:
+        """The next item for ``reviewer``: one they have not judged, still short of its
+        verdicts counting those promised to others (served within the lease), in the
+        batch's shuffled order."""
+        batch = self.batch(batch_id)
+        k = batch.verdicts_per_item
+        cutoff = _now() - ASSIGNMENT_LEASE
+        with self.session() as s:
+            given = (select(Verdict.item_id, func.count().label("n"))
+                     .group_by(Verdict.item_id).subquery())
+            held = (select(Assignment.item_id, func.count().label("n"))
+                    .where(Assignment.reviewer != reviewer, Assignment.assigned_at > cutoff,
+                           ~select(Verdict.id).where(Verdict.item_id == Assignment.item_id,
+                                                     Verdict.reviewer == Assignment.reviewer)
+                           .exists())
+                    .group_by(Assignment.item_id).subquery())
+            mine = select(Verdict.item_id).where(Verdict.reviewer == reviewer)
+            load = func.coalesce(given.c.n, 0) + func.coalesce(held.c.n, 0)
+            own = (select(Assignment.item_id).where(Assignment.reviewer == reviewer,
+                                                    Assignment.assigned_at > cutoff))
+            query = (select(ReviewItem)
+                     .outerjoin(given, given.c.item_id == ReviewItem.id)
+                     .outerjoin(held, held.c.item_id == ReviewItem.id)
+                     .where(ReviewItem.batch_id == batch_id, ReviewItem.id.not_in(mine),
+                            func.coalesce(given.c.n, 0) < k)
+                     # an item already served to this reviewer first (a reload shows it
+                     # again), then items others are not already covering
+                     .order_by(ReviewItem.id.in_(own).desc(), (load >= k).asc(),
+                               ReviewItem.position)
+                     .limit(1))
+            item = s.scalar(query)
+            if item is None:
+                return None
+            row = s.get(Assignment, (item.id, reviewer))
+            if row is None:
+                s.add(Assignment(item_id=item.id, reviewer=reviewer))
+            else:
+                row.assigned_at = _now()
+            try:
+                s.commit()
+            except IntegrityError:  # the same reviewer in two tabs: already assigned
+                s.rollback()
+            return BlindItem(item.id, batch_id, item.prompt, item.response, batch.quality_bar,
+                             batch.simulated)
+
+    def record_verdict(self, item_id: str, reviewer: str, passed: bool, comment: str = "",
+                       source: str = "web") -> int:
+        if len(comment) > 5000:
+            raise BadInput("a comment is at most 5000 characters", field="comment")
+        with self.session() as s:
+            if s.get(ReviewItem, item_id) is None:
+                raise UnknownItem(item_id)
+            verdict = Verdict(item_id=item_id, reviewer=reviewer, passed=bool(passed),
+                              comment=comment or "", source=source)
+            s.add(verdict)
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                raise AlreadyJudged(f"{reviewer} has already judged item {item_id}") from None
+            return verdict.id
+
+    def progress(self, batch_id: str, reviewer: str | None = None) -> dict:
+        batch = self.batch(batch_id)
+        k = batch.verdicts_per_item
+        with self.session() as s:
+            items = s.scalar(select(func.count()).select_from(ReviewItem)
+                             .where(ReviewItem.batch_id == batch_id))
+            per_item = s.scalars(select(func.count()).select_from(Verdict)
+                                 .join(ReviewItem, ReviewItem.id == Verdict.item_id)
+                                 .where(ReviewItem.batch_id == batch_id)
+                                 .group_by(Verdict.item_id)).all()
+            counts = (sum(min(n, k) for n in per_item), sum(n >= k for n in per_item))
+            out = {"batch_id": batch_id, "items": items, "verdicts_per_item": k,
+                   "verdicts_needed": items * k, "verdicts_given": int(counts[0]),
+                   "items_complete": int(counts[1]), "simulated": batch.simulated}
+            out["complete"] = items > 0 and out["items_complete"] == items
+            if reviewer is not None:
+                out["reviewer"] = reviewer
+                out["judged_by_reviewer"] = s.scalar(
+                    select(func.count()).select_from(Verdict)
+                    .join(ReviewItem, ReviewItem.id == Verdict.item_id)
+                    .where(ReviewItem.batch_id == batch_id, Verdict.reviewer == reviewer))
+        return out
+
+    def verdict_rows(self, batch_id: str) -> list[dict]:
+        """Every verdict of the batch with its item's model (for aggregation: server side)."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Verdict.id, Verdict.item_id, Verdict.reviewer, Verdict.passed,
+                       Verdict.comment, Verdict.source, Verdict.created_at, ReviewItem.model,
+                       ReviewItem.prompt_index)
+                .join(ReviewItem, ReviewItem.id == Verdict.item_id)
+                .where(ReviewItem.batch_id == batch_id).order_by(Verdict.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def items(self, batch_id: str, *, with_model: bool = False) -> list[dict]:
+        with self.session() as s:
+            rows = s.scalars(select(ReviewItem).where(ReviewItem.batch_id == batch_id)
+                             .order_by(ReviewItem.position)).all()
+        keys = ["id", "prompt", "response"] + (["model", "prompt_index"] if with_model else [])
+        return [{k: getattr(r, k) for k in keys} for r in rows]

@@ -1,0 +1,93 @@
+"""Panel statistics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rlhf_tasks.panel.aggregate import (aggregate, fleiss_kappa, majority, two_proportion_test,
+                                        wilson_interval)
+from rlhf_tasks.panel.gate import GatePolicy, decide
+
+
+def test_majority_ties_fail():
+    assert majority([True, True, False])
+    assert not majority([True, False])
+    assert not majority([True, False, False])
+
+
+def test_wilson_interval_by_hand():
+    # 8/10, z = 1.96: centre (0.8 + 0.19208) / 1.38416, half 1.41602 * sqrt(0.025604)
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_fleiss_kappa_published_example():
+    # Fleiss (1971) as worked on Wikipedia: 10 items, 14 raters, 5 categories -> 0.210
+    rows = [(0, 0, 0, 0, 14), (0, 2, 6, 4, 2), (0, 0, 3, 5, 6), (0, 3, 9, 2, 0),
+            (2, 2, 8, 1, 1), (7, 7, 0, 0, 0), (3, 2, 6, 3, 0), (2, 5, 3, 2, 2),
+            (6, 5, 2, 1, 0), (0, 2, 2, 3, 7)]
+    assert fleiss_kappa(rows) == pytest.approx(0.20993, abs=1e-4)
+
+
+def test_fleiss_kappa_small_cases():
+    assert fleiss_kappa([(3, 0), (0, 3)]) == pytest.approx(1.0)
+    # P_i = (4 + 1 - 3) / 6 = 1/3 each, P_e = 1/2 -> (1/3 - 1/2) / (1/2)
+    assert fleiss_kappa([(2, 1), (1, 2)]) == pytest.approx(-1 / 3)
+    assert fleiss_kappa([(3, 0), (3, 0)]) is None  # every verdict the same: undefined
+    with pytest.raises(ValueError):
+        fleiss_kappa([(3, 0), (1, 1)])
+
+
+def test_two_proportion_test_by_hand():
+    # 87/100 vs 70/100: pooled 0.785, se sqrt(0.785 * 0.215 * 0.02) = 0.058099, z = 0.17 / se
+    z, p = two_proportion_test(87, 100, 70, 100)
+    assert z == pytest.approx(2.9261, abs=1e-3)
+    assert p == pytest.approx(0.5 * math.erfc(2.9261 / math.sqrt(2)), abs=1e-5)
+    assert p == pytest.approx(0.00172, abs=5e-5)
+    z, p = two_proportion_test(70, 100, 87, 100)
+    assert z < 0 and p > 0.99
+
+
+def _rows(spec):
+    """spec: {item: (model, [votes...])} -> verdict rows in arrival order."""
+    rows, n = [], 0
+    for item, (model, votes) in spec.items():
+        for r, v in enumerate(votes):
+            n += 1
+            rows.append({"id": n, "item_id": item, "model": model, "reviewer": f"r{r}",
+                         "passed": v})
+    return rows
+
+
+def test_aggregate_majority_rates_and_quorum():
+    spec = {"a": ("rlhf", [True, True, False]), "b": ("rlhf", [True, True, True]),
+            "c": ("rlhf", [False, False, True]), "d": ("sft", [False, True, False]),
+            "e": ("sft", [True, True, True, False]),  # a 4th verdict is ignored (first k)
+            "f": ("sft", [True])}                      # short of quorum: left out
+    result = aggregate(_rows(spec), k=3)
+    assert result.scores["rlhf"].passed == 2 and result.scores["rlhf"].items == 3
+    assert result.scores["sft"].passed == 1 and result.scores["sft"].items == 2
+    assert result.items_decided == 5 and result.items_judged == 6
+    assert result.scores["rlhf"].ci_low == pytest.approx(wilson_interval(2, 3)[0])
+    counts = [(2, 1), (3, 0), (1, 2), (1, 2), (3, 0)]
+    assert result.kappa == pytest.approx(fleiss_kappa(counts))
+
+
+def test_gate_decisions():
+    spec = {f"c{i}": ("candidate", [i < 17] * 3) for i in range(20)}
+    spec.update({f"f{i}": ("foundation", [i < 10] * 3) for i in range(20)})
+    result = aggregate(_rows(spec), k=3)  # 0.85 against 0.50
+    policy = GatePolicy(min_pass_rate=0.6, min_lift=0.1, significance=0.05)
+    promote = decide(result, policy, "candidate", "foundation")
+    assert promote.promote and promote.lift == pytest.approx(0.35) and promote.p_value < 0.01
+    strict = decide(result, GatePolicy(0.9, 0.1, 0.05), "candidate", "foundation")
+    assert not strict.promote and "below the minimum 0.900" in strict.reasons[0]
+    lift = decide(result, GatePolicy(0.6, 0.5, 0.05), "candidate", "foundation")
+    assert not lift.promote and "lift" in lift.reasons[0]
+    alone = decide(result, policy, "candidate", None)
+    assert alone.promote and alone.p_value is None
+    assert not decide(result, policy, "missing", None).promote

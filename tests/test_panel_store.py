@@ -1,0 +1,111 @@
+"""The verdict store on SQLite and on the local PostgreSQL: blinding, one verdict per
+reviewer and item, concurrent reviewers losing nothing, assignment of work."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from rlhf_tasks.panel.store import AlreadyJudged, PanelStore
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    url = (f"sqlite:///{tmp_path}/panel.db" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    s = PanelStore(url)
+    yield s
+    s.dispose()
+
+
+def _items(n_prompts=4, models=("rlhf", "sft")):
+    return [{"prompt_index": i, "prompt": f"prompt {i}", "response": f"{m} answer {i}",
+             "model": m} for i in range(n_prompts) for m in models]
+
+
+def _batch(store, k=2, **kw):
+    return store.create_batch(pipeline="p", run_id="r1", items=_items(**kw),
+                              verdicts_per_item=k, quality_bar="Be good.", simulated=False,
+                              seed=3)
+
+
+def test_batch_is_blind_shuffled_and_idempotent(store):
+    batch = _batch(store)
+    assert _batch(store) == batch  # a retried evaluate step finds the same batch
+    items = store.items(batch)
+    assert len(items) == 8 and all("model" not in i for i in items)
+    assert [i["response"] for i in items] != [r["response"] for r in _items()]  # shuffled
+    item = store.next_item(batch, "ann")
+    assert "model" not in item.as_dict() and item.quality_bar == "Be good."
+
+
+def test_one_verdict_per_reviewer_and_item(store):
+    batch = _batch(store)
+    item = store.next_item(batch, "ann")
+    store.record_verdict(item.id, "ann", True, "fine")
+    with pytest.raises(AlreadyJudged):
+        store.record_verdict(item.id, "ann", False)
+    store.record_verdict(item.id, "bob", False)
+    rows = store.verdict_rows(batch)
+    assert [(r["reviewer"], r["passed"], r["comment"]) for r in rows] == [
+        ("ann", True, "fine"), ("bob", False, "")]
+    assert {r["model"] for r in rows} <= {"rlhf", "sft"}
+
+
+def test_next_item_skips_judged_and_spreads_work(store):
+    batch = _batch(store, k=2)
+    seen = set()
+    for _ in range(8):
+        item = store.next_item(batch, "ann")
+        assert item.id not in seen
+        seen.add(item.id)
+        store.record_verdict(item.id, "ann", True)
+    assert store.next_item(batch, "ann") is None
+    # bob is served what ann has judged (k = 2), a reload shows bob the same item
+    first = store.next_item(batch, "bob")
+    assert store.next_item(batch, "bob").id == first.id
+    # carol's first item is not the one bob holds while bob's verdict is pending
+    assert store.next_item(batch, "carol").id != first.id
+    progress = store.progress(batch, "ann")
+    assert progress["verdicts_given"] == 8 and progress["verdicts_needed"] == 16
+    assert progress["judged_by_reviewer"] == 8 and not progress["complete"]
+
+
+def test_concurrent_reviewers_lose_no_verdict(store):
+    batch = _batch(store, k=3, n_prompts=10)  # 20 items
+    items = [i["id"] for i in store.items(batch)]
+    reviewers = [f"r{i}" for i in range(4)]
+    refused = []
+
+    def work(name):
+        for item in items:
+            for _ in range(2):  # every verdict sent twice, as a double click would
+                try:
+                    store.record_verdict(item, name, hash((item, name)) % 2 == 0)
+                except AlreadyJudged:
+                    refused.append(name)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in reviewers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = store.verdict_rows(batch)
+    assert len(rows) == len(items) * len(reviewers)
+    assert len(refused) == len(items) * len(reviewers)
+    assert len({(r["item_id"], r["reviewer"]) for r in rows}) == len(rows)
+    progress = store.progress(batch)
+    assert progress["complete"] and progress["verdicts_given"] == 60
+
+
+def test_reviewer_tokens_are_hashed(store):
+    token = store.add_reviewer("ann")
+    assert store.reviewer_for_token(token) == "ann"
+    assert store.reviewer_for_token("nope") is None and store.reviewer_for_token("") is None
+    with store.session() as s:
+        from rlhf_tasks.panel.store import Reviewer
+
+        assert s.get(Reviewer, "ann").token_sha256 != token
+    new = store.add_reviewer("ann")  # re-keying revokes the old token
+    assert store.reviewer_for_token(token) is None and store.reviewer_for_token(new) == "ann"
