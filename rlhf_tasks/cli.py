@@ -3,6 +3,7 @@
     rlhf run STEP --config FILE [--set key=value ...] --result FILE
     rlhf data validate PATH --kind preference|prompt|eval [--format auto|pairs|ranked|vertex|chat]
     rlhf demo init [--out DIR]
+    rlhf review serve|add-reviewer|batches|export|import   (the expert panel)
     rlhf steps
 
 Exit codes (the step contract): 0 done; 2 bad input or config (a retry cannot help);
@@ -113,6 +114,61 @@ def cmd_demo_init(args) -> int:
     return 0
 
 
+def _panel_store(args):
+    from rlhf_tasks import config
+    from rlhf_tasks.panel.store import PanelStore
+
+    url = args.store or config.load(args.config, []).panel.store_url
+    return PanelStore(url)
+
+
+def cmd_review_serve(args) -> int:
+    import uvicorn
+
+    from rlhf_tasks.panel.app import create_app, token_identity
+
+    store = _panel_store(args)
+    print(f"review page: http://{args.host}:{args.port}/  (store {store.url})", flush=True)
+    uvicorn.run(create_app(store, token_identity(store), login_form=True), host=args.host,
+                port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_review_add_reviewer(args) -> int:
+    token = _panel_store(args).add_reviewer(args.name)
+    print(f"reviewer {args.name}: token {token}\n(shown once; give it to the reviewer, who "
+          "signs in with it on the review page or sends it as 'Authorization: Bearer')")
+    return 0
+
+
+def cmd_review_batches(args) -> int:
+    store = _panel_store(args)
+    for b in store.batches():
+        p = store.progress(b.id)
+        print(f"{b.id}  {b.pipeline}/{b.run_id}  {p['verdicts_given']}/{p['verdicts_needed']} "
+              f"verdicts, {p['items_complete']}/{p['items']} items complete"
+              f"{'  (simulated)' if b.simulated else ''}")
+    return 0
+
+
+def cmd_review_export(args) -> int:
+    from rlhf_tasks.panel.offline import export_batch
+
+    count = export_batch(_panel_store(args), args.batch, Path(args.out))
+    print(f"{count} items written to {args.out}; fill in 'verdict' (pass/fail) and "
+          "'comment', then `rlhf review import`")
+    return 0
+
+
+def cmd_review_import(args) -> int:
+    from rlhf_tasks.panel.offline import import_verdicts
+
+    report = import_verdicts(_panel_store(args), Path(args.file), args.reviewer)
+    print(f"{args.file}: {report.imported} verdicts imported for {args.reviewer}, "
+          f"{report.blank} rows blank, {report.already_judged} already judged")
+    return 0
+
+
 def cmd_steps(args) -> int:
     from rlhf_tasks.steps import STEPS
 
@@ -154,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", default=".rlhf/demo")
     init.add_argument("--force", action="store_true", help="rebuild even if present")
     init.set_defaults(fn=cmd_demo_init)
+
+    review = sub.add_parser("review", help="the expert panel's review tools").add_subparsers(
+        dest="review_cmd", required=True)
+
+    def review_cmd(name, fn, help_text):
+        p = review.add_parser(name, help=help_text)
+        p.add_argument("--store", help="verdict store URL (default: panel.store_url)")
+        p.add_argument("--config", help="pipeline config to read panel.store_url from")
+        p.set_defaults(fn=fn)
+        return p
+
+    serve = review_cmd("serve", cmd_review_serve, "serve the review page on its own")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    review_cmd("add-reviewer", cmd_review_add_reviewer,
+               "create a reviewer (or re-key one) and print their token").add_argument("name")
+    review_cmd("batches", cmd_review_batches, "list review batches and their progress")
+    export = review_cmd("export", cmd_review_export, "write a batch for an offline panel")
+    export.add_argument("batch")
+    export.add_argument("--out", required=True, help="a .csv or .jsonl file")
+    imp = review_cmd("import", cmd_review_import, "import an offline panel's verdicts")
+    imp.add_argument("file", help="the filled-in .csv or .jsonl export")
+    imp.add_argument("--reviewer", required=True, help="whose verdicts these are")
 
     steps = sub.add_parser("steps", help="list the registered steps")
     steps.set_defaults(fn=cmd_steps)

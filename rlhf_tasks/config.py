@@ -148,19 +148,48 @@ def check_batch_split(batch_size: int, num_minibatches: int, microbatch_size: in
 
 
 class EvaluationSection(Section):
+    """How every model under comparison answers the eval prompts (fixed and recorded)."""
+
     max_new_tokens: int = Field(48, ge=1, le=32768)
-    temperature: float = Field(0.7, ge=0.0, le=5.0)
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 decodes greedily.")
+    max_prompts: int | None = Field(None, ge=1, description="Use the first N eval prompts "
+                                                             "(None: all).")
     baselines: list[Literal["foundation", "sft"]] = ["foundation", "sft"]
 
 
+class SimulatedRaters(Section):
+    """The demo's stand-in for people: rubric raters, each with its own noise."""
+
+    raters: int = Field(5, ge=1, le=50)
+    noise: float = Field(0.08, ge=0.0, le=0.5, description="Mean chance that a rater's "
+                                                           "verdict flips.")
+    strictness: float = Field(0.05, ge=0.0, le=0.5, description="Mean extra chance that a "
+                                                                "rater fails a passing item.")
+
+
 class PanelSection(Section):
-    mode: Literal["simulated", "human"] = "simulated"
-    verdicts_per_item: int = Field(3, ge=1, le=15)
+    mode: Literal["simulated", "human"] = Field(
+        "simulated", description="simulated: rubric raters judge at once (demo, tests); "
+                                 "human: the DAG waits for reviewers.")
+    verdicts_per_item: int = Field(3, ge=1, le=15, description="k: verdicts each item needs.")
+    quality_bar: str = Field("Pass a response only if it meets the team's quality bar.",
+                             min_length=1, max_length=5000,
+                             description="What reviewers judge against (shown on every item).")
     pass_rate_threshold: float = Field(0.5, ge=0.0, le=1.0,
                                        description="Minimum expert pass rate to promote.")
-    min_lift: float = Field(0.0, ge=-1.0, le=1.0)
-    significance: float = Field(0.05, gt=0.0, lt=1.0)
-    store_url: str = "sqlite:///.rlhf/panel.db"
+    min_lift: float = Field(0.0, ge=-1.0, le=1.0, description="Minimum pass-rate gain over "
+                                                              "the champion.")
+    significance: float = Field(0.05, gt=0.0, lt=1.0, description="One-sided level of the "
+                                                                  "two-proportion test.")
+    deadline_hours: float = Field(72.0, gt=0.0, le=24 * 90, description="Stop waiting for "
+                                                                        "quorum after this.")
+    poll_seconds: int = Field(60, ge=1, le=3600, description="How often the waiting gate "
+                                                             "checks the store.")
+    approver: str | None = Field(None, description="Airflow user who must sign off a "
+                                                   "promotion (None: no sign-off).")
+    simulated: SimulatedRaters = SimulatedRaters()
+    store_url: str = Field("sqlite:///.rlhf/panel.db", description="SQLAlchemy URL of the "
+                                                                   "verdict store.")
 
 
 class RegistrySection(Section):

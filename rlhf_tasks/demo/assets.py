@@ -126,6 +126,12 @@ def write_config(out: Path) -> Path:
         "sft": {"enabled": True, "train_steps": 150, "batch_size": 32, "lora_rank": 8},
         "ppo": {"train_steps": 32, "batch_size": 32, "num_minibatches": 4, "ppo_epochs": 4,
                 "response_length": 32, "temperature": 0.7, "kl_coef": 0.05, "lora_rank": 8},
+        # every model answers the 200 eval prompts with PPO's decoding
+        "evaluation": {"temperature": 0.7, "max_new_tokens": 32},
+        # simulated rubric raters stand in for HR experts (labelled simulated everywhere)
+        "panel": {"mode": "simulated", "verdicts_per_item": 3,
+                  "quality_bar": rubric.QUALITY_BAR, "pass_rate_threshold": 0.6,
+                  "min_lift": 0.05, "significance": 0.05},
     }
     import yaml
 

@@ -20,6 +20,10 @@ STEPS: dict[str, str] = {
     "reward": "rlhf_tasks.steps.reward:reward",
     "sft": "rlhf_tasks.steps.sft:sft",
     "ppo": "rlhf_tasks.steps.ppo:ppo",
+    "evaluate": "rlhf_tasks.steps.evaluate:evaluate",
+    "panel_simulate": "rlhf_tasks.steps.panel:panel_simulate",
+    "gate": "rlhf_tasks.steps.panel:gate",
+    "promote": "rlhf_tasks.steps.panel:promote",
 }
 
 

@@ -1,0 +1,138 @@
+"""The review web app: one blinded item at a time, pass or fail, by click or keyboard.
+
+``create_app(store, identity)`` builds a FastAPI app; ``identity`` is a FastAPI
+dependency returning the reviewer's name from authentication, never from a form field:
+
+* standalone (``rlhf review serve``): :func:`token_identity`, reviewer tokens made by an
+  admin (``rlhf review add-reviewer NAME``), sent as ``Authorization: Bearer`` or the
+  cookie set by the login form;
+* mounted in the Airflow UI: the Airflow login (see ``plugins/rlhf_airflow/review_plugin.py``).
+
+Requests without an identity get 401.  Nothing a reviewer can reach names the model
+behind an item.
+
+REST API (paths relative to where the app is mounted):
+  GET  api/me                         who you are
+  GET  api/batches                    review batches and their progress
+  GET  api/batches/{id}/next          your next item (204 when you are done)
+  GET  api/batches/{id}/progress      progress, with your own count
+  POST api/items/{id}/verdict         {"passed": true|false, "comment": "..."}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Callable
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Request, Response, status
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import BaseModel, Field
+
+from rlhf_tasks.errors import BadInput
+from rlhf_tasks.panel.store import AlreadyJudged, PanelStore, UnknownItem
+
+COOKIE = "rlhf_review_token"
+PAGE = Path(__file__).with_name("review.html")
+
+
+class VerdictIn(BaseModel):
+    passed: bool
+    comment: str = Field("", max_length=5000)
+
+
+def token_identity(store: PanelStore) -> Callable:
+    """A dependency: the reviewer named by a bearer token or the login cookie, else 401."""
+
+    def identity(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else \
+            request.cookies.get(COOKIE, "")
+        name = store.reviewer_for_token(token)
+        if name is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Not authenticated",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return name
+
+    return identity
+
+
+def create_app(store: PanelStore, identity: Callable, *, login_form: bool,
+               title: str = "Expert review") -> FastAPI:
+    # note: routes take the identity as a ``Depends`` default; with postponed annotations
+    # FastAPI could not resolve an ``Annotated`` alias local to this function
+    app = FastAPI(title=title, description=__doc__.split("\n\n")[0])
+    authenticated = Depends(identity)  # a default, not an annotation: see the note above
+
+    def batch_or_404(batch_id: str):
+        try:
+            return store.batch(batch_id)
+        except BadInput:
+            raise HTTPException(404, f"no review batch {batch_id}") from None
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        # the page holds no data: everything comes from the authenticated API
+        return PAGE.read_text(encoding="utf-8").replace(
+            "{{LOGIN_FORM}}", "true" if login_form else "false")
+
+    if login_form:
+        @app.post("/login", include_in_schema=False)
+        def login(token: Annotated[str, Form()]):
+            if store.reviewer_for_token(token) is None:
+                raise HTTPException(401, "unknown reviewer token")
+            response = RedirectResponse("./", status_code=303)
+            response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
+                                max_age=14 * 24 * 3600)
+            return response
+
+        @app.post("/logout", include_in_schema=False)
+        def logout():
+            response = RedirectResponse("./", status_code=303)
+            response.delete_cookie(COOKIE)
+            return response
+
+    @app.get("/api/me")
+    def me(reviewer: str = authenticated) -> dict:
+        return {"reviewer": reviewer}
+
+    @app.get("/api/batches")
+    def batches(reviewer: str = authenticated) -> list[dict]:
+        out = []
+        for b in store.batches():
+            out.append({"id": b.id, "pipeline": b.pipeline, "run_id": b.run_id,
+                        "created_at": b.created_at.isoformat(), "simulated": b.simulated,
+                        **store.progress(b.id, reviewer)})
+        return out
+
+    @app.get("/api/batches/{batch_id}/next")
+    def next_item(batch_id: str, reviewer: str = authenticated):
+        batch_or_404(batch_id)
+        item = store.next_item(batch_id, reviewer)
+        if item is None:
+            return Response(status_code=204)
+        return item.as_dict()
+
+    @app.get("/api/batches/{batch_id}/progress")
+    def progress(batch_id: str, reviewer: str = authenticated) -> dict:
+        batch_or_404(batch_id)
+        return store.progress(batch_id, reviewer)
+
+    @app.post("/api/items/{item_id}/verdict", status_code=201)
+    def verdict(item_id: str, body: VerdictIn, request: Request, reviewer: str = authenticated) -> dict:
+        source = "web" if request.headers.get("x-review-client") == "page" else "api"
+        try:
+            verdict_id = store.record_verdict(item_id, reviewer, body.passed, body.comment,
+                                              source=source)
+        except UnknownItem:
+            raise HTTPException(404, f"no item {item_id}") from None
+        except AlreadyJudged as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {"id": verdict_id, "item_id": item_id, "reviewer": reviewer,
+                "passed": body.passed}
+
+    return app
+
+
+def standalone_app(store_url: str) -> FastAPI:
+    store = PanelStore(store_url)
+    return create_app(store, token_identity(store), login_form=True)

@@ -1,0 +1,91 @@
+"""The panel report: pass-rate bars with 95% intervals (PNG) and the case-study table
+(HTML): model, the data it was tuned on, expert pass rate and interval."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from rlhf_tasks.panel.aggregate import PanelResult
+
+TABLE_ORDER = ("foundation", "sft", "champion", "rlhf")
+TITLES = {"foundation": "Foundation model", "sft": "Supervised tuning (SFT)",
+          "champion": "Current champion", "rlhf": "RLHF (candidate)"}
+
+
+def ordered(models) -> list[str]:
+    known = [m for m in TABLE_ORDER if m in models]
+    return known + sorted(m for m in models if m not in TABLE_ORDER)
+
+
+def table_rows(result: PanelResult, data_sizes: dict[str, str]) -> list[dict]:
+    return [{"model": m, "title": TITLES.get(m, m), "data": data_sizes.get(m, ""),
+             "items": s.items, "passed": s.passed, "pass_rate": s.pass_rate,
+             "ci_low": s.ci_low, "ci_high": s.ci_high}
+            for m in ordered(result.scores) for s in [result.scores[m]]]
+
+
+def text_table(rows: list[dict]) -> str:
+    """The case-study table as plain text (printed by ``make demo``)."""
+    lines = [f"{'model':26} {'data':44} {'pass rate':>9}  95% interval   items"]
+    for r in rows:
+        lines.append(f"{r['title']:26} {r['data'][:44]:44} {r['pass_rate']:9.1%}  "
+                     f"[{r['ci_low']:5.1%}, {r['ci_high']:5.1%}]  {r['items']:5d}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, *, simulated: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = range(len(rows))
+    rates = [r["pass_rate"] * 100 for r in rows]
+    errors = [[(r["pass_rate"] - r["ci_low"]) * 100 for r in rows],
+              [(r["ci_high"] - r["pass_rate"]) * 100 for r in rows]]
+    colors = ["#4c72b0" if r["model"] != "rlhf" else "#dd8452" for r in rows]
+    ax.bar(x, rates, yerr=errors, capsize=6, color=colors)
+    for i, rate in zip(x, rates):
+        ax.text(i, 2, f"{rate:.1f}%", ha="center", color="white", fontweight="bold")
+    ax.set_xticks(list(x), [r["title"].replace(" (", "\n(") for r in rows], fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("expert pass rate (%)")
+    ax.set_title("Expert pass rate, 95% Wilson intervals"
+                 + (" -- SIMULATED panel" if simulated else ""))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_html(path: Path, *, rows: list[dict], result: PanelResult, decision: dict,
+               png: Path, simulated: bool, batch_id: str, run: str) -> Path:
+    esc = html.escape
+    image = base64.b64encode(png.read_bytes()).decode()
+    body = "".join(
+        f"<tr><td>{esc(r['title'])}</td><td>{esc(r['data'])}</td>"
+        f"<td>{r['pass_rate']:.1%}</td><td>[{r['ci_low']:.1%}, {r['ci_high']:.1%}]</td>"
+        f"<td>{r['passed']}/{r['items']}</td></tr>" for r in rows)
+    kappa = "undefined" if result.kappa is None else f"{result.kappa:.3f}"
+    banner = ("<p class='sim'>SIMULATED panel: rubric raters with per-rater noise stood in "
+              "for people.</p>" if simulated else "")
+    reasons = "".join(f"<li>{esc(r)}</li>" for r in decision.get("reasons", []))
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8">
+<title>Expert panel report: {esc(run)}</title>
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
+.sim{{background:#fff3cd;padding:6px;border:1px solid #e0c060}}</style></head><body>
+<h1>Expert panel report</h1>{banner}
+<p>Pipeline run <code>{esc(run)}</code>, review batch <code>{esc(batch_id)}</code>:
+{result.verdicts} verdicts from {result.reviewers} reviewers on {result.items_decided} decided
+items. Agreement (Fleiss' kappa): {kappa}.</p>
+<table><tr><th>model</th><th>data</th><th>pass rate</th><th>95% interval</th>
+<th>passed</th></tr>{body}</table>
+<h2>Gate: {'promote' if decision.get('promote') else 'reject'}</h2><ul>{reasons}</ul>
+<img alt="pass rates" src="data:image/png;base64,{image}"></body></html>""",
+                    encoding="utf-8")
+    return path

@@ -1,0 +1,183 @@
+"""Panel steps: ``panel_simulate`` (the demo's raters), ``gate`` (aggregate, report, decide,
+register) and ``promote`` (move the registry aliases).
+
+``gate`` runs once the panel has quorum (or its deadline passed: then it rejects, since
+the panel has not spoken).  It registers the candidate and its reward model as new
+versions whatever the decision, tagged with the figures; a rejected version is tagged
+with the reason and no alias moves.  ``promote`` runs only after a ``promote`` decision
+(and the approver's sign-off when ``panel.approver`` is set).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from rlhf_tasks import registry, tracking, training
+from rlhf_tasks.errors import BadInput
+from rlhf_tasks.panel import aggregate as agg
+from rlhf_tasks.panel import report
+from rlhf_tasks.panel.gate import GatePolicy, decide
+from rlhf_tasks.panel.store import PanelStore
+from rlhf_tasks.storage import Storage, join
+
+log = logging.getLogger(__name__)
+
+
+def _evaluation(cfg, storage: Storage) -> dict:
+    uri = cfg.step_uri("evaluate", "evaluate.json")
+    if not storage.exists(uri):
+        raise BadInput("no evaluation for this run: run the evaluate step first", file=uri)
+    return storage.read_json(uri)
+
+
+def panel_simulate(cfg) -> dict:
+    from rlhf_tasks.panel.simulated import raters, run_panel
+
+    if cfg.panel.mode != "simulated":
+        raise BadInput("panel.mode is 'human': reviewers judge in the review page",
+                       field="panel.mode")
+    storage = Storage.from_config(cfg)
+    batch_id = _evaluation(cfg, storage)["batch_id"]
+    sim = cfg.panel.simulated
+    store = PanelStore(cfg.panel.store_url)
+    try:
+        given = run_panel(store, batch_id, raters(sim.raters, sim.noise, sim.strictness,
+                                                  cfg.run.seed), seed=cfg.run.seed)
+        progress = store.progress(batch_id)
+    finally:
+        store.dispose()
+    return {"batch_id": batch_id, "verdicts": given, "simulated": True, **progress}
+
+
+def _data_sizes(cfg, storage: Storage) -> dict[str, str]:
+    def rows(kind: str) -> int | None:
+        try:
+            return len(training.read_canonical(cfg, storage, kind))
+        except BadInput:
+            return None
+
+    prefs, prompts, sft = rows("preference"), rows("prompt"), rows("sft")
+    sizes = {"foundation": "base checkpoint, no tuning"}
+    if sft:
+        sizes["sft"] = f"{sft:,} SFT examples"
+    if prefs is not None:
+        sizes["rlhf"] = f"{prompts or 0:,} prompts, {prefs:,} preference pairs"
+    return sizes
+
+
+def gate(cfg) -> dict:
+    import mlflow
+
+    storage = Storage.from_config(cfg)
+    evaluation = _evaluation(cfg, storage)
+    batch_id = evaluation["batch_id"]
+    store = PanelStore(cfg.panel.store_url)
+    try:
+        batch = store.batch(batch_id)
+        progress = store.progress(batch_id)
+        rows = store.verdict_rows(batch_id)
+    finally:
+        store.dispose()
+    k = batch.verdicts_per_item
+    result = agg.aggregate(rows, k)
+    models = evaluation["models"]
+    reference = "champion" if "champion" in models else (
+        "foundation" if "foundation" in models else None)
+    decision = decide(result, GatePolicy.from_config(cfg.panel), "rlhf", reference)
+    if not progress["complete"]:
+        decision.promote = False
+        decision.reasons.insert(0, f"no quorum by the deadline: {progress['items_complete']} "
+                                   f"of {progress['items']} items have {k} verdicts")
+    sizes = _data_sizes(cfg, storage)
+    champion = registry.champion(cfg) if "champion" in models else None
+    if champion is not None:
+        sizes["champion"] = f"version {champion.version}: {champion.tags.get('datasets', '')}"
+    table = report.table_rows(result, sizes)
+    simulated = batch.simulated
+    out_uri = cfg.step_uri("gate")
+
+    with tracking.step_run(cfg, "gate", tags={"panel.simulated": str(simulated).lower(),
+                                              "panel.batch_id": batch_id}) as run_id, \
+            tempfile.TemporaryDirectory(prefix="rlhf-gate-") as tmp:
+        tmp = Path(tmp)
+        metrics = {"kappa": result.kappa if result.kappa is not None else float("nan"),
+                   "verdicts": result.verdicts, "reviewers": result.reviewers,
+                   "items_decided": result.items_decided, "items": progress["items"],
+                   "promote": float(decision.promote)}
+        if decision.lift is not None:
+            metrics.update(lift=decision.lift, z=decision.z, p_value=decision.p_value)
+        for m, s in result.scores.items():
+            metrics.update({f"{m}/pass_rate": s.pass_rate, f"{m}/ci_low": s.ci_low,
+                            f"{m}/ci_high": s.ci_high, f"{m}/items": s.items})
+        tracking.log_metrics("panel", metrics)
+        png = report.plot(table, tmp / "pass_rates.png", simulated=simulated)
+        page = report.write_html(tmp / "report.html", rows=table, result=result,
+                                 decision=decision.as_dict(), png=png, simulated=simulated,
+                                 batch_id=batch_id, run=f"{cfg.run.pipeline}/{cfg.run.run_id}")
+        mlflow.log_artifact(str(png), artifact_path="panel")
+        mlflow.log_artifact(str(page), artifact_path="panel")
+
+        cand = result.scores.get("rlhf")
+        reward_uri = cfg.step_uri("reward", "model")
+        reward_version = registry.register(
+            cfg, storage, name=registry.reward_model_name(cfg), source=reward_uri,
+            run_id=None, tags={"airflow.dag_id": cfg.run.pipeline,
+                               "airflow.run_id": cfg.run.run_id,
+                               "datasets": cfg.data.preference_uri})
+        ppo_summary = storage.read_json(cfg.step_uri("ppo", "model", "ppo_summary.json"))
+        tags = {
+            "pass_rate": f"{cand.pass_rate:.4f}" if cand else None,
+            "pass_rate_ci95": f"[{cand.ci_low:.4f}, {cand.ci_high:.4f}]" if cand else None,
+            "kappa": f"{result.kappa:.4f}" if result.kappa is not None else "undefined",
+            "panel.simulated": str(simulated).lower(), "panel.batch_id": batch_id,
+            "panel.verdicts": result.verdicts, "panel.reviewers": result.reviewers,
+            "reference": reference, "lift": decision.lift, "p_value": decision.p_value,
+            "datasets": sizes.get("rlhf", ""), "data.preference_uri": cfg.data.preference_uri,
+            "data.prompt_uri": cfg.data.prompt_uri, "data.eval_uri": cfg.data.eval_uri,
+            "airflow.dag_id": cfg.run.pipeline, "airflow.run_id": cfg.run.run_id,
+            "base_model": cfg.model.base_model, "reward_model.version": reward_version.version,
+            "gate.decision": "promote" if decision.promote else "reject",
+        }
+        version = registry.register(
+            cfg, storage, name=cfg.registry.model_name, source=cfg.step_uri("ppo", "model"),
+            run_id=ppo_summary.get("mlflow_run_id"), tags=tags,
+            description=f"RLHF candidate of {cfg.run.pipeline}/{cfg.run.run_id}")
+        if not decision.promote:
+            registry.reject(cfg, cfg.registry.model_name, version.version, decision.summary)
+        summary = {"decision": "promote" if decision.promote else "reject",
+                   "gate": decision.as_dict(), "table": table, "kappa": result.kappa,
+                   "progress": progress, "simulated": simulated, "batch_id": batch_id,
+                   "model_name": cfg.registry.model_name, "version": version.version,
+                   "reward_model_name": registry.reward_model_name(cfg),
+                   "reward_model_version": reward_version.version,
+                   "needs_sign_off": bool(decision.promote and cfg.panel.approver),
+                   "approver": cfg.panel.approver, "mlflow_run_id": run_id}
+        (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
+        storage.put_dir(tmp, out_uri, extra={"step": "gate"})
+    log.info("gate: %s\n%s", decision.summary, report.text_table(table))
+    return {"decision": summary["decision"], "reasons": decision.reasons,
+            "version": version.version, "reward_model_version": reward_version.version,
+            "needs_sign_off": summary["needs_sign_off"], "simulated": simulated,
+            "pass_rates": {r["model"]: round(r["pass_rate"], 4) for r in table},
+            "report_uri": join(out_uri, "report.html"), "mlflow_run_id": run_id}
+
+
+def promote(cfg) -> dict:
+    storage = Storage.from_config(cfg)
+    uri = cfg.step_uri("gate", "gate.json")
+    if not storage.exists(uri):
+        raise BadInput("no gate decision for this run: run the gate step first", file=uri)
+    decision = storage.read_json(uri)
+    if decision["decision"] != "promote":
+        raise BadInput(f"the gate rejected version {decision['version']}: nothing to promote",
+                       file=uri)
+    name, version = decision["model_name"], decision["version"]
+    aliases = registry.promote(cfg, name, version)
+    registry.promote(cfg, decision["reward_model_name"], decision["reward_model_version"])
+    if decision.get("approver"):
+        registry.client(cfg).set_model_version_tag(name, version, "gate.signed_off_by",
+                                                   decision["approver"])
+    return {"model_name": name, "version": version, **aliases}
