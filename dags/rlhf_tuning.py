@@ -1,6 +1,9 @@
-"""RLHF tuning pipeline: validate -> reward model -> PPO (+ optional SFT baseline).
+"""RLHF tuning pipeline: validate -> reward model -> PPO (+ optional SFT baseline)
+-> evaluate -> expert panel -> gate -> (sign-off) -> promote.
 
-Evaluation, the expert panel and the gate come next.
+The panel is simulated rubric raters (demo) or people on the review page (human mode:
+the run waits, deferred, for quorum or the deadline).  The gate registers the candidate
+in MLflow and decides; ``promote`` moves the ``champion`` alias.
 
 A thin DAG: the stage graph and the trigger form.  Every heavy step is an
 ``RlhfStepOperator`` running ``rlhf run STEP`` on the backend chosen in the form; this file
@@ -15,8 +18,10 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 
 from rlhf_airflow.operators import RlhfStepOperator
+from rlhf_airflow.panel_wait import PanelQuorumSensor
 from rlhf_airflow.params import trigger_params
 from rlhf_airflow.scheduling import base_config, retraining_schedule
+from rlhf_airflow.sign_off import SignOffOperator
 
 CONFIG = "{{ ti.xcom_pull(task_ids='prepare_run')['config_uri'] }}"
 BACKEND = "{{ ti.xcom_pull(task_ids='prepare_run')['backend'] }}"
@@ -73,6 +78,45 @@ with DAG(
                            backend=BACKEND, pool=GPU_POOL,
                            doc_md="TRL SFTTrainer + LoRA: the baseline.")
 
+    # evaluation waits for the SFT baseline when it runs (and not when it is skipped)
+    evaluate = RlhfStepOperator(task_id="evaluate", step="evaluate", config_uri=CONFIG,
+                                overrides=[PARENT], backend=BACKEND, pool=GPU_POOL,
+                                trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+                                doc_md="Every model answers the eval prompts; blinded batch.")
+
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def simulated_panel(prepared: dict) -> bool:
+        return prepared.get("panel_mode") == "simulated"
+
+    panel_simulate = RlhfStepOperator(task_id="panel_simulate", step="panel_simulate",
+                                      config_uri=CONFIG, overrides=[PARENT], backend=BACKEND,
+                                      doc_md="Rubric raters (labelled simulated) judge the batch.")
+    wait_for_panel = PanelQuorumSensor(
+        task_id="wait_for_panel", config_uri=CONFIG, retries=0,
+        batch_id="{{ ti.xcom_pull(task_ids='evaluate')['batch_id'] }}",
+        trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+        doc_md="Deferred until every item has its k verdicts, or the deadline.")
+    gate = RlhfStepOperator(task_id="gate", step="gate", config_uri=CONFIG, overrides=[PARENT],
+                            backend=BACKEND,
+                            doc_md="Aggregate, report, register, and decide by the policy.")
+
+    @task.branch
+    def gate_decision(result: dict) -> list[str]:
+        if result["decision"] != "promote":
+            return []  # rejected: the version is tagged with the reason, no alias moves
+        return ["sign_off"] if result["needs_sign_off"] else ["promote"]
+
+    sign_off = SignOffOperator(
+        task_id="sign_off", approver="{{ ti.xcom_pull(task_ids='prepare_run')['approver'] }}",
+        subject="Promote RLHF version {{ ti.xcom_pull(task_ids='gate')['version'] }}?",
+        body="Expert pass rates: {{ ti.xcom_pull(task_ids='gate')['pass_rates'] }}. "
+             "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}",
+        retries=0)
+    promote = RlhfStepOperator(task_id="promote", step="promote", config_uri=CONFIG,
+                               overrides=[PARENT], retries=0,
+                               trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+                               doc_md="Alias champion moves here; the old one keeps previous.")
+
     finish = RlhfStepOperator(task_id="finish_tracking", step="finish", config_uri=CONFIG,
                               overrides=[PARENT],
                               trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
@@ -82,5 +126,10 @@ with DAG(
 
     prepared >> start >> validate >> reward >> ppo
     validate >> sft_enabled(prepared) >> validate_sft >> sft
-    [ppo, sft] >> finish
-    [validate, reward, ppo, validate_sft, sft] >> abort
+    [ppo, sft] >> evaluate >> simulated_panel(prepared) >> panel_simulate
+    [evaluate, panel_simulate] >> wait_for_panel >> gate
+    gate_decision(gate.output) >> [sign_off, promote]
+    sign_off >> promote
+    [gate, promote] >> finish
+    [validate, reward, ppo, validate_sft, sft, evaluate, panel_simulate, wait_for_panel, gate,
+     sign_off, promote] >> abort

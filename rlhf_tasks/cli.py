@@ -116,9 +116,9 @@ def cmd_demo_init(args) -> int:
 
 def _panel_store(args):
     from rlhf_tasks import config
-    from rlhf_tasks.panel.store import PanelStore
+    from rlhf_tasks.panel.store import PanelStore, panel_store_url
 
-    url = args.store or config.load(args.config, []).panel.store_url
+    url = args.store or panel_store_url(config.load(args.config, []))
     return PanelStore(url)
 
 

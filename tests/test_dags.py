@@ -38,9 +38,21 @@ def test_graph(dagbag):
     assert dag.get_task("validate_sft").upstream_task_ids == {"sft_enabled"}
     assert dag.get_task("sft").upstream_task_ids == {"validate_sft"}
     assert dag.get_task("sft_enabled").ignore_downstream_trigger_rules is False
-    assert dag.get_task("finish_tracking").upstream_task_ids == {"ppo", "sft"}
+    # evaluation after PPO and (when it runs) SFT; the panel; the gate; promotion
+    assert dag.get_task("evaluate").upstream_task_ids == {"ppo", "sft"}
+    assert dag.get_task("evaluate").trigger_rule == "none_failed_min_one_success"
+    assert dag.get_task("panel_simulate").upstream_task_ids == {"simulated_panel"}
+    assert dag.get_task("wait_for_panel").upstream_task_ids == {"evaluate", "panel_simulate"}
+    assert dag.get_task("wait_for_panel").trigger_rule == "none_failed_min_one_success"
+    assert dag.get_task("gate").upstream_task_ids == {"wait_for_panel"}
+    assert dag.get_task("gate_decision").downstream_task_ids == {"sign_off", "promote"}
+    assert dag.get_task("promote").upstream_task_ids == {"gate_decision", "sign_off"}
+    # a rejected sign-off skips the promotion whatever its trigger rule
+    assert dag.get_task("sign_off").ignore_downstream_trigger_rules is True
+    assert dag.get_task("finish_tracking").upstream_task_ids == {"gate", "promote"}
     assert dag.get_task("finish_tracking").trigger_rule == "none_failed_min_one_success"
-    assert {"reward", "ppo", "sft"} <= dag.get_task("abort_tracking").upstream_task_ids
+    assert {"reward", "ppo", "sft", "evaluate", "gate", "promote", "wait_for_panel"} <= \
+        dag.get_task("abort_tracking").upstream_task_ids
 
 
 def test_params_have_descriptions_and_bounds(dagbag):
@@ -49,7 +61,7 @@ def test_params_have_descriptions_and_bounds(dagbag):
                  "prompt_sequence_length", "target_sequence_length", "reward_model_train_steps",
                  "reward_model_learning_rate_multiplier", "reinforcement_learning_train_steps",
                  "reinforcement_learning_rate_multiplier", "kl_coeff", "lora_rank", "instruction",
-                 "pass_rate_threshold", "backend"):
+                 "pass_rate_threshold", "backend", "panel_mode", "verdicts_per_item", "approver"):
         schema = params.get_param(name).schema
         assert params.get_param(name).description, name
         if schema.get("type") in ("integer", "number"):

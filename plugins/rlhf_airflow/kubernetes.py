@@ -2,7 +2,7 @@
 
 ``pod_settings(cfg, step, ...)`` returns the KubernetesPodOperator attributes for one
 step; ``RlhfStepOperator`` applies them when the run asks for Kubernetes.  GPU steps
-(reward, sft, ppo) get ``nvidia.com/gpu`` limits, the GPU node selector and tolerations;
+(reward, sft, ppo, evaluate) get ``nvidia.com/gpu`` limits, the GPU node selector and tolerations;
 every pod gets a memory-backed ``/dev/shm``, its credentials from Kubernetes secrets
 (``envFrom``; nothing secret passes through Params, XCom or logs), and writes its result
 to ``/airflow/xcom/return.json`` for the XCom sidecar.  Several GPUs run the same argv
@@ -15,7 +15,7 @@ from typing import Any
 
 from rlhf_airflow.backends import step_argv
 
-GPU_STEPS = frozenset({"reward", "sft", "ppo"})
+GPU_STEPS = frozenset({"reward", "sft", "ppo", "evaluate"})
 XCOM_RESULT = "/airflow/xcom/return.json"
 
 

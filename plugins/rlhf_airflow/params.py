@@ -34,6 +34,9 @@ PARAM_TO_CONFIG: dict[str, list[str]] = {
     "lora_rank": ["reward.lora_rank", "sft.lora_rank", "ppo.lora_rank"],
     "run_sft_baseline": ["sft.enabled"],
     "pass_rate_threshold": ["panel.pass_rate_threshold"],
+    "panel_mode": ["panel.mode"],
+    "verdicts_per_item": ["panel.verdicts_per_item"],
+    "approver": ["panel.approver"],
     "backend": ["compute.backend"],
 }
 
@@ -107,6 +110,14 @@ def trigger_params() -> dict[str, Param]:
         "pass_rate_threshold": _num("panel.pass_rate_threshold",
                                     defaults.panel.pass_rate_threshold, "number",
                                     "Minimum expert pass rate for promotion."),
+        "panel_mode": Param(defaults.panel.mode, type="string", enum=["simulated", "human"],
+                            description="human: the run waits for reviewers on the review "
+                                        "page; simulated: rubric raters (demo and tests)."),
+        "verdicts_per_item": _num("panel.verdicts_per_item", defaults.panel.verdicts_per_item,
+                                  "integer", "Verdicts each reviewed output needs (quorum)."),
+        "approver": Param(None, type=["null", "string"], maxLength=100,
+                          description="Airflow user who must sign off a promotion "
+                                      "(empty: the gate's policy alone decides)."),
         "backend": Param(defaults.compute.backend, type="string", enum=["local", "kubernetes"],
                          description="Where heavy steps run: a process on the worker, or "
                                      "a pod per step (image, GPUs, secrets: compute.kubernetes "
@@ -143,4 +154,7 @@ def build_config(params: dict[str, Any], dag_id: str, run_id: str) -> rlhf_confi
     # relative paths become absolute here, so every step process agrees on them
     raw["storage"]["artifact_root"] = Storage.normalise(raw["storage"]["artifact_root"])
     raw["tracking"]["tracking_uri"] = resolve_uri(raw["tracking"]["tracking_uri"])
+    from rlhf_tasks.panel.store import resolve_url
+
+    raw["panel"]["store_url"] = resolve_url(raw["panel"]["store_url"])
     return rlhf_config.validate(raw, f"trigger form of {dag_id}")

@@ -22,4 +22,5 @@ def prepare_run(params: dict, dag_id: str, run_id: str) -> dict:
     except BadInput as exc:
         raise AirflowFailException(str(exc)) from None
     return {"config_uri": uri, "run_uri": cfg.step_uri("").rstrip("/"),
-            "backend": cfg.compute.backend, "sft_enabled": cfg.sft.enabled}
+            "backend": cfg.compute.backend, "sft_enabled": cfg.sft.enabled,
+            "panel_mode": cfg.panel.mode, "approver": cfg.panel.approver}

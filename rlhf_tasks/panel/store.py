@@ -318,3 +318,11 @@ class PanelStore:
                              .order_by(ReviewItem.position)).all()
         keys = ["id", "prompt", "response"] + (["model", "prompt_index"] if with_model else [])
         return [{k: getattr(r, k) for k in keys} for r in rows]
+
+
+def panel_store_url(cfg) -> str:
+    """``$RLHF_PANEL_STORE_URL`` when set (production: from a secret, so the password is
+    never in a config file or a Param), else ``panel.store_url``."""
+    import os
+
+    return os.environ.get("RLHF_PANEL_STORE_URL") or cfg.panel.store_url

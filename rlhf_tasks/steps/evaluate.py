@@ -85,7 +85,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, temperature: float,
 def evaluate(cfg) -> dict:
     import torch
 
-    from rlhf_tasks.panel.store import PanelStore
+    from rlhf_tasks.panel.store import PanelStore, panel_store_url
     from rlhf_tasks.reward_model import load_reward_model, score_sequences
 
     ev = cfg.evaluation
@@ -135,7 +135,7 @@ def evaluate(cfg) -> dict:
                       "reward": round(s, 4), "ended": e}
                      for i, (p, t, s, e) in enumerate(zip(prompts, texts, scores, ended))]
 
-        store = PanelStore(cfg.panel.store_url)
+        store = PanelStore(panel_store_url(cfg))
         batch_id = store.create_batch(
             pipeline=cfg.run.pipeline, run_id=cfg.run.run_id, items=rows,
             verdicts_per_item=cfg.panel.verdicts_per_item, quality_bar=cfg.panel.quality_bar,

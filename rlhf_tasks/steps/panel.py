@@ -20,7 +20,7 @@ from rlhf_tasks.errors import BadInput
 from rlhf_tasks.panel import aggregate as agg
 from rlhf_tasks.panel import report
 from rlhf_tasks.panel.gate import GatePolicy, decide
-from rlhf_tasks.panel.store import PanelStore
+from rlhf_tasks.panel.store import PanelStore, panel_store_url
 from rlhf_tasks.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def panel_simulate(cfg) -> dict:
     storage = Storage.from_config(cfg)
     batch_id = _evaluation(cfg, storage)["batch_id"]
     sim = cfg.panel.simulated
-    store = PanelStore(cfg.panel.store_url)
+    store = PanelStore(panel_store_url(cfg))
     try:
         given = run_panel(store, batch_id, raters(sim.raters, sim.noise, sim.strictness,
                                                   cfg.run.seed), seed=cfg.run.seed)
@@ -74,7 +74,7 @@ def gate(cfg) -> dict:
     storage = Storage.from_config(cfg)
     evaluation = _evaluation(cfg, storage)
     batch_id = evaluation["batch_id"]
-    store = PanelStore(cfg.panel.store_url)
+    store = PanelStore(panel_store_url(cfg))
     try:
         batch = store.batch(batch_id)
         progress = store.progress(batch_id)

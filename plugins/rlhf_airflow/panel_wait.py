@@ -1,0 +1,92 @@
+"""The expert-panel wait: a deferrable operator and its trigger.
+
+``PanelQuorumSensor`` checks the verdict store once; when the batch still lacks verdicts
+it defers to ``PanelQuorumTrigger``, which polls the store from the triggerer every
+``panel.poll_seconds`` (no worker slot is held while people review) and fires on quorum
+(every item has its k verdicts) or at the deadline (``panel.deadline_hours`` after the
+batch was made).  The task then returns the batch's progress; the ``gate`` step decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from typing import Any, AsyncIterator, Sequence
+
+from airflow.sdk import BaseOperator
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+
+def _progress(store_url: str, batch_id: str) -> dict:
+    from rlhf_tasks.panel.store import PanelStore
+
+    store = PanelStore(store_url)
+    try:
+        return store.progress(batch_id)
+    finally:
+        store.dispose()
+
+
+class PanelQuorumTrigger(BaseTrigger):
+    def __init__(self, store_url: str, batch_id: str, deadline: str, poll_seconds: float):
+        super().__init__()
+        self.store_url, self.batch_id = store_url, batch_id
+        self.deadline, self.poll_seconds = deadline, poll_seconds
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {"store_url": self.store_url, "batch_id": self.batch_id,
+                 "deadline": self.deadline, "poll_seconds": self.poll_seconds})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        deadline = datetime.fromisoformat(self.deadline)
+        while True:
+            progress = await asyncio.to_thread(_progress, self.store_url, self.batch_id)
+            if progress["complete"]:
+                yield TriggerEvent({"status": "quorum", **progress})
+                return
+            if datetime.now(timezone.utc) >= deadline:
+                yield TriggerEvent({"status": "deadline", **progress})
+                return
+            self.log.info("panel batch %s: %d of %d verdicts", self.batch_id,
+                          progress["verdicts_given"], progress["verdicts_needed"])
+            await asyncio.sleep(self.poll_seconds)
+
+
+class PanelQuorumSensor(BaseOperator):
+    """Wait for the panel's verdicts on the run's review batch (deferrable)."""
+
+    template_fields: Sequence[str] = ("config_uri", "batch_id")
+    ui_color = "#fff3cd"
+
+    def __init__(self, *, config_uri: str, batch_id: str, **kwargs):
+        super().__init__(**kwargs)
+        self.config_uri, self.batch_id = config_uri, batch_id
+
+    def execute(self, context):
+        from rlhf_tasks import config
+        from rlhf_tasks.panel.store import PanelStore, panel_store_url
+
+        cfg = config.load(self.config_uri)
+        url = panel_store_url(cfg)
+        store = PanelStore(url)
+        try:
+            batch = store.batch(self.batch_id)
+            progress = store.progress(self.batch_id)
+        finally:
+            store.dispose()
+        if progress["complete"]:
+            return {"status": "quorum", **progress}
+        created = batch.created_at if batch.created_at.tzinfo else \
+            batch.created_at.replace(tzinfo=timezone.utc)
+        deadline = created + timedelta(hours=cfg.panel.deadline_hours)
+        self.log.info("waiting for the panel: %d of %d verdicts; deadline %s",
+                      progress["verdicts_given"], progress["verdicts_needed"], deadline)
+        self.defer(trigger=PanelQuorumTrigger(url, self.batch_id, deadline.isoformat(),
+                                              cfg.panel.poll_seconds),
+                   method_name="execute_complete")
+
+    def execute_complete(self, context, event: dict) -> dict:
+        self.log.info("panel %s: %d of %d items complete", event["status"],
+                      event["items_complete"], event["items"])
+        return event

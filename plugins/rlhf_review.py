@@ -1,0 +1,20 @@
+"""Airflow plugin entry: the expert panel's review page in the Airflow UI.
+
+Airflow imports every ``.py`` file of the plugins folder as a top-level module named
+after the file, so the ``rlhf_airflow`` package is listed in ``.airflowignore`` (its
+``kubernetes.py`` would otherwise replace the kubernetes client in ``sys.modules``) and
+this one file registers the plugin.
+"""
+
+from __future__ import annotations
+
+from airflow.plugins_manager import AirflowPlugin
+
+from rlhf_airflow.review_app import URL_PREFIX, build_app
+
+
+class RlhfReviewPlugin(AirflowPlugin):
+    name = "rlhf_review"
+    fastapi_apps = [{"app": build_app(), "url_prefix": URL_PREFIX, "name": "Expert review"}]
+    external_views = [{"name": "Expert review", "href": f"{URL_PREFIX}/", "destination": "nav",
+                       "category": "browse", "url_route": "rlhf-review"}]
