@@ -191,6 +191,14 @@ class PanelSection(Section):
     store_url: str = Field("sqlite:///.rlhf/panel.db", description="SQLAlchemy URL of the "
                                                                    "verdict store.")
 
+    @model_validator(mode="after")
+    def _enough_raters(self):
+        if self.mode == "simulated" and self.simulated.raters < self.verdicts_per_item:
+            raise ValueError(f"simulated.raters ({self.simulated.raters}) must be at least "
+                             f"verdicts_per_item ({self.verdicts_per_item}): a reviewer "
+                             "judges an item once")
+        return self
+
 
 class RegistrySection(Section):
     model_name: str = Field("resume-assistant", pattern=r"^[A-Za-z0-9_.-]+$")

@@ -50,14 +50,18 @@ def task_states(home: Path, log: str) -> dict[str, str]:
     return {row["task_id"]: row["state"] for row in rows}
 
 
-def run_config(tmp_path: Path, demo_dir: Path, **data) -> Path:
-    """The demo's config with small training sizes and the SFT baseline off."""
+def run_config(tmp_path: Path, demo_dir: Path, panel: dict | None = None, **data) -> Path:
+    """The demo's config with small training sizes, the SFT baseline off, 40 eval prompts,
+    and a policy no candidate this small can meet (pass rate 1.0: the gate rejects)."""
     import yaml
 
     cfg = yaml.safe_load((demo_dir / "demo.yaml").read_text())
     cfg["reward"].update(train_steps=20, norm_samples=32)
     cfg["sft"]["enabled"] = False
     cfg["ppo"].update(train_steps=2, batch_size=16, response_length=16)
+    cfg["evaluation"].update(max_prompts=40, max_new_tokens=16)
+    cfg["panel"].update(store_url=f"sqlite:///{tmp_path / 'panel.db'}",
+                        pass_rate_threshold=1.0, **(panel or {}))
     cfg["storage"]["artifact_root"] = str(tmp_path / "artifacts")
     cfg["storage"]["allowed_roots"].append(str(tmp_path))
     cfg["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -80,6 +84,10 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     states = task_states(airflow_home, log)
     assert states["validate_sft"] == states["sft"] == "skipped", states
     assert states["reward"] == states["ppo"] == states["finish_tracking"] == "success", states
+    for task in ("evaluate", "simulated_panel", "panel_simulate", "wait_for_panel", "gate"):
+        assert states[task] == "success", (task, states)
+    # the gate rejected (pass rate below 1.0): nothing promoted, no sign-off asked
+    assert states["sign_off"] == states["promote"] == "skipped", states
     assert states["abort_tracking"] == "skipped", states
     runs = list((tmp_path / "artifacts" / "rlhf_tuning").iterdir())
     assert len(runs) == 1
@@ -95,7 +103,19 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     children = runs_df[runs_df["tags.mlflow.parentRunId"].notna()]
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
     assert set(children["tags.rlhf.step"]) == {"validate_preference", "validate_prompt",
-                                               "validate_eval", "reward", "ppo"}
+                                               "validate_eval", "reward", "ppo", "evaluate",
+                                               "gate"}
+    gate = children[children["tags.rlhf.step"] == "gate"].iloc[0]
+    assert gate["tags.panel.simulated"] == "true" and gate["metrics.panel/promote"] == 0
+    assert gate["metrics.panel/verdicts"] == 80 * 3 and gate["metrics.panel/items"] == 80
+    assert 0 <= gate["metrics.panel/rlhf/ci_low"] <= gate["metrics.panel/rlhf/pass_rate"] \
+        <= gate["metrics.panel/rlhf/ci_high"] <= 1
+    versions = mlflow.MlflowClient().search_model_versions("name = 'resume-assistant'")
+    assert len(versions) == 1 and versions[0].tags["gate.decision"] == "reject"
+    assert "below the minimum 1.000" in versions[0].tags["gate.reason"]
+    assert versions[0].tags["panel.simulated"] == "true" and not versions[0].aliases
+    assert versions[0].source == str(runs[0] / "ppo" / "model")
+    assert mlflow.MlflowClient().get_model_version("resume-assistant-reward", "1")
     for step in ("reward", "ppo"):
         manifest = json.loads((runs[0] / step / "model" / "MANIFEST.json").read_text())
         assert manifest["step"] == step and "adapter_model.safetensors" in manifest["files"]
@@ -188,3 +208,95 @@ def test_new_preference_data_queues_a_retraining_run(airflow_home, demo_dir, tmp
         ".dags['rlhf_tuning']\n"
         "print(type(d.timetable).__name__)\n"), **env)
     assert schedule == "AssetOrTimeSchedule", schedule
+
+
+def test_human_panel_run_waits_for_reviewers_then_the_gate_decides(
+        airflow_home, demo_model_dir, tmp_path, postgres_url):
+    """Human mode on the production store (PostgreSQL): the DAG defers at wait_for_panel;
+    three reviewers, each with their own token, judge the blinded items through the REST
+    API of the standalone review app over HTTP; quorum releases the gate, which promotes
+    (a lenient policy) and moves the champion alias."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import mlflow
+    import uvicorn
+
+    from rlhf_tasks.demo import rubric
+    from rlhf_tasks.panel.app import create_app, token_identity
+    from rlhf_tasks.panel.store import PanelStore
+
+    config = run_config(tmp_path, demo_model_dir, panel={
+        "mode": "human", "verdicts_per_item": 2, "poll_seconds": 1, "store_url": postgres_url,
+        "pass_rate_threshold": 0.0, "min_lift": -1.0, "significance": 0.99})
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    raw["evaluation"].update(max_prompts=6, baselines=["foundation"])
+    config.write_text(yaml.safe_dump(raw))
+
+    store = PanelStore(postgres_url)
+    tokens = {name: store.add_reviewer(name) for name in ("ann", "bob", "cara")}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(store, token_identity(store),
+                                                      login_form=True),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    dag = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "dags", "test",
+                            "rlhf_tuning", "-c", json.dumps({"config_file": str(config)})],
+                           env=airflow_env(airflow_home), cwd=airflow_home, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            while not http.get("/api/batches", headers={
+                    "Authorization": f"Bearer {tokens['ann']}"}).json():
+                assert dag.poll() is None, "the DAG ended before its review batch existed"
+                time.sleep(2)
+            batch = http.get("/api/batches",
+                             headers={"Authorization": f"Bearer {tokens['ann']}"}).json()[0]
+            assert batch["items"] == 12 and not batch["simulated"]
+            time.sleep(5)
+            assert dag.poll() is None, "the DAG must wait for the panel"
+            assert http.get(f"/api/batches/{batch['id']}/next").status_code == 401
+            given = 0
+            for name in ("ann", "bob", "cara"):
+                headers = {"Authorization": f"Bearer {tokens[name]}"}
+                for _ in range(8):  # 24 verdicts needed: 8 each
+                    response = http.get(f"/api/batches/{batch['id']}/next", headers=headers)
+                    if response.status_code == 204:
+                        break
+                    item = response.json()
+                    verdict = rubric.judge(item["prompt"], item["response"])
+                    posted = http.post(f"/api/items/{item['id']}/verdict", headers=headers,
+                                       json={"passed": verdict.passed,
+                                             "comment": ", ".join(verdict.failed_checks)})
+                    assert posted.status_code == 201, posted.text
+                    given += 1
+            assert given == 24
+        out, _ = dag.communicate(timeout=600)
+    finally:
+        if dag.poll() is None:
+            dag.kill()
+        server.should_exit = True
+    assert dag.returncode == 0, out[-5000:]
+    assert "waiting for the panel: 0 of 24 verdicts" in out
+    assert "[DAG TEST] running trigger in line" in out
+    states = task_states(airflow_home, out)
+    assert states["simulated_panel"] == "success" and states["panel_simulate"] == "skipped"
+    assert states["wait_for_panel"] == states["gate"] == states["promote"] == "success", states
+    assert states["sign_off"] == "skipped", states
+    rows = store.verdict_rows(batch["id"])
+    assert {r["reviewer"] for r in rows} == {"ann", "bob", "cara"} and len(rows) == 24
+    assert {r["source"] for r in rows} == {"api"}
+    store.dispose()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("resume-assistant", "champion")
+    assert champion.tags["gate.decision"] == "promote"
+    assert champion.tags["panel.simulated"] == "false" and champion.tags["panel.reviewers"] == "3"
+    assert client.get_model_version_by_alias("resume-assistant-reward", "champion")

@@ -127,7 +127,7 @@ def gate(cfg) -> dict:
             run_id=None, tags={"airflow.dag_id": cfg.run.pipeline,
                                "airflow.run_id": cfg.run.run_id,
                                "datasets": cfg.data.preference_uri})
-        ppo_summary = storage.read_json(cfg.step_uri("ppo", "model", "ppo_summary.json"))
+        ppo_summary = storage.read_json(join(cfg.step_uri("ppo", "model"), "ppo_summary.json"))
         tags = {
             "pass_rate": f"{cand.pass_rate:.4f}" if cand else None,
             "pass_rate_ci95": f"[{cand.ci_low:.4f}, {cand.ci_high:.4f}]" if cand else None,

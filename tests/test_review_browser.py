@@ -1,0 +1,112 @@
+"""The review page in a real headless browser (Debian's chromium, driven by selenium):
+sign in with a reviewer token, judge by keyboard and by click, with a comment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from rlhf_tasks.panel.app import create_app, token_identity
+from rlhf_tasks.panel.store import PanelStore
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                reason="needs Debian's chromium and chromium-driver "
+                                       "(scripts/test.sh installs them)")
+
+
+@pytest.fixture()
+def served(tmp_path):
+    import uvicorn
+
+    store = PanelStore(f"sqlite:///{tmp_path}/panel.db")
+    items = [{"prompt_index": i, "prompt": f"worked on the payroll system, errors down {i}0%",
+              "response": f"Automated payroll system, cutting errors by {i}0%",
+              "model": "secretmodelname"} for i in range(1, 4)]
+    batch = store.create_batch(pipeline="rlhf_tuning", run_id="browser", items=items,
+                               verdicts_per_item=1, quality_bar="Pass a bullet only if ...",
+                               simulated=False)
+    token = store.add_reviewer("ann")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(store, token_identity(store),
+                                                      login_form=True),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/", store, batch, token
+    server.should_exit = True
+    thread.join(10)
+    store.dispose()
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1000,900",
+                 f"--user-data-dir={tmp_path / 'chrome'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.implicitly_wait(5)
+    yield driver
+    driver.quit()
+
+
+def _wait_for(predicate, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for the page")
+
+
+def test_reviewer_signs_in_and_judges_by_keyboard_and_click(served, browser):
+    from selenium.webdriver.common.by import By
+
+    url, store, batch, token = served
+    browser.get(url)
+    assert browser.find_element(By.ID, "login").is_displayed()  # the API said 401
+    assert browser.find_element(By.ID, "main").is_displayed() is False
+    browser.find_element(By.ID, "token").send_keys(token)
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    _wait_for(lambda: browser.find_element(By.ID, "item").is_displayed())
+    assert "Signed in as ann" in browser.find_element(By.ID, "who").text
+    assert "secretmodelname" not in browser.page_source
+    assert browser.find_element(By.ID, "quality-bar").text == "Pass a bullet only if ..."
+    first = browser.find_element(By.ID, "response").text
+
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("p")  # keyboard: pass
+    _wait_for(lambda: browser.find_element(By.ID, "response").text != first)
+    second = browser.find_element(By.ID, "response").text
+    body.send_keys("c")  # keyboard: focus the comment
+    browser.switch_to.active_element.send_keys("number looks invented")
+    browser.find_element(By.ID, "fail").click()  # click: fail, with the comment
+    _wait_for(lambda: browser.find_element(By.ID, "response").text != second)
+    shots = os.environ.get("RLHF_SCREENSHOT_DIR")
+    if shots:
+        browser.save_screenshot(os.path.join(shots, "review-page.png"))
+    browser.find_element(By.TAG_NAME, "body").send_keys("f")
+    _wait_for(lambda: browser.find_element(By.ID, "done").is_displayed())
+    _wait_for(lambda: "You have judged 3 items" in browser.find_element(By.ID, "progress-text").text)
+
+    rows = store.verdict_rows(batch)
+    assert [(r["reviewer"], r["passed"], r["source"]) for r in rows] == [
+        ("ann", True, "web"), ("ann", False, "web"), ("ann", False, "web")]
+    assert rows[1]["comment"] == "number looks invented"
+    assert store.progress(batch)["complete"]
