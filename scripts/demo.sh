@@ -43,6 +43,37 @@ if os.path.exists(f"{run}sft/model/sft_summary.json"):
 ppo = json.load(open(f"{run}ppo/model/ppo_summary.json"))
 print(f"  PPO: {ppo['updates']} updates in {ppo['seconds']:.0f} s; normalised reward "
       f"{ppo['reward_first']:+.3f} -> {ppo['reward_last']:+.3f}; KL to reference {ppo['kl_last']:.3f}")
+ev = json.load(open(f"{run}evaluate/evaluate.json"))
+d = ev["decoding"]
+print(f"  evaluation: {ev['prompts']} eval prompts per model, temperature {d['temperature']}, "
+      f"up to {d['max_new_tokens']} new tokens, seed {d['seed']}")
+for name, m in ev["metrics"].items():
+    print(f"    {name:<11} reward {m['reward_mean']:+.3f}  length {m['length_mean']:.1f} tokens  "
+          f"missing EOS {m['missing_eos_rate']:.1%}")
+
+from rlhf_tasks.panel.report import text_table
+gate = json.load(open(f"{run}gate/gate.json"))
+label = "SIMULATED expert panel (rubric raters with per-rater noise)" if gate["simulated"] \
+    else "expert panel"
+kappa = "undefined" if gate["kappa"] is None else f"{gate['kappa']:.2f}"
+print(f"\nCase study: {label}; {gate['progress']['verdicts_given']} verdicts, "
+      f"{gate['progress']['verdicts_per_item']} per item, Fleiss' kappa {kappa}")
+print(text_table(gate["table"]))
+g = gate["gate"]
+vs = (f" vs {g['reference']} {g['reference_pass_rate']:.1%}: lift {g['lift']:+.1%}, "
+      f"p = {g['p_value']:.2g}" if g["reference"] else "")
+print(f"\nGate: {gate['decision'].upper()}{vs}")
+for reason in g["reasons"]:
+    print(f"  - {reason}")
+import mlflow
+from rlhf_tasks import config
+cfg = config.load(f"{run}config.json")
+mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+client = mlflow.MlflowClient()
+version = client.get_model_version(gate["model_name"], gate["version"])
+aliases = ", ".join(version.aliases) or "none"
+print(f"Registry: {gate['model_name']} version {gate['version']} (aliases: {aliases}); "
+      f"reward model {gate['reward_model_name']} version {gate['reward_model_version']}")
 PY
 
 echo
@@ -50,5 +81,7 @@ echo "Done in $(( $(date +%s) - started )) s."
 echo "  artifacts:   $ROOT/.rlhf/artifacts/rlhf_tuning/"
 echo "  Data Docs:   $ROOT/.rlhf/artifacts/rlhf_tuning/<run>/validate_preference/data_docs/index.html"
 echo "  PPO curves:  MLflow run 'ppo' of the pipeline run, artifact ppo/curves.png"
+echo "  panel:       $ROOT/.rlhf/artifacts/rlhf_tuning/<run>/gate/report.html"
+echo "  review page: .venv/bin/rlhf review serve --config .rlhf/demo/demo.yaml"
 echo "  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri sqlite:///$ROOT/.rlhf/mlflow.db --port 5000"
 echo "  log:         .rlhf/last_demo.log"

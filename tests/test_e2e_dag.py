@@ -214,8 +214,9 @@ def test_human_panel_run_waits_for_reviewers_then_the_gate_decides(
         airflow_home, demo_model_dir, tmp_path, postgres_url):
     """Human mode on the production store (PostgreSQL): the DAG defers at wait_for_panel;
     three reviewers, each with their own token, judge the blinded items through the REST
-    API of the standalone review app over HTTP; quorum releases the gate, which promotes
-    (a lenient policy) and moves the champion alias."""
+    API of the standalone review app over HTTP; quorum releases the gate, which decides
+    to promote (a lenient policy); the named approver's sign-off (Airflow HITL) is
+    answered; the champion alias moves."""
     import socket
     import threading
     import time
@@ -230,7 +231,8 @@ def test_human_panel_run_waits_for_reviewers_then_the_gate_decides(
 
     config = run_config(tmp_path, demo_model_dir, panel={
         "mode": "human", "verdicts_per_item": 2, "poll_seconds": 1, "store_url": postgres_url,
-        "pass_rate_threshold": 0.0, "min_lift": -1.0, "significance": 0.99})
+        "pass_rate_threshold": 0.0, "min_lift": -1.0, "significance": 0.99,
+        "approver": "alice"})
     import yaml
 
     raw = yaml.safe_load(config.read_text())
@@ -278,6 +280,13 @@ def test_human_panel_run_waits_for_reviewers_then_the_gate_decides(
                     assert posted.status_code == 201, posted.text
                     given += 1
             assert given == 24
+        # the gate decided to promote; the sign-off waits for alice (Airflow's HITL
+        # request, answered here in Airflow's DB as the API server would record it)
+        deadline = time.time() + 300
+        while (answer := airflow_python(airflow_home, SIGN_OFF)) == "waiting":
+            assert dag.poll() is None and time.time() < deadline, "no sign-off request"
+            time.sleep(2)
+        assert answer == '[{"id": "alice", "name": "alice"}]', answer
         out, _ = dag.communicate(timeout=600)
     finally:
         if dag.poll() is None:
@@ -289,7 +298,7 @@ def test_human_panel_run_waits_for_reviewers_then_the_gate_decides(
     states = task_states(airflow_home, out)
     assert states["simulated_panel"] == "success" and states["panel_simulate"] == "skipped"
     assert states["wait_for_panel"] == states["gate"] == states["promote"] == "success", states
-    assert states["sign_off"] == "skipped", states
+    assert states["sign_off"] == "success", states
     rows = store.verdict_rows(batch["id"])
     assert {r["reviewer"] for r in rows} == {"ann", "bob", "cara"} and len(rows) == 24
     assert {r["source"] for r in rows} == {"api"}
@@ -299,4 +308,26 @@ def test_human_panel_run_waits_for_reviewers_then_the_gate_decides(
     champion = client.get_model_version_by_alias("resume-assistant", "champion")
     assert champion.tags["gate.decision"] == "promote"
     assert champion.tags["panel.simulated"] == "false" and champion.tags["panel.reviewers"] == "3"
+    assert champion.tags["gate.signed_off_by"] == "alice"
     assert client.get_model_version_by_alias("resume-assistant-reward", "champion")
+
+
+SIGN_OFF = """
+import json
+from datetime import datetime, timezone
+from sqlalchemy import select
+from airflow.models.hitl import HITLDetail
+from airflow.models.taskinstance import TaskInstance
+from airflow.utils.session import create_session
+with create_session() as s:
+    row = s.scalar(select(HITLDetail).join(TaskInstance, TaskInstance.id == HITLDetail.ti_id)
+                   .where(TaskInstance.task_id == "sign_off")
+                   .order_by(HITLDetail.created_at.desc()).limit(1))
+    if row is None or row.responded_at is not None:
+        print("waiting")
+    else:
+        row.responded_at = datetime.now(timezone.utc)
+        row.responded_by = {"id": "alice", "name": "alice"}
+        row.chosen_options = ["Approve"]
+        print(json.dumps(row.assignees))
+"""

@@ -122,7 +122,7 @@ def write_config(out: Path) -> Path:
         },
         "storage": {"allowed_roots": [str(root)]},
         # sized for 2 CPU cores: about a minute per training step
-        "reward": {"train_steps": 200, "batch_size": 16, "lora_rank": 8},
+        "reward": {"train_steps": 400, "batch_size": 16, "lora_rank": 8},
         "sft": {"enabled": True, "train_steps": 150, "batch_size": 32, "lora_rank": 8},
         "ppo": {"train_steps": 32, "batch_size": 32, "num_minibatches": 4, "ppo_epochs": 4,
                 "response_length": 32, "temperature": 0.7, "kl_coef": 0.05, "lora_rank": 8},
