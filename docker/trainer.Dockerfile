@@ -9,6 +9,8 @@
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
+# (DL3064 reads the TOKEN in TOKENIZERS_PARALLELISM as a secret; nothing here is one)
+# hadolint ignore=DL3064
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

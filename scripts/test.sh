@@ -4,16 +4,22 @@
 set -euo pipefail
 source "$(dirname "$0")/airflow_env.sh"
 cd "$ROOT"
-# the browser test drives Debian's chromium through chromedriver: install them if missing
-if ! command -v chromium > /dev/null || ! command -v chromedriver > /dev/null; then
+mkdir -p .rlhf
+# Debian packages some tests drive: chromium + chromedriver (the review page in a real
+# browser), docker-compose (`config` validates the compose stack; no engine needed)
+missing=()
+command -v chromium > /dev/null || missing+=(chromium)
+command -v chromedriver > /dev/null || missing+=(chromium-driver)
+command -v docker-compose > /dev/null || docker compose version > /dev/null 2>&1 || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-    echo ">> installing Debian's chromium and chromium-driver (browser test)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver > .rlhf/apt.log 2>&1 \
-      || { apt-get update -q > /dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
-           apt-get install -y -q chromium chromium-driver > .rlhf/apt.log 2>&1; } \
-      || echo "!! could not install chromium (see .rlhf/apt.log): the browser test will skip"
+    echo ">> installing Debian packages for the tests: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "${missing[@]}" > .rlhf/apt.log 2>&1 \
+      || { apt-get update -q > /dev/null 2>&1 && apt-get install -y -q "${missing[@]}" > .rlhf/apt.log 2>&1; } \
+      || echo "!! could not install ${missing[*]} (see .rlhf/apt.log): those tests will skip"
   else
-    echo "!! chromium/chromedriver missing and not root: the browser test will skip"
+    echo "!! missing ${missing[*]} and not root: those tests will skip"
   fi
 fi
 exec python -m pytest -q "$@"

@@ -44,7 +44,9 @@ class LocalProcessBackend:
     name = "local"
 
     def __init__(self, python: str | None = None, cwd: str | None = None):
-        self.python = python or sys.executable
+        # $RLHF_STEP_PYTHON: a Python with the training stack, when Airflow's own has none
+        # (docker/airflow.Dockerfile built with TRAINER=true puts one in /opt/rlhf/venv)
+        self.python = python or os.environ.get("RLHF_STEP_PYTHON") or sys.executable
         self.cwd = cwd or os.environ.get("RLHF_WORKDIR") or os.getcwd()
 
     def run(self, step: str, argv: list[str], log: Callable[[str], None]) -> dict:
