@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 
-.PHONY: venv demo test test-fast bench-trl-venv clean
+.PHONY: venv demo test test-fast airflow bench-trl-venv clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@bash scripts/test.sh
+
+# Airflow standalone with the project's DAGs and plugins + an MLflow UI (Ctrl-C stops)
+airflow: $(STAMP)
+	@bash scripts/airflow.sh
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"

@@ -111,20 +111,32 @@ POSTGRES_DSN = os.environ.get("RLHF_TEST_POSTGRES", "postgresql+psycopg2://postg
 
 
 @pytest.fixture()
-def postgres_url():
-    """A fresh database on the local PostgreSQL (trust auth), dropped afterwards."""
+def postgres_database():
+    """A factory of fresh databases on the local PostgreSQL (trust auth), dropped afterwards."""
     import uuid
 
     import sqlalchemy
 
     admin = sqlalchemy.create_engine(f"{POSTGRES_DSN}/postgres", isolation_level="AUTOCOMMIT")
-    name = f"rlhf_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    except sqlalchemy.exc.OperationalError as exc:  # pragma: no cover - machine set-up
-        pytest.fail(f"PostgreSQL at {POSTGRES_DSN} is not reachable: {exc}")
-    yield f"{POSTGRES_DSN}/{name}"
+    made = []
+
+    def make(prefix: str = "rlhf_test") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        try:
+            with admin.connect() as conn:
+                conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        except sqlalchemy.exc.OperationalError as exc:  # pragma: no cover - machine set-up
+            pytest.fail(f"PostgreSQL at {POSTGRES_DSN} is not reachable: {exc}")
+        made.append(name)
+        return f"{POSTGRES_DSN}/{name}"
+
+    yield make
     with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for name in made:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture()
+def postgres_url(postgres_database):
+    return postgres_database()

@@ -60,8 +60,8 @@ def run_config(tmp_path: Path, demo_dir: Path, panel: dict | None = None, **data
     cfg["sft"]["enabled"] = False
     cfg["ppo"].update(train_steps=2, batch_size=16, response_length=16)
     cfg["evaluation"].update(max_prompts=40, max_new_tokens=16)
-    cfg["panel"].update(store_url=f"sqlite:///{tmp_path / 'panel.db'}",
-                        pass_rate_threshold=1.0, **(panel or {}))
+    cfg["panel"].update({"store_url": f"sqlite:///{tmp_path / 'panel.db'}",
+                         "pass_rate_threshold": 1.0, **(panel or {})})
     cfg["storage"]["artifact_root"] = str(tmp_path / "artifacts")
     cfg["storage"]["allowed_roots"].append(str(tmp_path))
     cfg["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -331,3 +331,57 @@ with create_session() as s:
         row.chosen_options = ["Approve"]
         print(json.dumps(row.assignees))
 """
+
+
+def test_review_page_in_airflow_uses_the_airflow_login(airflow_home, tmp_path):
+    """The plugin mounted in a real Airflow API server: 401 without the Airflow login;
+    with a JWT from Airflow's /auth/token the reviewer is that Airflow user."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**airflow_env(airflow_home),
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "ann:viewer",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp_path / "passwords.json"),
+           "RLHF_PANEL_STORE_URL": f"sqlite:///{tmp_path / 'panel.db'}"}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "api-server",
+                               "--port", str(port)], env=env, cwd=airflow_home,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        end = time.time() + 180
+        while True:
+            assert server.poll() is None and time.time() < end, "api-server did not start"
+            try:
+                if httpx.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert httpx.get(f"{base}/rlhf-review/api/me").status_code == 401
+        assert httpx.get(f"{base}/rlhf-review/api/batches").status_code == 401
+        assert httpx.post(f"{base}/rlhf-review/api/items/x/verdict",
+                          json={"passed": True}).status_code == 401
+        page = httpx.get(f"{base}/rlhf-review/")
+        assert page.status_code == 200 and "Expert review" in page.text
+        password = json.loads((tmp_path / "passwords.json").read_text())["ann"]
+        token = httpx.post(f"{base}/auth/token", json={"username": "ann",
+                                                       "password": password}).json()
+        headers = {"Authorization": f"Bearer {token['access_token']}"}
+        assert httpx.get(f"{base}/rlhf-review/api/me", headers=headers).json() == \
+            {"reviewer": "ann"}
+        assert httpx.get(f"{base}/rlhf-review/api/batches", headers=headers).json() == []
+        # the UI's own cookie works too (a reviewer logged in to Airflow just opens the page)
+        cookie = httpx.get(f"{base}/rlhf-review/api/me",
+                           cookies={"_token": token["access_token"]})
+        assert cookie.json() == {"reviewer": "ann"}
+        plugins = httpx.get(f"{base}/api/v2/plugins", headers=headers).json()["plugins"]
+        review = next(p for p in plugins if p["name"] == "rlhf_review")
+        assert review["external_views"][0]["href"] == "/rlhf-review/"
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# `make airflow`: Airflow standalone (api-server, scheduler, dag-processor, triggerer) with
+# the project's DAGs and plugins, and an MLflow UI, on the embedded defaults. Ctrl-C stops both.
+set -euo pipefail
+source "$(dirname "$0")/airflow_env.sh"
+cd "$ROOT"
+AIRFLOW_PORT="${AIRFLOW_PORT:-8080}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+
+echo ">> demo assets (.rlhf/demo)"
+rlhf demo init --out .rlhf/demo > /dev/null
+export RLHF_BASE_CONFIG="$ROOT/.rlhf/demo/demo.yaml"   # the trigger form's default config
+export AIRFLOW__API__PORT="$AIRFLOW_PORT"
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin,reviewer:viewer}"
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$AIRFLOW_HOME/passwords.json"
+export AIRFLOW__LOGGING__LOGGING_LEVEL=INFO
+
+airflow db migrate > "$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/migrate.log"; exit 1; }
+mlflow ui --backend-store-uri "sqlite:///$ROOT/.rlhf/mlflow.db" --host 127.0.0.1 \
+  --port "$MLFLOW_PORT" > .rlhf/mlflow-ui.log 2>&1 &
+MLFLOW_PID=$!
+airflow standalone > .rlhf/airflow-standalone.log 2>&1 &
+AIRFLOW_PID=$!
+trap 'echo; echo ">> stopping"; kill $AIRFLOW_PID $MLFLOW_PID 2> /dev/null; wait; exit 0' INT TERM
+
+echo ">> starting Airflow standalone (log: .rlhf/airflow-standalone.log) and the MLflow UI"
+for _ in $(seq 1 180); do
+  if curl -sf "http://127.0.0.1:$AIRFLOW_PORT/api/v2/monitor/health" > /dev/null \
+     && curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" > /dev/null; then
+    break
+  fi
+  kill -0 $AIRFLOW_PID 2> /dev/null || { tail -30 .rlhf/airflow-standalone.log; exit 1; }
+  sleep 1
+done
+python - "$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE" "$AIRFLOW_PORT" "$MLFLOW_PORT" <<'PY'
+import json, sys
+passwords = json.load(open(sys.argv[1]))
+airflow, mlflow = sys.argv[2], sys.argv[3]
+print(f"""
+  Airflow UI      http://localhost:{airflow}/   (DAG rlhf_tuning: Trigger opens the form)
+  login           """ + "; ".join(f"{u} / {p}" for u, p in passwords.items()) + f"""
+  expert review   http://localhost:{airflow}/rlhf-review/   (Browse > Expert review; as the logged-in user)
+  MLflow UI       http://localhost:{mlflow}/   (experiment rlhf-tuning: tick two runs, Compare)
+
+  Trigger rlhf_tuning with panel_mode=human to review outputs yourself, or leave it simulated.
+  Ctrl-C stops Airflow and MLflow.""")
+PY
+wait
