@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-length", type=int, default=48, help="longest prompt (tokens)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (ours only)")
     p.add_argument("--compare", action="store_true", help="run both, alternating")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--trl-python", default=str(ROOT / ".rlhf" / "bench-trl112" / "bin" / "python"))
@@ -93,9 +94,15 @@ def run_rlhf(args) -> float:
         microbatch_size=args.batch_size // args.num_minibatches, ppo_epochs=args.ppo_epochs,
         learning_rate=3e-6, temperature=args.temperature, max_new_tokens=args.response_length,
         missing_eos_penalty=0.0, seed=args.seed)
+    for model in (policy, reference, reward, value):
+        model.to(args.device)
     started = time.perf_counter()
     train(Models(policy=policy, critic=value, reference=reference, reward=reward), prompts,
-          settings, eos_token_id=EOS, pad_token_id=PAD)
+          settings, eos_token_id=EOS, pad_token_id=PAD, device=args.device)
+    if args.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
@@ -147,7 +154,9 @@ def single(args) -> None:
     print(json.dumps({"impl": args.impl, "seconds": round(seconds, 2), "torch_threads":
                       torch.get_num_threads(), **{k: v for k, v in vars(args).items()
                                                   if k not in ("compare", "runs", "trl_python")}}))
-    print(f"episodes_per_s={args.episodes / seconds:.3f} peak_rss_mb={peak_mb:.0f}")
+    gpu = (f" peak_gpu_mb={torch.cuda.max_memory_allocated() / 2**20:.0f}"
+           if args.device.startswith("cuda") else "")
+    print(f"episodes_per_s={args.episodes / seconds:.3f} peak_rss_mb={peak_mb:.0f}{gpu}")
 
 
 def compare(args, argv: list[str]) -> None:

@@ -109,3 +109,15 @@ def test_reviewer_tokens_are_hashed(store):
         assert s.get(Reviewer, "ann").token_sha256 != token
     new = store.add_reviewer("ann")  # re-keying revokes the old token
     assert store.reviewer_for_token(token) is None and store.reviewer_for_token(new) == "ann"
+
+
+def test_work_spreads_so_every_reviewer_can_finish_the_batch(store):
+    """k = 2, 12 items, 3 reviewers taking 8 each in turn: every item reaches quorum
+    (served by fewest verdicts first, not in a fixed order)."""
+    batch = _batch(store, k=2, n_prompts=6)
+    for name in ("ann", "bob", "cara"):
+        for _ in range(8):
+            item = store.next_item(batch, name)
+            assert item is not None, name
+            store.record_verdict(item.id, name, True)
+    assert store.progress(batch)["complete"]

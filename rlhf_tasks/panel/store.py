@@ -217,9 +217,10 @@ class PanelStore:
 
     # -- reviewing -------------------------------------------------------------------------
     def next_item(self, batch_id: str, reviewer: str) -> BlindItem | None:
-        """The next item for ``reviewer``: one they have not judged, still short of its
-        verdicts counting those promised to others (served within the lease), in the
-        batch's shuffled order."""
+        """The next item for ``reviewer``: one they have not judged and still short of its
+        verdicts; the one they were last served if still open, else the item with the
+        fewest verdicts and holds by others (served within the lease), in the batch's
+        shuffled order."""
         batch = self.batch(batch_id)
         k = batch.verdicts_per_item
         cutoff = _now() - ASSIGNMENT_LEASE
@@ -242,9 +243,8 @@ class PanelStore:
                      .where(ReviewItem.batch_id == batch_id, ReviewItem.id.not_in(mine),
                             func.coalesce(given.c.n, 0) < k)
                      # an item already served to this reviewer first (a reload shows it
-                     # again), then items others are not already covering
-                     .order_by(ReviewItem.id.in_(own).desc(), (load >= k).asc(),
-                               ReviewItem.position)
+                     # again), then the items furthest from quorum, so work spreads out
+                     .order_by(ReviewItem.id.in_(own).desc(), load.asc(), ReviewItem.position)
                      .limit(1))
             item = s.scalar(query)
             if item is None:
