@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -140,3 +141,29 @@ def postgres_database():
 @pytest.fixture()
 def postgres_url(postgres_database):
     return postgres_database()
+
+
+@contextlib.contextmanager
+def review_server(store):
+    """The standalone review app (reviewer tokens) over real HTTP on a free port; yields
+    its base URL (ending in /)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from rlhf_tasks.panel.app import create_app, token_identity
+
+    server = uvicorn.Server(uvicorn.Config(create_app(store, token_identity(store),
+                                                      login_form=True),
+                                           host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}/"
+    finally:
+        server.should_exit = True
+        thread.join(10)

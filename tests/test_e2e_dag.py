@@ -1,5 +1,6 @@
 """End to end: the real DAG under `airflow dags test` on the demo data (embedded defaults)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -48,6 +49,45 @@ def task_states(home: Path, log: str) -> dict[str, str]:
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout[proc.stdout.index("["):])
     return {row["task_id"]: row["state"] for row in rows}
+
+
+@contextlib.contextmanager
+def api_server(home: Path, tmp_path: Path, users: str, **env):
+    """A real Airflow API server on ``home``'s metadata DB, simple auth manager users
+    ``users`` ("name:role,..."); yields (base URL, {user: bearer headers})."""
+    import time
+
+    import httpx
+
+    from conftest import free_port
+
+    port = free_port()
+    passwords = tmp_path / "passwords.json"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "airflow"), "api-server", "--port", str(port)],
+        env={**airflow_env(home), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
+             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords), **env},
+        cwd=home, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "api-server.log", "w"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        end = time.time() + 180
+        while True:
+            assert server.poll() is None and time.time() < end, "api-server did not start"
+            try:
+                if httpx.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        headers = {}
+        for user, password in json.loads(passwords.read_text()).items():
+            token = httpx.post(f"{base}/auth/token", json={"username": user,
+                                                           "password": password}).json()
+            headers[user] = {"Authorization": f"Bearer {token['access_token']}"}
+        yield base, headers
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def run_config(tmp_path: Path, demo_dir: Path, panel: dict | None = None, **data) -> Path:
@@ -217,16 +257,13 @@ def test_human_panel_run_waits_for_reviewers_then_the_gate_decides(
     API of the standalone review app over HTTP; quorum releases the gate, which decides
     to promote (a lenient policy); the named approver's sign-off (Airflow HITL) is
     answered; the champion alias moves."""
-    import socket
-    import threading
     import time
 
     import httpx
     import mlflow
-    import uvicorn
+    from conftest import review_server
 
     from rlhf_tasks.demo import rubric
-    from rlhf_tasks.panel.app import create_app, token_identity
     from rlhf_tasks.panel.store import PanelStore
 
     config = run_config(tmp_path, demo_model_dir, panel={
@@ -236,71 +273,77 @@ def test_human_panel_run_waits_for_reviewers_then_the_gate_decides(
     import yaml
 
     raw = yaml.safe_load(config.read_text())
-    raw["evaluation"].update(max_prompts=6, baselines=["foundation"])
+    # the candidate alone (no baseline): the lenient policy then promotes it whatever the
+    # verdicts, so the test exercises the sign-off and the aliases every time
+    raw["evaluation"].update(max_prompts=6, baselines=[])
     config.write_text(yaml.safe_dump(raw))
 
     store = PanelStore(postgres_url)
     tokens = {name: store.add_reviewer(name) for name in ("ann", "bob", "cara")}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(store, token_identity(store),
-                                                      login_form=True),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    base = f"http://127.0.0.1:{port}"
-    dag = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "dags", "test",
-                            "rlhf_tuning", "-c", json.dumps({"config_file": str(config)})],
-                           env=airflow_env(airflow_home), cwd=airflow_home, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        with httpx.Client(base_url=base, timeout=30) as http:
-            while not http.get("/api/batches", headers={
-                    "Authorization": f"Bearer {tokens['ann']}"}).json():
-                assert dag.poll() is None, "the DAG ended before its review batch existed"
-                time.sleep(2)
-            batch = http.get("/api/batches",
-                             headers={"Authorization": f"Bearer {tokens['ann']}"}).json()[0]
-            assert batch["items"] == 12 and not batch["simulated"]
-            time.sleep(5)
-            assert dag.poll() is None, "the DAG must wait for the panel"
-            assert http.get(f"/api/batches/{batch['id']}/next").status_code == 401
-            given = 0
-            for name in ("ann", "bob", "cara"):
-                headers = {"Authorization": f"Bearer {tokens[name]}"}
-                for _ in range(8):  # 24 verdicts needed: 8 each
-                    response = http.get(f"/api/batches/{batch['id']}/next", headers=headers)
-                    if response.status_code == 204:
-                        break
-                    item = response.json()
-                    verdict = rubric.judge(item["prompt"], item["response"])
-                    posted = http.post(f"/api/items/{item['id']}/verdict", headers=headers,
-                                       json={"passed": verdict.passed,
-                                             "comment": ", ".join(verdict.failed_checks)})
-                    assert posted.status_code == 201, posted.text
-                    given += 1
-            assert given == 24
-        # the gate decided to promote; the sign-off waits for alice (Airflow's HITL
-        # request, answered here in Airflow's DB as the API server would record it)
-        deadline = time.time() + 300
-        while (answer := airflow_python(airflow_home, SIGN_OFF)) == "waiting":
-            assert dag.poll() is None and time.time() < deadline, "no sign-off request"
-            time.sleep(2)
-        assert answer == '[{"id": "alice", "name": "alice"}]', answer
-        out, _ = dag.communicate(timeout=600)
-    finally:
-        if dag.poll() is None:
-            dag.kill()
-        server.should_exit = True
+    with review_server(store) as base:
+        log_path = tmp_path / "dags_test.log"  # a file, not a pipe nobody reads while waiting
+        dag = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "dags", "test",
+                                "rlhf_tuning", "-c", json.dumps({"config_file": str(config)})],
+                               env=airflow_env(airflow_home), cwd=airflow_home, text=True,
+                               stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+        try:
+            with httpx.Client(base_url=base, timeout=30) as http:
+                while not http.get("/api/batches", headers={
+                        "Authorization": f"Bearer {tokens['ann']}"}).json():
+                    assert dag.poll() is None, "the DAG ended before its review batch existed"
+                    time.sleep(2)
+                batch = http.get("/api/batches",
+                                 headers={"Authorization": f"Bearer {tokens['ann']}"}).json()[0]
+                assert batch["items"] == 6 and not batch["simulated"]
+                time.sleep(5)
+                assert dag.poll() is None, "the DAG must wait for the panel"
+                assert http.get(f"/api/batches/{batch['id']}/next").status_code == 401
+                given = 0
+                for name in ("ann", "bob", "cara"):
+                    headers = {"Authorization": f"Bearer {tokens[name]}"}
+                    for _ in range(4):  # 12 verdicts needed: 4 each
+                        response = http.get(f"/api/batches/{batch['id']}/next", headers=headers)
+                        if response.status_code == 204:
+                            break
+                        item = response.json()
+                        verdict = rubric.judge(item["prompt"], item["response"])
+                        posted = http.post(f"/api/items/{item['id']}/verdict", headers=headers,
+                                           json={"passed": verdict.passed,
+                                                 "comment": ", ".join(verdict.failed_checks)})
+                        assert posted.status_code == 201, posted.text
+                        given += 1
+                assert given == 12
+            # the gate decided to promote; the sign-off waits for alice: Airflow's HITL
+            # REST API accepts her answer and refuses anyone else's
+            with api_server(airflow_home, tmp_path, "alice:user,bob:admin") as (api, users):
+                run_id = httpx.get(f"{api}/api/v2/dags/rlhf_tuning/dagRuns",
+                                   params={"order_by": "-start_date", "limit": 1},
+                                   headers=users["alice"]).json()["dag_runs"][0]["dag_run_id"]
+                hitl = (f"{api}/api/v2/dags/rlhf_tuning/dagRuns/{run_id}"
+                        "/taskInstances/sign_off/-1/hitlDetails")
+                deadline = time.time() + 300
+                while (detail := httpx.get(hitl, headers=users["alice"])).status_code != 200:
+                    assert dag.poll() is None and time.time() < deadline, "no sign-off request"
+                    time.sleep(2)
+                assert detail.json()["assigned_users"] == [{"id": "alice", "name": "alice"}]
+                answer = {"chosen_options": ["Approve"]}
+                assert httpx.patch(hitl, json=answer, headers=users["bob"]).status_code == 403
+                approved = httpx.patch(hitl, json=answer, headers=users["alice"])
+                assert approved.status_code == 200, approved.text
+            dag.wait(timeout=600)
+            out = log_path.read_text()
+        finally:
+            if dag.poll() is None:
+                dag.kill()
     assert dag.returncode == 0, out[-5000:]
-    assert "waiting for the panel: 0 of 24 verdicts" in out
+    assert "waiting for the panel: 0 of 12 verdicts" in out
     assert "[DAG TEST] running trigger in line" in out
     states = task_states(airflow_home, out)
     assert states["simulated_panel"] == "success" and states["panel_simulate"] == "skipped"
     assert states["wait_for_panel"] == states["gate"] == states["promote"] == "success", states
     assert states["sign_off"] == "success", states
     rows = store.verdict_rows(batch["id"])
-    assert {r["reviewer"] for r in rows} == {"ann", "bob", "cara"} and len(rows) == 24
+    assert {r["reviewer"] for r in rows} == {"ann", "bob", "cara"} and len(rows) == 12
     assert {r["source"] for r in rows} == {"api"}
     store.dispose()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -312,76 +355,28 @@ def test_human_panel_run_waits_for_reviewers_then_the_gate_decides(
     assert client.get_model_version_by_alias("resume-assistant-reward", "champion")
 
 
-SIGN_OFF = """
-import json
-from datetime import datetime, timezone
-from sqlalchemy import select
-from airflow.models.hitl import HITLDetail
-from airflow.models.taskinstance import TaskInstance
-from airflow.utils.session import create_session
-with create_session() as s:
-    row = s.scalar(select(HITLDetail).join(TaskInstance, TaskInstance.id == HITLDetail.ti_id)
-                   .where(TaskInstance.task_id == "sign_off")
-                   .order_by(HITLDetail.created_at.desc()).limit(1))
-    if row is None or row.responded_at is not None:
-        print("waiting")
-    else:
-        row.responded_at = datetime.now(timezone.utc)
-        row.responded_by = {"id": "alice", "name": "alice"}
-        row.chosen_options = ["Approve"]
-        print(json.dumps(row.assignees))
-"""
-
 
 def test_review_page_in_airflow_uses_the_airflow_login(airflow_home, tmp_path):
     """The plugin mounted in a real Airflow API server: 401 without the Airflow login;
     with a JWT from Airflow's /auth/token the reviewer is that Airflow user."""
-    import socket
-    import time
-
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**airflow_env(airflow_home),
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "ann:viewer",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp_path / "passwords.json"),
-           "RLHF_PANEL_STORE_URL": f"sqlite:///{tmp_path / 'panel.db'}"}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "api-server",
-                               "--port", str(port)], env=env, cwd=airflow_home,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        end = time.time() + 180
-        while True:
-            assert server.poll() is None and time.time() < end, "api-server did not start"
-            try:
-                if httpx.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    with api_server(airflow_home, tmp_path, "ann:viewer", RLHF_PANEL_STORE_URL=(
+            f"sqlite:///{tmp_path / 'panel.db'}")) as (base, users):
         assert httpx.get(f"{base}/rlhf-review/api/me").status_code == 401
         assert httpx.get(f"{base}/rlhf-review/api/batches").status_code == 401
         assert httpx.post(f"{base}/rlhf-review/api/items/x/verdict",
                           json={"passed": True}).status_code == 401
         page = httpx.get(f"{base}/rlhf-review/")
         assert page.status_code == 200 and "Expert review" in page.text
-        password = json.loads((tmp_path / "passwords.json").read_text())["ann"]
-        token = httpx.post(f"{base}/auth/token", json={"username": "ann",
-                                                       "password": password}).json()
-        headers = {"Authorization": f"Bearer {token['access_token']}"}
+        headers = users["ann"]
         assert httpx.get(f"{base}/rlhf-review/api/me", headers=headers).json() == \
             {"reviewer": "ann"}
         assert httpx.get(f"{base}/rlhf-review/api/batches", headers=headers).json() == []
         # the UI's own cookie works too (a reviewer logged in to Airflow just opens the page)
         cookie = httpx.get(f"{base}/rlhf-review/api/me",
-                           cookies={"_token": token["access_token"]})
+                           cookies={"_token": headers["Authorization"][7:]})
         assert cookie.json() == {"reviewer": "ann"}
         plugins = httpx.get(f"{base}/api/v2/plugins", headers=headers).json()["plugins"]
         review = next(p for p in plugins if p["name"] == "rlhf_review")
         assert review["external_views"][0]["href"] == "/rlhf-review/"
-    finally:
-        server.terminate()
-        server.wait(30)

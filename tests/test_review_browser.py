@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
 import time
 
 import pytest
+from conftest import review_server
 
-from rlhf_tasks.panel.app import create_app, token_identity
 from rlhf_tasks.panel.store import PanelStore
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -22,8 +20,6 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
 
 @pytest.fixture()
 def served(tmp_path):
-    import uvicorn
-
     store = PanelStore(f"sqlite:///{tmp_path}/panel.db")
     items = [{"prompt_index": i, "prompt": f"worked on the payroll system, errors down {i}0%",
               "response": f"Automated payroll system, cutting errors by {i}0%",
@@ -32,19 +28,8 @@ def served(tmp_path):
                                verdicts_per_item=1, quality_bar="Pass a bullet only if ...",
                                simulated=False)
     token = store.add_reviewer("ann")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(store, token_identity(store),
-                                                      login_form=True),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/", store, batch, token
-    server.should_exit = True
-    thread.join(10)
+    with review_server(store) as url:
+        yield url, store, batch, token
     store.dispose()
 
 

@@ -83,8 +83,6 @@ def generate(model, tokenizer, prompts: list[list[int]], *, temperature: float,
 
 
 def evaluate(cfg) -> dict:
-    import torch
-
     from rlhf_tasks.panel.store import PanelStore, panel_store_url
     from rlhf_tasks.reward_model import load_reward_model, score_sequences
 
