@@ -77,7 +77,10 @@ def read_text_unchecked(uri: str) -> str:
     try:
         body = _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     except Exception as exc:  # noqa: BLE001 - reported as bad input with the URI
-        raise BadInput(f"cannot read config {uri}: {exc}") from None
+        hint = ("" if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                else " (for MinIO or another S3 API set AWS_ENDPOINT_URL_S3: the config's "
+                     "storage.s3_endpoint_url cannot be read before the config itself)")
+        raise BadInput(f"cannot read config {uri}: {exc}{hint}") from None
     return body.decode("utf-8")
 
 

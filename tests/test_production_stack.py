@@ -80,7 +80,10 @@ def test_production_mode_end_to_end(demo_model_dir, tmp_path, s3_endpoint, postg
 
         home = tmp_path / "airflow"
         home.mkdir()
-        env = {**airflow_env(home), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_db}
+        # every process finds the S3 API the way boto3 does: the run's config.json is
+        # on S3 too, and must be readable before its storage.s3_endpoint_url is known
+        env = {**airflow_env(home), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_db,
+               "AWS_ENDPOINT_URL_S3": s3_endpoint}
         migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env,
                                  capture_output=True, text=True, timeout=600)
         assert migrate.returncode == 0, migrate.stderr[-3000:]
@@ -90,7 +93,9 @@ def test_production_mode_end_to_end(demo_model_dir, tmp_path, s3_endpoint, postg
                               capture_output=True, text=True, timeout=900)
         seconds = time.perf_counter() - started
         log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-6000:]
+        (tmp_path / "dags_test.log").write_text(log)
+        problems = [ln for ln in log.splitlines() if "rlhf: " in ln or "exited with code" in ln]
+        assert proc.returncode == 0, "\n".join(problems[-20:]) or log[-6000:]
         print(f"\nproduction-mode DAG run (airflow dags test): {seconds:.0f} s")
         (tmp_path / "seconds.txt").write_text(f"{seconds:.1f}")
 
