@@ -27,12 +27,13 @@ def reward_model_name(cfg) -> str:
     return f"{cfg.registry.model_name}-reward"
 
 
-def champion(cfg):
-    """The version holding alias ``champion``, or None."""
+def champion(cfg, name: str | None = None):
+    """The version of ``name`` (default: the use case's model) holding alias ``champion``,
+    or None."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client(cfg).get_model_version_by_alias(cfg.registry.model_name, CHAMPION)
+        return client(cfg).get_model_version_by_alias(name or cfg.registry.model_name, CHAMPION)
     except MlflowException:
         return None
 
@@ -62,12 +63,13 @@ def register(cfg, storage, *, name: str, source: str, run_id: str | None, tags: 
 def promote(cfg, name: str, version: str) -> dict:
     """``champion`` moves to ``version``; the old champion keeps alias ``previous``."""
     mlflow_client = client(cfg)
-    old = champion(cfg) if name == cfg.registry.model_name else None
-    if old is not None and old.version != str(version):
-        mlflow_client.set_registered_model_alias(name, PREVIOUS, old.version)
+    old = champion(cfg, name)
+    previous = str(old.version) if old is not None else None
+    if previous is not None and previous != str(version):
+        mlflow_client.set_registered_model_alias(name, PREVIOUS, previous)
     mlflow_client.set_registered_model_alias(name, CHAMPION, str(version))
     mlflow_client.set_model_version_tag(name, str(version), "gate.decision", "promote")
-    return {"champion": str(version), "previous": old.version if old else None}
+    return {"champion": str(version), "previous": previous}
 
 
 def reject(cfg, name: str, version: str, reason: str) -> None:
