@@ -81,6 +81,10 @@ def main() -> None:
         experiment = json.dumps([frame.iloc[0]["experiment_id"]])
         driver.get(f"{args.mlflow}/#/compare-runs?runs={ids}&experiments={experiment}")
         time.sleep(6)
+        # down to the metrics table: panel/* side by side for the two gates
+        for element in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Metrics']"):
+            driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", element)
+        time.sleep(1)
         driver.save_screenshot(str(out / "mlflow-compare-gates.png"))
     finally:
         driver.quit()
