@@ -160,7 +160,8 @@ class EvaluationSection(Section):
 class SimulatedRaters(Section):
     """The demo's stand-in for people: rubric raters, each with its own noise."""
 
-    raters: int = Field(5, ge=1, le=50)
+    raters: int | None = Field(None, ge=1, le=50, description="How many raters; None: "
+                                                          "max(5, verdicts_per_item).")
     noise: float = Field(0.08, ge=0.0, le=0.5, description="Mean chance that a rater's "
                                                            "verdict flips.")
     strictness: float = Field(0.05, ge=0.0, le=0.5, description="Mean extra chance that a "
@@ -191,9 +192,13 @@ class PanelSection(Section):
     store_url: str = Field("sqlite:///.rlhf/panel.db", description="SQLAlchemy URL of the "
                                                                    "verdict store.")
 
+    @property
+    def simulated_raters(self) -> int:
+        return self.simulated.raters or max(5, self.verdicts_per_item)
+
     @model_validator(mode="after")
     def _enough_raters(self):
-        if self.mode == "simulated" and self.simulated.raters < self.verdicts_per_item:
+        if self.mode == "simulated" and self.simulated_raters < self.verdicts_per_item:
             raise ValueError(f"simulated.raters ({self.simulated.raters}) must be at least "
                              f"verdicts_per_item ({self.verdicts_per_item}): a reviewer "
                              "judges an item once")

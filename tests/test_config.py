@@ -65,3 +65,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(BadInput, match="mapping of sections"):
         config.load(str(listy))
+
+
+def test_simulated_panel_has_enough_raters_for_its_quorum():
+    from rlhf_tasks import config
+    from rlhf_tasks.errors import BadInput
+
+    assert config.validate({"panel": {"verdicts_per_item": 3}}).panel.simulated_raters == 5
+    assert config.validate({"panel": {"verdicts_per_item": 9}}).panel.simulated_raters == 9
+    with pytest.raises(BadInput, match=r"simulated.raters \(3\) must be at least "
+                                       r"verdicts_per_item \(7\)"):
+        config.validate({"panel": {"verdicts_per_item": 7, "simulated": {"raters": 3}}})
+    # people: any k
+    config.validate({"panel": {"mode": "human", "verdicts_per_item": 7,
+                               "simulated": {"raters": 3}}})

@@ -44,8 +44,9 @@ def panel_simulate(cfg) -> dict:
     sim = cfg.panel.simulated
     store = PanelStore(panel_store_url(cfg))
     try:
-        given = run_panel(store, batch_id, raters(sim.raters, sim.noise, sim.strictness,
-                                                  cfg.run.seed), seed=cfg.run.seed)
+        given = run_panel(store, batch_id, raters(cfg.panel.simulated_raters, sim.noise,
+                                                  sim.strictness, cfg.run.seed),
+                          seed=cfg.run.seed)
         progress = store.progress(batch_id)
     finally:
         store.dispose()
