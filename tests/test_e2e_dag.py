@@ -38,14 +38,15 @@ def dags_test(home: Path, conf: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900, cwd=home)
 
 
-def task_states(home: Path, log: str) -> dict[str, str]:
+def task_states(home: Path, log: str, **env) -> dict[str, str]:
     """Task states of the run that ``airflow dags test`` logged, from Airflow's own DB."""
     import re
 
     run_id = re.search(r"DagRun Finished: .*?run_id=([^,\s]+)", log).group(1)
     proc = subprocess.run([str(Path(sys.executable).parent / "airflow"), "tasks",
                            "states-for-dag-run", "rlhf_tuning", run_id, "-o", "json"],
-                          env=airflow_env(home), capture_output=True, text=True, timeout=300)
+                          env={**airflow_env(home), **env}, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout[proc.stdout.index("["):])
     return {row["task_id"]: row["state"] for row in rows}
@@ -248,112 +249,6 @@ def test_new_preference_data_queues_a_retraining_run(airflow_home, demo_dir, tmp
         ".dags['rlhf_tuning']\n"
         "print(type(d.timetable).__name__)\n"), **env)
     assert schedule == "AssetOrTimeSchedule", schedule
-
-
-def test_human_panel_run_waits_for_reviewers_then_the_gate_decides(
-        airflow_home, demo_model_dir, tmp_path, postgres_url):
-    """Human mode on the production store (PostgreSQL): the DAG defers at wait_for_panel;
-    three reviewers, each with their own token, judge the blinded items through the REST
-    API of the standalone review app over HTTP; quorum releases the gate, which decides
-    to promote (a lenient policy); the named approver's sign-off (Airflow HITL) is
-    answered; the champion alias moves."""
-    import time
-
-    import httpx
-    import mlflow
-    from conftest import review_server
-
-    from rlhf_tasks.demo import rubric
-    from rlhf_tasks.panel.store import PanelStore
-
-    config = run_config(tmp_path, demo_model_dir, panel={
-        "mode": "human", "verdicts_per_item": 2, "poll_seconds": 1, "store_url": postgres_url,
-        "pass_rate_threshold": 0.0, "min_lift": -1.0, "significance": 0.99,
-        "approver": "alice"})
-    import yaml
-
-    raw = yaml.safe_load(config.read_text())
-    # the candidate alone (no baseline): the lenient policy then promotes it whatever the
-    # verdicts, so the test exercises the sign-off and the aliases every time
-    raw["evaluation"].update(max_prompts=6, baselines=[])
-    config.write_text(yaml.safe_dump(raw))
-
-    store = PanelStore(postgres_url)
-    tokens = {name: store.add_reviewer(name) for name in ("ann", "bob", "cara")}
-    with review_server(store) as base:
-        log_path = tmp_path / "dags_test.log"  # a file, not a pipe nobody reads while waiting
-        dag = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "dags", "test",
-                                "rlhf_tuning", "-c", json.dumps({"config_file": str(config)})],
-                               env=airflow_env(airflow_home), cwd=airflow_home, text=True,
-                               stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-        try:
-            with httpx.Client(base_url=base, timeout=30) as http:
-                while not http.get("/api/batches", headers={
-                        "Authorization": f"Bearer {tokens['ann']}"}).json():
-                    assert dag.poll() is None, "the DAG ended before its review batch existed"
-                    time.sleep(2)
-                batch = http.get("/api/batches",
-                                 headers={"Authorization": f"Bearer {tokens['ann']}"}).json()[0]
-                assert batch["items"] == 6 and not batch["simulated"]
-                time.sleep(5)
-                assert dag.poll() is None, "the DAG must wait for the panel"
-                assert http.get(f"/api/batches/{batch['id']}/next").status_code == 401
-                given = 0
-                for name in ("ann", "bob", "cara"):
-                    headers = {"Authorization": f"Bearer {tokens[name]}"}
-                    for _ in range(4):  # 12 verdicts needed: 4 each
-                        response = http.get(f"/api/batches/{batch['id']}/next", headers=headers)
-                        if response.status_code == 204:
-                            break
-                        item = response.json()
-                        verdict = rubric.judge(item["prompt"], item["response"])
-                        posted = http.post(f"/api/items/{item['id']}/verdict", headers=headers,
-                                           json={"passed": verdict.passed,
-                                                 "comment": ", ".join(verdict.failed_checks)})
-                        assert posted.status_code == 201, posted.text
-                        given += 1
-                assert given == 12
-            # the gate decided to promote; the sign-off waits for alice: Airflow's HITL
-            # REST API accepts her answer and refuses anyone else's
-            with api_server(airflow_home, tmp_path, "alice:user,bob:admin") as (api, users):
-                run_id = httpx.get(f"{api}/api/v2/dags/rlhf_tuning/dagRuns",
-                                   params={"order_by": "-start_date", "limit": 1},
-                                   headers=users["alice"]).json()["dag_runs"][0]["dag_run_id"]
-                hitl = (f"{api}/api/v2/dags/rlhf_tuning/dagRuns/{run_id}"
-                        "/taskInstances/sign_off/-1/hitlDetails")
-                deadline = time.time() + 300
-                while (detail := httpx.get(hitl, headers=users["alice"])).status_code != 200:
-                    assert dag.poll() is None and time.time() < deadline, "no sign-off request"
-                    time.sleep(2)
-                assert detail.json()["assigned_users"] == [{"id": "alice", "name": "alice"}]
-                answer = {"chosen_options": ["Approve"]}
-                assert httpx.patch(hitl, json=answer, headers=users["bob"]).status_code == 403
-                approved = httpx.patch(hitl, json=answer, headers=users["alice"])
-                assert approved.status_code == 200, approved.text
-            dag.wait(timeout=600)
-            out = log_path.read_text()
-        finally:
-            if dag.poll() is None:
-                dag.kill()
-    assert dag.returncode == 0, out[-5000:]
-    assert "waiting for the panel: 0 of 12 verdicts" in out
-    assert "[DAG TEST] running trigger in line" in out
-    states = task_states(airflow_home, out)
-    assert states["simulated_panel"] == "success" and states["panel_simulate"] == "skipped"
-    assert states["wait_for_panel"] == states["gate"] == states["promote"] == "success", states
-    assert states["sign_off"] == "success", states
-    rows = store.verdict_rows(batch["id"])
-    assert {r["reviewer"] for r in rows} == {"ann", "bob", "cara"} and len(rows) == 12
-    assert {r["source"] for r in rows} == {"api"}
-    store.dispose()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    champion = client.get_model_version_by_alias("resume-assistant", "champion")
-    assert champion.tags["gate.decision"] == "promote"
-    assert champion.tags["panel.simulated"] == "false" and champion.tags["panel.reviewers"] == "3"
-    assert champion.tags["gate.signed_off_by"] == "alice"
-    assert client.get_model_version_by_alias("resume-assistant-reward", "champion")
-
 
 
 def test_review_page_in_airflow_uses_the_airflow_login(airflow_home, tmp_path):
