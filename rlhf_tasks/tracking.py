@@ -28,9 +28,10 @@ def metric_name(namespace: str, name: str) -> str:
 
 
 def resolve_uri(uri: str) -> str:
-    """Make a relative ``sqlite:///`` path absolute so subprocesses agree on it."""
+    """Make a relative ``sqlite:///`` path absolute so subprocesses agree on it (MLflow's
+    store and the panel's verdict store both go through here)."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
         path = Path(uri[len(prefix):]).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path)

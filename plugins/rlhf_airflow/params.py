@@ -154,7 +154,5 @@ def build_config(params: dict[str, Any], dag_id: str, run_id: str) -> rlhf_confi
     # relative paths become absolute here, so every step process agrees on them
     raw["storage"]["artifact_root"] = Storage.normalise(raw["storage"]["artifact_root"])
     raw["tracking"]["tracking_uri"] = resolve_uri(raw["tracking"]["tracking_uri"])
-    from rlhf_tasks.panel.store import resolve_url
-
-    raw["panel"]["store_url"] = resolve_url(raw["panel"]["store_url"])
+    raw["panel"]["store_url"] = resolve_uri(raw["panel"]["store_url"])
     return rlhf_config.validate(raw, f"trigger form of {dag_id}")

@@ -21,15 +21,11 @@ class _LazyStore:
 
     @functools.cached_property
     def _store(self):
-        import os
-
         from rlhf_airflow.scheduling import base_config
-        from rlhf_tasks.panel.store import PanelStore
+        from rlhf_tasks.config import PipelineConfig
+        from rlhf_tasks.panel.store import PanelStore, panel_store_url
 
-        cfg = base_config()
-        url = os.environ.get("RLHF_PANEL_STORE_URL") or (
-            cfg.panel.store_url if cfg else "sqlite:///.rlhf/panel.db")
-        return PanelStore(url)
+        return PanelStore(panel_store_url(base_config() or PipelineConfig()))
 
     def __getattr__(self, name):
         return getattr(self._store, name)

@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rlhf_tasks.errors import BadInput
+from rlhf_tasks.tracking import resolve_uri
 
 ASSIGNMENT_LEASE = timedelta(minutes=20)  # an item served to a reviewer is held this long
 
@@ -118,21 +119,9 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def resolve_url(url: str) -> str:
-    """Relative ``sqlite:///`` paths made absolute (every process agrees on the file)."""
-    from pathlib import Path
-
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
-        path = Path(url[len(prefix):]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    return url
-
-
 class PanelStore:
     def __init__(self, url: str):
-        self.url = resolve_url(url)
+        self.url = resolve_uri(url)
         sqlite = self.url.startswith("sqlite")
         self.engine = create_engine(
             self.url, pool_pre_ping=True,
