@@ -17,16 +17,6 @@ from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
-def _progress(store_url: str, batch_id: str) -> dict:
-    from rlhf_tasks.panel.store import PanelStore
-
-    store = PanelStore(store_url)
-    try:
-        return store.progress(batch_id)
-    finally:
-        store.dispose()
-
-
 class PanelQuorumTrigger(BaseTrigger):
     def __init__(self, store_url: str, batch_id: str, deadline: str, poll_seconds: float):
         super().__init__()
@@ -39,18 +29,25 @@ class PanelQuorumTrigger(BaseTrigger):
                  "deadline": self.deadline, "poll_seconds": self.poll_seconds})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        from rlhf_tasks.panel.store import PanelStore
+
         deadline = datetime.fromisoformat(self.deadline)
-        while True:
-            progress = await asyncio.to_thread(_progress, self.store_url, self.batch_id)
-            if progress["complete"]:
-                yield TriggerEvent({"status": "quorum", **progress})
-                return
-            if datetime.now(timezone.utc) >= deadline:
-                yield TriggerEvent({"status": "deadline", **progress})
-                return
-            self.log.info("panel batch %s: %d of %d verdicts", self.batch_id,
-                          progress["verdicts_given"], progress["verdicts_needed"])
-            await asyncio.sleep(self.poll_seconds)
+        # one store (engine, pool) for the whole wait, not one per poll
+        store = await asyncio.to_thread(PanelStore, self.store_url)
+        try:
+            while True:
+                progress = await asyncio.to_thread(store.progress, self.batch_id)
+                if progress["complete"]:
+                    yield TriggerEvent({"status": "quorum", **progress})
+                    return
+                if datetime.now(timezone.utc) >= deadline:
+                    yield TriggerEvent({"status": "deadline", **progress})
+                    return
+                self.log.info("panel batch %s: %d of %d verdicts", self.batch_id,
+                              progress["verdicts_given"], progress["verdicts_needed"])
+                await asyncio.sleep(self.poll_seconds)
+        finally:
+            store.dispose()
 
 
 class PanelQuorumSensor(BaseOperator):
