@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 CANDIDATE = "rlhf"
 
 
-def models_under_comparison(cfg, storage: Storage) -> dict[str, str]:
-    """label -> model folder URI (or the base model), in table order."""
+def models_under_comparison(cfg, storage: Storage):
+    """label -> model folder URI (or the base model), in table order; and the champion's
+    ModelVersion (None when there is none)."""
     out: dict[str, str] = {}
     if "foundation" in cfg.evaluation.baselines:
         out["foundation"] = cfg.model.base_model
@@ -35,7 +36,7 @@ def models_under_comparison(cfg, storage: Storage) -> dict[str, str]:
     if champ is not None:
         out["champion"] = champ.source
     out[CANDIDATE] = cfg.step_uri("ppo", "model")
-    return out
+    return out, champ
 
 
 def load_policy(cfg, storage: Storage, uri: str, local: Path):
@@ -110,7 +111,7 @@ def evaluate(cfg) -> dict:
         norm = info["normalisation"]
         reward_model.to(device)
 
-        compared = models_under_comparison(cfg, storage)
+        compared, champion = models_under_comparison(cfg, storage)
         rows, metrics = [], {}
         for label, uri in compared.items():
             log.info("evaluate: %s (%s) answers %d prompts", label, uri, len(prompts))
@@ -145,6 +146,7 @@ def evaluate(cfg) -> dict:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         summary = {"models": compared, "decoding": decoding, "metrics": metrics,
+                   "champion_version": str(champion.version) if champion else None,
                    "prompts": len(prompts), "batch_id": batch_id, "mlflow_run_id": run_id}
         (local / "evaluate.json").write_text(json.dumps(summary, indent=2))
         storage.put_dir(local, out_uri, extra={"step": "evaluate"})

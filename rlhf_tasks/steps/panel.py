@@ -93,7 +93,10 @@ def gate(cfg) -> dict:
         decision.reasons.insert(0, f"no quorum by the deadline: {progress['items_complete']} "
                                    f"of {progress['items']} items have {k} verdicts")
     sizes = _data_sizes(cfg, storage)
-    champion = registry.champion(cfg) if "champion" in models else None
+    # the champion that was evaluated, even if the alias has moved since
+    champion = (registry.client(cfg).get_model_version(cfg.registry.model_name,
+                                                       evaluation["champion_version"])
+                if evaluation.get("champion_version") else None)
     if champion is not None:
         sizes["champion"] = f"version {champion.version}: {champion.tags.get('datasets', '')}"
     table = report.table_rows(result, sizes)
