@@ -143,6 +143,24 @@ def postgres_url(postgres_database):
     return postgres_database()
 
 
+def wait_http(url: str, proc, timeout: float = 180) -> None:
+    """Until ``url`` answers 200; fails if the server process ``proc`` exits first."""
+    import time
+
+    import httpx
+
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, f"the server for {url} exited"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout:.0f} s")
+
+
 @contextlib.contextmanager
 def review_server(store):
     """The standalone review app (reviewer tokens) over real HTTP on a free port; yields

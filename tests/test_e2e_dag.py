@@ -56,11 +56,9 @@ def task_states(home: Path, log: str, **env) -> dict[str, str]:
 def api_server(home: Path, tmp_path: Path, users: str, **env):
     """A real Airflow API server on ``home``'s metadata DB, simple auth manager users
     ``users`` ("name:role,..."); yields (base URL, {user: bearer headers})."""
-    import time
-
     import httpx
 
-    from conftest import free_port
+    from conftest import free_port, wait_http
 
     port = free_port()
     passwords = tmp_path / "passwords.json"
@@ -71,15 +69,7 @@ def api_server(home: Path, tmp_path: Path, users: str, **env):
         cwd=home, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "api-server.log", "w"))
     base = f"http://127.0.0.1:{port}"
     try:
-        end = time.time() + 180
-        while True:
-            assert server.poll() is None and time.time() < end, "api-server did not start"
-            try:
-                if httpx.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_http(f"{base}/api/v2/monitor/health", server)
         headers = {}
         for user, password in json.loads(passwords.read_text()).items():
             token = httpx.post(f"{base}/auth/token", json={"username": user,

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, review_server
+from conftest import free_port, review_server, wait_http
 from test_e2e_dag import airflow_env, api_server, run_config, task_states
 
 pytestmark = pytest.mark.e2e
@@ -30,21 +30,6 @@ BIN = Path(sys.executable).parent
 def _upload_dir(s3, local: Path, bucket: str, prefix: str) -> None:
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import httpx
-
-    end = time.time() + timeout
-    while time.time() < end:
-        assert proc.poll() is None, "the server exited"
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer")
 
 
 def _review(http, tokens: dict[str, str], batch_id: str, per_reviewer: int) -> int:
@@ -117,7 +102,7 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
     store = PanelStore(panel_db)
     tokens = {name: store.add_reviewer(name) for name in ("ann", "bob", "cara")}
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", mlflow_server)
+        wait_http(f"http://127.0.0.1:{port}/health", mlflow_server, timeout=120)
         # people, k = 2; the candidate alone (no baseline) under a lenient policy, so the
         # gate promotes whatever the verdicts and the sign-off is asked every time
         config = run_config(tmp_path, demo_model_dir, panel={

@@ -65,7 +65,8 @@ def test_reviewer_signs_in_and_judges_by_keyboard_and_click(served, browser):
 
     url, store, batch, token = served
     browser.get(url)
-    assert browser.find_element(By.ID, "login").is_displayed()  # the API said 401
+    # the login form appears once the page's first API call comes back 401 (after onload)
+    _wait_for(lambda: browser.find_element(By.ID, "login").is_displayed())
     assert browser.find_element(By.ID, "main").is_displayed() is False
     browser.find_element(By.ID, "token").send_keys(token)
     browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
