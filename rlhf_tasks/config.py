@@ -36,13 +36,47 @@ class RunSection(Section):
 
 class ModelSection(Section):
     base_model: str = Field(".rlhf/demo/foundation",
-                            description="Local path or s3:// URI of a Hugging Face causal LM "
-                                        "checkpoint (safetensors).")
+                            description="A Hugging Face causal LM checkpoint (safetensors): a "
+                                        "local folder, an s3:// folder or a hub id such as "
+                                        "'Qwen/Qwen2.5-0.5B-Instruct' (from the local Hugging "
+                                        "Face cache).")
+    revision: str | None = Field(None, max_length=200, pattern=r"^[\w./-]+$",
+                                 description="Hub revision (branch, tag or commit) of a hub id.")
     tokenizer: str | None = Field(None, description="Tokenizer path; defaults to base_model.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code in the "
                                                        "checkpoint. Off unless you trust it.")
     instruction: str = Field("", max_length=2000,
-                             description="Instruction prepended to every prompt.")
+                             description="Instruction for every prompt: the system message "
+                                         "in chat format, {instruction} in a template.")
+    prompt_format: Literal["auto", "chat", "template"] = Field(
+        "auto", description="chat: the tokenizer's chat template; template: prompt_template; "
+                            "auto: chat when the tokenizer has a chat template.")
+    prompt_template: str = Field("{instruction}\n\n{prompt}\n", min_length=1, max_length=5000,
+                                 description="Prompt layout in template format, with "
+                                             "{instruction} and {prompt}.")
+    response_prefix: str = Field("", max_length=100, description="Text before every response "
+                                                                 "in template format.")
+
+    @model_validator(mode="after")
+    def _template_fields(self):
+        from rlhf_tasks.prompting import check_template
+
+        check_template(self.prompt_template)
+        return self
+
+
+class LoraFields(Section):
+    """LoRA settings of a training step (rank 0: full tuning)."""
+
+    lora_rank: int = Field(8, ge=0, le=512, description="0 means full fine-tuning.")
+    lora_alpha: float | None = Field(None, gt=0, le=4096, description="Scaling numerator; "
+                                                                      "None: 2 x rank.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input "
+                                                                 "(PPO and reward training "
+                                                                 "switch dropout off).")
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or "
+                                  "all-linear.")
 
 
 class DataSection(Section):
@@ -65,12 +99,11 @@ class DataSection(Section):
                                                      "(rows are held in memory).")
 
 
-class RewardSection(Section):
+class RewardSection(LoraFields):
     train_steps: int = Field(200, ge=1, le=1_000_000)
     learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0,
                                             description="Times the base rate: 1e-3 with LoRA, "
                                                         "2e-5 for full tuning.")
-    lora_rank: int = Field(8, ge=0, le=512, description="0 means full fine-tuning.")
     batch_size: int = Field(16, ge=1, le=4096, description="Preference pairs per step.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0,
                                  description="Share of prompts held out for pairwise accuracy.")
@@ -84,18 +117,17 @@ class RewardSection(Section):
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
 
 
-class SFTSection(Section):
+class SFTSection(LoraFields):
     enabled: bool = False
     train_steps: int = Field(150, ge=1, le=1_000_000)
     learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0,
                                             description="Times the base rate: 1e-3 with LoRA, "
                                                         "2e-5 for full tuning.")
-    lora_rank: int = Field(8, ge=0, le=512)
     batch_size: int = Field(32, ge=1, le=4096)
     checkpoint_every: int = Field(50, ge=1)
 
 
-class PPOSection(Section):
+class PPOSection(LoraFields):
     train_steps: int = Field(32, ge=1, le=1_000_000, description="PPO updates (RL steps).")
     learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0,
                                             description="Times the base rate: 3e-4 with LoRA, "
@@ -104,7 +136,6 @@ class PPOSection(Section):
     kl_estimator: Literal["k1", "k3"] = "k1"
     kl_target: float | None = Field(None, gt=0.0, description="Set: adaptive KL controller "
                                                               "aiming at this KL per response.")
-    lora_rank: int = Field(8, ge=0, le=512)
     batch_size: int = Field(32, ge=1, le=4096, description="Episodes (prompts) per update.")
     num_minibatches: int = Field(4, ge=1, le=4096)
     microbatch_size: int = Field(8, ge=1, le=4096)
@@ -206,7 +237,9 @@ class PanelSection(Section):
 
 
 class RegistrySection(Section):
-    model_name: str = Field("resume-assistant", pattern=r"^[A-Za-z0-9_.-]+$")
+    model_name: str = Field("rlhf-policy", pattern=r"^[A-Za-z0-9_.-]+$",
+                            description="Registered model of the tuned policy; its reward "
+                                        "models are '<model_name>-reward'.")
 
 
 class StorageSection(Section):
@@ -264,6 +297,15 @@ class ComputeSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs per training pod; more than one "
                                                       "runs `accelerate launch` data-parallel.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Weights and autocast precision; trainable weights keep fp32 "
+                            "master copies. auto: bf16 on a GPU that has it, else fp32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
+                                                            "backward pass: less memory, "
+                                                            "about a third more compute.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 on a GPU where flash-attn is installed, "
+                            "else sdpa.")
     kubernetes: KubernetesSection = KubernetesSection()
 
 

@@ -58,8 +58,10 @@ def pairwise_accuracy(model, chosen: list[list[int]], rejected: list[list[int]],
             "margin": sum(x - y for x, y in zip(a, b)) / len(a)}
 
 
-def load_reward_model(folder: str | Path, *, base_model_dir: Path, trust_remote_code: bool = False):
-    """The reward model as a plain sequence classifier (a LoRA adapter merged in); + its info."""
+def load_reward_model(folder: str | Path, *, base_model_dir: Path, trust_remote_code: bool = False,
+                      **load_kwargs):
+    """The reward model as a plain sequence classifier (a LoRA adapter merged in); + its info.
+    ``load_kwargs``: ``from_pretrained`` settings (dtype, attention)."""
     from transformers import AutoModelForSequenceClassification
 
     folder = Path(folder)
@@ -69,13 +71,14 @@ def load_reward_model(folder: str | Path, *, base_model_dir: Path, trust_remote_
     info = json.loads(info_path.read_text())
     if info["kind"] == "full":
         model = AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code)
+            folder, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code,
+            **load_kwargs)
     else:
         from peft import PeftModel
 
         base = AutoModelForSequenceClassification.from_pretrained(
             base_model_dir, num_labels=1, use_safetensors=True,
-            trust_remote_code=trust_remote_code)
+            trust_remote_code=trust_remote_code, **load_kwargs)
         base.config.pad_token_id = info["pad_token_id"]
         model = PeftModel.from_pretrained(base, folder).merge_and_unload()
     model.config.pad_token_id = info["pad_token_id"]

@@ -1,8 +1,10 @@
 """What the training steps (reward, sft, ppo) share: token layout, data, checkpoints, metrics.
 
-* Token layout, the same in every step and in the demo's foundation corpus:
-  ``<bos> format_prompt(prompt) | format_response(response) <eos>``, concatenated as token
-  ids, so the reward model scores exactly the sequences PPO generates.
+* Token layout, the same in every step, in evaluation and in the served model:
+  ``renderer.prompt_ids(prompt) + renderer.response_ids(response)`` (:mod:`rlhf_tasks.prompting`),
+  so the reward model scores exactly the sequences PPO generates.
+* Precision: weights load in ``compute.dtype``; what is trained keeps fp32 master copies
+  (:func:`rlhf_tasks.models.upcast_trainable`) and the forward runs under autocast.
 * Checkpoints live in the artifact store under ``<step>/checkpoints/<name>-<n>/`` with a
   manifest written last; a rerun (an Airflow retry) downloads the newest whole one and
   resumes from it.
@@ -20,7 +22,6 @@ from pathlib import Path
 
 from rlhf_tasks import tracking
 from rlhf_tasks.errors import BadInput
-from rlhf_tasks.prompting import format_prompt, format_response
 from rlhf_tasks.storage import MANIFEST, Storage, join
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,28 @@ def resolve_device(cfg) -> str:
     return cfg.compute.device
 
 
+def autocast(cfg, device: str):
+    """Autocast to ``compute.dtype`` (a no-op in fp32)."""
+    import torch
+
+    from rlhf_tasks.models import compute_dtype
+
+    dtype = compute_dtype(cfg, device)
+    return torch.autocast("cuda" if device == "cuda" else "cpu", dtype=dtype,
+                          enabled=dtype != torch.float32)
+
+
 # -- token layout ---------------------------------------------------------------------------
-def encode_prompt(tokenizer, prompt: str, instruction: str) -> list[int]:
-    ids = tokenizer(format_prompt(prompt, instruction), add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+def prompt_rows(frame) -> list[tuple[str, list | None]]:
+    """(prompt text, conversation or None) of each canonical row."""
+    from rlhf_tasks.prompting import parse_messages
+
+    messages = frame["messages"] if "messages" in frame else [None] * len(frame)
+    return [(p, parse_messages(m)) for p, m in zip(frame["prompt"], messages)]
 
 
-def encode_response(tokenizer, response: str) -> list[int]:
-    return tokenizer(format_response(response), add_special_tokens=False)["input_ids"] + [
-        tokenizer.eos_token_id]
+def encode_prompts(renderer, frame) -> list[list[int]]:
+    return [renderer.prompt_ids(p, m) for p, m in prompt_rows(frame)]
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -132,18 +146,57 @@ def trainer_callbacks(namespace: str, storage: Storage, checkpoints_uri: str):
 
 def trainer_common_args(cfg, *, output_dir: Path, steps: int, batch_size: int,
                         learning_rate: float, checkpoint_every: int) -> dict:
-    """Settings every TRL trainer here shares (TRL's *Config classes take them all)."""
+    """Settings every TRL trainer here shares (TRL's *Config classes take them all): the
+    Trainer's mixed precision is autocast over fp32 trainable weights."""
     import sys
 
-    return dict(output_dir=str(output_dir), max_steps=steps,
+    import torch
+
+    from rlhf_tasks.models import compute_dtype
+
+    device = resolve_device(cfg)
+    dtype = compute_dtype(cfg, device)
+    return dict(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                gradient_checkpointing=cfg.compute.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+                output_dir=str(output_dir), max_steps=steps,
                 per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
                 learning_rate=learning_rate, lr_scheduler_type="linear",
                 warmup_steps=max(1, steps // 20), logging_steps=max(1, min(10, steps // 10)),
                 save_strategy="steps", save_steps=checkpoint_every, save_total_limit=2,
                 report_to="none", seed=cfg.run.seed, data_seed=cfg.run.seed,
-                use_cpu=resolve_device(cfg) == "cpu", dataloader_num_workers=0,
+                use_cpu=device == "cpu", dataloader_num_workers=0,
                 disable_tqdm=not sys.stderr.isatty(), eval_strategy="no")
 
 
 def learning_rate(base_lora: float, base_full: float, lora_rank: int, multiplier: float) -> float:
     return (base_lora if lora_rank > 0 else base_full) * multiplier
+
+
+def trainable_model(model, section, task_type: str, modules_to_save: list[str] | None = None):
+    """``model`` with the step's LoRA adapter (or, with rank 0, every weight trainable), its
+    trainable weights in fp32.  Wrapped here, not by the TRL trainer, so a trained head is
+    upcast too."""
+    from rlhf_tasks.models import upcast_trainable
+
+    if section.lora_rank > 0:
+        from peft import get_peft_model
+
+        from rlhf_tasks.ppo.models import lora_config
+
+        model = get_peft_model(model, lora_config(section, task_type, modules_to_save))
+    else:
+        model.requires_grad_(True)
+    upcast_trainable(model)
+    return model
+
+
+def log_model_reference(cfg, storage: Storage) -> dict:
+    """The base model's resolved revision and weights digest as params of the step's run."""
+    import mlflow
+
+    from rlhf_tasks.models import describe
+
+    described = describe(cfg, storage)
+    mlflow.log_params({k: v for k, v in described.items() if k != "model.resolved_path"})
+    return described

@@ -21,7 +21,8 @@ def test_pairs_with_margin(tmp_path):
     p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": " q ", "chosen": "a", "rejected": "b", "margin": 2}])
     fmt, out = rows_of(p)
     assert fmt == "pairs"
-    assert out == [[{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2.0}]]
+    assert out == [[{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2.0,
+                     "messages": None}]]
 
 
 def test_ranked_expands_every_ordered_pair(tmp_path):
@@ -63,7 +64,8 @@ def test_chat_pairs_explicit_and_implicit_prompt(tmp_path):
          "rejected": [user, {"role": "assistant", "content": "bad"}]}])
     _, out = rows_of(p)
     for rows in out:
-        assert rows == [{"prompt": "fix my bullet", "chosen": "good", "rejected": "bad", "margin": None}]
+        assert rows == [{"prompt": "fix my bullet", "chosen": "good", "rejected": "bad",
+                         "margin": None, "messages": json.dumps([user])}]
 
 
 def test_chat_prompt_dataset_multi_turn(tmp_path):
@@ -71,14 +73,27 @@ def test_chat_prompt_dataset_multi_turn(tmp_path):
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}])
     fmt, out = rows_of(p, kind="prompt")
     assert fmt == "chat"
-    assert out[0] == [{"prompt": "system: be brief\nuser: hi"}]
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    # the text people read, and every turn kept for the chat template
+    assert out[0] == [{"prompt": "system: be brief\nuser: hi", "messages": json.dumps(turns)}]
+
+
+def test_chat_sft_keeps_every_turn_before_the_answer(tmp_path):
+    turns = [{"role": "user", "content": "draft a bullet"}, {"role": "assistant", "content": "ok?"},
+             {"role": "user", "content": "shorter"}]
+    p = write_jsonl(tmp_path / "s.jsonl", [{"messages": turns + [
+        {"role": "assistant", "content": "Cut costs 10%"}]}])
+    fmt, out = rows_of(p, kind="sft")
+    assert fmt == "chat"
+    assert json.loads(out[0][0]["messages"]) == turns
+    assert out[0][0]["completion"] == "Cut costs 10%"
 
 
 def test_prompt_and_input_text(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x"}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"input_text": "y"}])
-    assert rows_of(a, "eval") == ("prompt", [[{"prompt": "x"}]])
-    assert rows_of(b, "eval") == ("input_text", [[{"prompt": "y"}]])
+    assert rows_of(a, "eval") == ("prompt", [[{"prompt": "x", "messages": None}]])
+    assert rows_of(b, "eval") == ("input_text", [[{"prompt": "y", "messages": None}]])
 
 
 def test_csv_with_json_cells_and_line_numbers(tmp_path):

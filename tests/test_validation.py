@@ -32,7 +32,8 @@ def reasons(outcome):
 def test_clean_data_keeps_every_row(tmp_path, tokenizer):
     out = run(tmp_path, tokenizer, [GOOD, {**GOOD, "prompt": "helped with payroll"}])
     assert out.rows_read == 2 and out.rows_kept == 2 and out.quarantine == []
-    assert list(out.frame.columns) == ["prompt", "chosen", "rejected", "margin", "source_line"]
+    assert list(out.frame.columns) == ["prompt", "chosen", "rejected", "margin", "messages",
+                                      "source_line"]
     assert (tmp_path / "docs" / "index.html").exists()
 
 
@@ -170,6 +171,6 @@ def test_sft_kind_quarantines_empty_long_and_leaked_rows(tmp_path, tokenizer):
     assert out.fmt == "completion"
     assert reasons(out) == {(2, "empty completion"), (3, "completion longer than 20 tokens"),
                             (4, "prompt also in the eval set (leakage)")}
-    assert out.frame.columns.tolist() == ["prompt", "completion", "source_line"]
+    assert out.frame.columns.tolist() == ["prompt", "completion", "messages", "source_line"]
     chat = run(tmp_path, tokenizer, rows[4:], kind="sft")
     assert chat.frame.iloc[0][["prompt", "completion"]].tolist() == ["fixed bugs", "Fixed 20 bugs"]

@@ -3,8 +3,14 @@
 Readers yield ``RawRecord``s (the 1-based line or row number, the parsed mapping or the
 reason it could not be parsed).  ``normalise`` turns one raw record into canonical rows:
 
-* preference: ``{"prompt", "chosen", "rejected", "margin"}`` (margin may be None);
-* prompt / eval: ``{"prompt"}``.
+* preference: ``{"prompt", "chosen", "rejected", "margin", "messages"}`` (margin may be None);
+* sft: ``{"prompt", "completion", "messages"}``;
+* prompt / eval: ``{"prompt", "messages"}``.
+
+``messages`` is the prompt's conversation as JSON (chat data, every turn kept, for the
+tokenizer's chat template) or None (plain text); ``prompt`` is its text as people read it
+(a lone user turn as is, else role-labelled turns): what reviewers see, what duplicates
+and eval leakage are checked on.
 
 Formats (DESIGN.md):
 * ``pairs``  -- TRL style ``prompt/chosen/rejected`` (+ optional ``margin``);
@@ -12,8 +18,8 @@ Formats (DESIGN.md):
   ordered pair of differently ranked responses becomes one pair (equal ranks: no pair);
 * ``vertex`` -- ``input_text/candidate_0/candidate_1/choice`` (choice 0 or 1);
 * ``chat``   -- ``messages`` lists, or TRL conversational pairs whose prompt/chosen/rejected
-  are message lists.  The prompt is the user turn's text (several turns are joined with
-  their roles), chosen/rejected the assistant's last message.
+  are message lists.  The prompt is the conversation before the answer (kept whole in
+  ``messages``), chosen/rejected the assistant's last message.
 
 A record that cannot be normalised becomes a ``RowProblem`` (quarantined, never dropped).
 """
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rlhf_tasks.errors import BadInput
+from rlhf_tasks.prompting import render_turns
 
 FORMAT_FIELDS = {
     "pairs": ("prompt", "chosen", "rejected"),
@@ -233,12 +240,10 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
     return out
 
 
-def render_turns(messages: list[dict[str, str]]) -> str:
-    """The prompt text of a conversation: a lone user turn as is, else role-labelled turns."""
-    turns = [m for m in messages if m["role"] != "system"]
-    if len(turns) == 1 and turns[0]["role"] == "user" and len(messages) == 1:
-        return turns[0]["content"]
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+def _chat_prompt(messages: list[dict[str, str]]) -> dict[str, str]:
+    """The canonical prompt columns of a conversation (before the answer)."""
+    return {"prompt": render_turns(messages),
+            "messages": json.dumps(messages, ensure_ascii=False)}
 
 
 def _split_conversation(messages: list[dict[str, str]], field: str) -> tuple[list, str]:
@@ -273,10 +278,10 @@ def _pairs(data: dict) -> list[dict]:
                 raise _Bad("rejected", "conversation differs from 'chosen' before the answer")
             if not prompt_msgs:
                 raise _Bad("chosen", "no prompt turn before the answer")
-        return [{"prompt": render_turns(prompt_msgs), "chosen": chosen, "rejected": rejected,
+        return [{**_chat_prompt(prompt_msgs), "chosen": chosen, "rejected": rejected,
                  "margin": _margin(data)}]
     return [{"prompt": _text(data, "prompt"), "chosen": _text(data, "chosen"),
-             "rejected": _text(data, "rejected"), "margin": _margin(data)}]
+             "rejected": _text(data, "rejected"), "margin": _margin(data), "messages": None}]
 
 
 def _ranked(data: dict) -> list[dict]:
@@ -299,7 +304,7 @@ def _ranked(data: dict) -> list[dict]:
             if ranks[i] == ranks[j]:
                 continue  # a tie says nothing about preference
             rows.append({"prompt": prompt, "chosen": responses[i].strip(),
-                         "rejected": responses[j].strip(), "margin": None})
+                         "rejected": responses[j].strip(), "margin": None, "messages": None})
     return rows
 
 
@@ -312,7 +317,8 @@ def _vertex(data: dict) -> list[dict]:
     if isinstance(choice, bool) or choice not in (0, 1):
         raise _Bad("choice", f"expected 0 or 1, got {choice!r}")
     chosen, rejected = (first, second) if choice == 0 else (second, first)
-    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": _margin(data)}]
+    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": _margin(data),
+             "messages": None}]
 
 
 def _prompt_row(data: dict, fmt: str) -> list[dict]:
@@ -320,10 +326,10 @@ def _prompt_row(data: dict, fmt: str) -> list[dict]:
         messages = _messages(data.get("messages"), "messages")
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        if not messages:
+        if not any(m["role"] == "user" for m in messages):
             raise _Bad("messages", "no user turn")
-        return [{"prompt": render_turns(messages)}]
-    return [{"prompt": _text(data, fmt)}]
+        return [_chat_prompt(messages)]
+    return [{"prompt": _text(data, fmt), "messages": None}]
 
 
 def _sft_row(data: dict, fmt: str) -> list[dict]:
@@ -333,8 +339,9 @@ def _sft_row(data: dict, fmt: str) -> list[dict]:
                                                       "messages")
         if not prompt_msgs:
             raise _Bad("messages", "no prompt turn before the answer")
-        return [{"prompt": render_turns(prompt_msgs), "completion": completion}]
-    return [{"prompt": _text(data, "prompt"), "completion": _text(data, "completion")}]
+        return [{**_chat_prompt(prompt_msgs), "completion": completion}]
+    return [{"prompt": _text(data, "prompt"), "completion": _text(data, "completion"),
+             "messages": None}]
 
 
 NORMALISERS = {"pairs": _pairs, "ranked": _ranked, "vertex": _vertex, "chat": _pairs}
@@ -363,8 +370,8 @@ def records_fields(records: list[RawRecord]) -> set[str]:
 
 def canonical_columns(kind: str) -> list[str]:
     if kind == "preference":
-        return ["prompt", "chosen", "rejected", "margin"]
+        return ["prompt", "chosen", "rejected", "margin", "messages"]
     if kind == "sft":
-        return ["prompt", "completion"]
-    return ["prompt"]
+        return ["prompt", "completion", "messages"]
+    return ["prompt", "messages"]
 

@@ -19,9 +19,21 @@ import time
 from pathlib import Path
 
 from rlhf_tasks.demo import domain, rubric
-from rlhf_tasks.prompting import format_prompt, format_response
 
 INSTRUCTION = "Rewrite:"
+# the demo's own prompt layout (``model.prompt_format: template``): its tokenizer has no
+# chat template; the foundation model is trained on exactly this text
+PROMPT_TEMPLATE = "{instruction} {prompt}\nBullet:"
+RESPONSE_PREFIX = " "
+
+
+def format_prompt(prompt: str) -> str:
+    return PROMPT_TEMPLATE.format(instruction=INSTRUCTION, prompt=prompt.strip())
+
+
+def format_response(response: str) -> str:
+    return RESPONSE_PREFIX + response.strip()
+
 BUILD_VERSION = "demo-v1"
 SIZES = {"eval": 200, "prompts": 1500, "preference_pairs": 4000, "ranked_lists": 300,
          "sft": 1000, "foundation_corpus": 4000}
@@ -111,7 +123,12 @@ def build_datasets(out: Path, rng: random.Random) -> dict:
 def write_config(out: Path) -> Path:
     root = out.resolve()
     config = {
-        "model": {"base_model": str(root / "foundation"), "instruction": INSTRUCTION},
+        "model": {"base_model": str(root / "foundation"), "instruction": INSTRUCTION,
+                  "prompt_format": "template", "prompt_template": PROMPT_TEMPLATE,
+                  "response_prefix": RESPONSE_PREFIX},
+        "registry": {"model_name": "resume-assistant"},
+        # eager attention is faster than sdpa for the tiny model's shapes on CPU
+        "compute": {"attn_implementation": "eager"},
         "data": {
             "preference_uri": str(root / "preferences.jsonl"),
             "prompt_uri": str(root / "prompts.jsonl"),
@@ -171,7 +188,7 @@ def build_demo(out: Path, force: bool = False, seed: int = 1234, model: bool = T
     for i in range(SIZES["foundation_corpus"]):
         case = train_cases[i % len(train_cases)]
         text, _ = domain.answer(case, rng, FOUNDATION["strong_share"])
-        corpus.append(format_prompt(case.prompt, INSTRUCTION) + format_response(text))
+        corpus.append(format_prompt(case.prompt) + format_response(text))
     model_dir = out / "foundation"
     tokenizer = train_tokenizer(corpus, model_dir)
     if not model:
@@ -184,7 +201,7 @@ def build_demo(out: Path, force: bool = False, seed: int = 1234, model: bool = T
     training = train_foundation(corpus, tokenizer, model_dir, steps=steps,
                                 batch_size=FOUNDATION["batch_size"], seed=seed)
     eval_prompts = [json.loads(line)["prompt"] for line in open(out / "eval.jsonl")]
-    answers = sample_answers(model_dir, [format_prompt(p, INSTRUCTION) for p in eval_prompts],
+    answers = sample_answers(model_dir, [format_prompt(p) for p in eval_prompts],
                              seed=seed)
     foundation_pass = rubric.pass_rate(eval_prompts, answers)
     config_path = write_config(out)

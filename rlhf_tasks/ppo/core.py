@@ -209,10 +209,13 @@ class KLController:
         self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]
 
 
-def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N+] "Truncate at EOS": mask of the tokens up to and including the first EOS, and
-    whether an EOS was emitted at all (responses that never end are penalised)."""
-    is_eos = responses == eos_token_id
+def response_mask(responses: torch.Tensor, eos_token_id) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N+] "Truncate at EOS": mask of the tokens up to and including the first stop token
+    (``eos_token_id``: one id or a list, e.g. every EOS of Llama 3 and the chat template's
+    end of turn), and whether one was emitted at all (responses that never end are
+    penalised)."""
+    stops = torch.as_tensor(eos_token_id, device=responses.device).reshape(-1)
+    is_eos = torch.isin(responses, stops)
     has_eos = is_eos.any(1)
     width = responses.shape[1]
     first = torch.where(has_eos, is_eos.float().argmax(1), torch.full_like(has_eos, width - 1,

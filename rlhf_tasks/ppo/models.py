@@ -13,38 +13,66 @@ a trainable copy of the reward model.  Up to four copies.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 from rlhf_tasks.ppo.trainer import Models
 
 
-def lora_config(rank: int, task_type: str, modules_to_save: list[str] | None = None):
+@dataclass
+class LoraSettings:
+    """The LoRA fields of a config section, for callers without a config (tests, benchmarks)."""
+
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"
+
+
+def lora_config(section, task_type: str, modules_to_save: list[str] | None = None):
+    """PEFT LoRA settings from a config section with ``lora_rank``, ``lora_alpha`` (None:
+    2 x rank), ``lora_dropout`` and ``lora_target_modules``."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
-                      target_modules="all-linear", task_type=task_type,
-                      modules_to_save=modules_to_save)
+    rank = section.lora_rank
+    alpha = getattr(section, "lora_alpha", None) or 2 * rank
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=getattr(section, "lora_dropout", 0.0),
+                      bias="none", task_type=task_type, modules_to_save=modules_to_save,
+                      target_modules=getattr(section, "lora_target_modules", "all-linear"))
 
 
-def build_models(policy_base, reward_model, *, lora_rank: int, layout: str = "shared") -> Models:
+def build_models(policy_base, reward_model, *, lora_rank=8, layout: str = "shared") -> Models:
     """``policy_base``: a causal LM; ``reward_model``: a sequence-classification model with
-    one label (its LoRA, if any, already merged).  Both are consumed (wrapped in place)."""
+    one label (its LoRA, if any, already merged).  Both are consumed (wrapped in place).
+    ``lora_rank``: an int or a config section with the LoRA fields.  Trainable weights
+    (adapters, the value head, fully tuned weights) are upcast to fp32 master copies."""
+    from rlhf_tasks.models import upcast_trainable
+
+    lora = LoraSettings(lora_rank) if isinstance(lora_rank, int) else lora_rank
+    models = _build(policy_base, reward_model, lora, layout)
+    upcast_trainable(models.policy)
+    upcast_trainable(models.critic)
+    return models
+
+
+def _build(policy_base, reward_model, lora, layout: str) -> Models:
     from peft import get_peft_model
 
+    lora_rank = lora.lora_rank
     reward_model.requires_grad_(False)
     if lora_rank > 0:
-        policy = get_peft_model(policy_base, lora_config(lora_rank, "CAUSAL_LM"))
+        policy = get_peft_model(policy_base, lora_config(lora, "CAUSAL_LM"))
         reference = None
     else:
         reference = copy.deepcopy(policy_base).requires_grad_(False).eval()
         policy = policy_base.requires_grad_(True)
     if layout == "shared" and lora_rank > 0:
-        critic = get_peft_model(reward_model, lora_config(lora_rank, "SEQ_CLS", ["score"]))
+        critic = get_peft_model(reward_model, lora_config(lora, "SEQ_CLS", ["score"]))
         return Models(policy=policy, critic=critic, reference=reference, reward=None)
     if layout not in ("shared", "separate"):
         raise ValueError(f"unknown model layout {layout!r}; use 'shared' or 'separate'")
     value = copy.deepcopy(reward_model)
     if lora_rank > 0:
-        value = get_peft_model(value, lora_config(lora_rank, "SEQ_CLS", ["score"]))
+        value = get_peft_model(value, lora_config(lora, "SEQ_CLS", ["score"]))
     else:
         value.requires_grad_(True)
     return Models(policy=policy, critic=value, reference=reference, reward=reward_model.eval())

@@ -64,6 +64,8 @@ class PPOSettings:
     score_std: float = 1.0
     checkpoint_every: int = 0           # 0: only at the end
     seed: int = 0
+    dtype: str = "fp32"                 # autocast precision: fp32 (off), bf16, fp16
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         check_batch_split(self.batch_size, self.num_minibatches, self.microbatch_size)
@@ -177,22 +179,26 @@ class _SampledLogprobs:
         return torch.stack(self.logprobs, 1)
 
 
-def rollout(policy, query_ids, query_mask, settings: PPOSettings, eos_token_id: int,
-            pad_token_id: int):
+def rollout(policy, query_ids, query_mask, settings: PPOSettings, stop_ids, pad_token_id: int):
     """Sample responses with ``generate``; returns (responses, rollout log-probs).
 
     [N+ "left padding"]: prompts are left-padded so every response starts at the same
     column; ``generate`` derives position ids from the attention mask so padding does not
     shift positions, and uses the KV cache.  [N+ "sampling"]: plain multinomial sampling
-    of logits / T (top-k 0, top-p 1), so the log-probs are those of the distribution sampled.
+    of logits / T (top-k 0, top-p 1, no penalties: the checkpoint's generation_config is
+    ignored), so the log-probs are those of the distribution sampled.  Generation stops
+    at any of ``stop_ids`` (every EOS of the model, the chat template's end of turn).
     """
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
+    from rlhf_tasks.generation import checkpoint_defaults_off, decoding_config
+
+    stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     recorder = _SampledLogprobs(settings.temperature, query_ids.shape[1])
-    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True,
-                              temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
-                              eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    with torch.inference_mode():
+    # temperature 1 here: the recorder divides the logits by T itself
+    config = decoding_config(max_new_tokens=settings.max_new_tokens, temperature=1.0,
+                             stop_ids=stop_ids, pad_token_id=pad_token_id)
+    with torch.inference_mode(), checkpoint_defaults_off(policy):
         sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask,
                                     generation_config=config,
                                     logits_processor=LogitsProcessorList([recorder]))
@@ -280,14 +286,33 @@ def prompt_batch(prompts: list[list[int]], position: int, size: int, seed: int
     return out
 
 
+def autocast(settings: PPOSettings, device) -> contextlib.AbstractContextManager:
+    """Mixed precision for forward passes: weights that train stay fp32 (master copies)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.dtype)
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def enable_gradient_checkpointing(*modules: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant: works with
+    frozen inputs and LoRA)."""
+    for module in modules:
+        inner = module.get_base_model() if hasattr(module, "get_base_model") else module
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
-          eos_token_id: int, pad_token_id: int, device: str | torch.device = "cpu",
+          eos_token_id, pad_token_id: int, device: str | torch.device = "cpu",
           resume_from: Path | None = None, checkpoint_dir: Path | None = None,
           on_checkpoint: Callable[[int, Path], None] | None = None,
           on_metrics: Callable[[int, dict], None] | None = None,
           stop_after: int | None = None, accelerator=None) -> TrainResult:
-    """Run PPO; ``stop_after`` ends early after that many updates (to test resuming)."""
+    """Run PPO; ``stop_after`` ends early after that many updates (to test resuming).
+    ``eos_token_id``: the stop id, or a list of them (a response ends at the first)."""
     s = settings
+    stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(models.policy, models.critic)
     for model in filter(None, (models.policy, models.critic, models.reference, models.reward)):
         disable_dropout(model)
     for frozen in filter(None, (models.reference, models.reward)):
@@ -332,11 +357,12 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
 
         # 2. rollouts (policy in eval mode: dropout is off anyway)
         unwrapped.eval()
-        responses, logprobs = rollout(unwrapped.policy, query_ids, query_mask, s,
-                                      eos_token_id, pad_token_id)
-        # [N+ "Truncate at EOS"]: tokens after the first EOS are padding; a response
-        # that never emits EOS keeps all its tokens and is penalised below.
-        mask, has_eos = core.response_mask(responses, eos_token_id)
+        with autocast(s, device):
+            responses, logprobs = rollout(unwrapped.policy, query_ids, query_mask, s,
+                                          stop_ids, pad_token_id)
+        # [N+ "Truncate at EOS"]: tokens after the first stop token are padding; a
+        # response that never stops keeps all its tokens and is penalised below.
+        mask, has_eos = core.response_mask(responses, stop_ids)
         width = responses.shape[1]
         responses = responses.masked_fill(mask == 0, pad_token_id)
         ids = torch.cat([query_ids, responses], 1)
@@ -348,7 +374,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         # the whole batch at once would be the largest tensor of the update
         ref_logprobs, values, raw_scores = [], [], []
         last_index = width_q + mask.sum(1) - 1
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(s, device):
             for rows in torch.arange(len(ids)).split(s.microbatch_size):
                 args = (ids[rows], full_mask[rows], positions[rows])
                 if models.reference is None:
@@ -401,8 +427,9 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
                 for m_start in range(0, len(mb_rows), micro):
                     rows = mb_rows[m_start: m_start + micro]
                     m = maskf[rows]
-                    new_logits, new_values = wrapped(ids[rows], full_mask[rows], positions[rows],
-                                                     width, s.temperature)
+                    with autocast(s, device):
+                        new_logits, new_values = wrapped(ids[rows], full_mask[rows],
+                                                         positions[rows], width, s.temperature)
                     new_logprobs = core.selective_logprobs(new_logits, responses[rows])
                     pg_loss, pg_stats = core.policy_loss(new_logprobs, logprobs[rows],
                                                          advantages[rows], m, s.clip_range)

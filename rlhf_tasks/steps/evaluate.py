@@ -40,46 +40,56 @@ def models_under_comparison(cfg, storage: Storage):
 
 
 def load_policy(cfg, storage: Storage, uri: str, local: Path):
-    """A causal LM from a base checkpoint, a merged folder, or a LoRA adapter folder."""
+    """A causal LM from the base checkpoint, one of our MLflow model folders (a registered
+    version), a merged folder, or a LoRA adapter folder."""
+    from rlhf_tasks import serving
+
+    kwargs = models.load_kwargs(cfg, training.resolve_device(cfg), trainable=False)
     if uri == cfg.model.base_model:
-        return models.load_causal_lm(cfg, storage)
+        return models.load_causal_lm(cfg, storage, **kwargs)
     folder = storage.get_dir(uri, local)
+    inside = serving.hf_folder(folder)
+    if inside is not None:
+        return models.load_causal_lm(cfg, storage, path=str(inside), **kwargs)
     if (folder / "merged").is_dir():
-        return models.load_causal_lm(cfg, storage, path=str(folder / "merged"))
+        return models.load_causal_lm(cfg, storage, path=str(folder / "merged"), **kwargs)
     if (folder / "adapter_config.json").exists():
         from peft import PeftModel
 
         summary = next((json.loads(p.read_text()) for p in
                         (folder / "ppo_summary.json", folder / "sft_summary.json") if p.exists()),
                        {})
-        base = models.load_causal_lm(cfg, storage, path=summary.get("base_model"))
+        base_ref = summary.get("base_model")
+        base = models.load_causal_lm(
+            cfg, storage, path=None if base_ref in (None, cfg.model.base_model) else base_ref,
+            **kwargs)
         return PeftModel.from_pretrained(base, folder).merge_and_unload()
-    return models.load_causal_lm(cfg, storage, path=str(folder))
+    return models.load_causal_lm(cfg, storage, path=str(folder), **kwargs)
 
 
-def generate(model, tokenizer, prompts: list[list[int]], *, temperature: float,
+def generate(model, tokenizer, renderer, prompts: list[list[int]], *, temperature: float,
              max_new_tokens: int, seed: int, device: str, batch_size: int = 64):
-    """Responses (token ids up to the first EOS, which is dropped) and whether each ended."""
+    """Responses (token ids up to and including the first stop token) and whether each
+    ended, decoded with explicit settings only (never the checkpoint's generation_config)."""
     import torch
 
+    from rlhf_tasks.generation import checkpoint_defaults_off, decoding_config
     from rlhf_tasks.ppo.trainer import collate_prompts
 
     torch.manual_seed(seed)
     model.eval().to(device)
+    config = decoding_config(max_new_tokens=max_new_tokens, temperature=temperature,
+                             stop_ids=renderer.stop_ids, pad_token_id=tokenizer.pad_token_id)
     out, ended = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), checkpoint_defaults_off(model):
         for start in range(0, len(prompts), batch_size):
             ids, mask = collate_prompts(prompts[start:start + batch_size],
                                         tokenizer.pad_token_id, device)
-            gen = model.generate(input_ids=ids, attention_mask=mask,
-                                 do_sample=temperature > 0, temperature=temperature or None,
-                                 top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             for row in gen[:, ids.shape[1]:].tolist():
-                eos = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else None
-                out.append(row[:eos] if eos is not None else row)
-                ended.append(eos is not None)
+                kept, stopped = renderer.split_response(row)
+                out.append(kept)
+                ended.append(stopped)
     return out, ended
 
 
@@ -91,23 +101,28 @@ def evaluate(cfg) -> dict:
     storage = Storage.from_config(cfg)
     device = training.resolve_device(cfg)
     out_uri = cfg.step_uri("evaluate")
-    decoding = {"temperature": ev.temperature, "max_new_tokens": ev.max_new_tokens,
-                "top_k": 0, "top_p": 1.0, "seed": cfg.run.seed}
     with tracking.step_run(cfg, "evaluate") as run_id, \
             tempfile.TemporaryDirectory(prefix="rlhf-evaluate-") as tmp:
         tmp = Path(tmp)
         import mlflow
 
-        mlflow.log_params({f"decoding.{k}": v for k, v in decoding.items()})
+        from rlhf_tasks.serving import decoding_from_config
+
+        training.log_model_reference(cfg, storage)
         tokenizer = models.load_tokenizer(cfg, storage)
-        prompts = list(training.read_canonical(cfg, storage, "eval")["prompt"])
+        renderer = models.renderer(cfg, tokenizer, storage)
+        decoding = decoding_from_config(cfg, renderer)
+        mlflow.log_params({f"decoding.{k}": v for k, v in decoding.items()})
+        frame = training.read_canonical(cfg, storage, "eval")
         if ev.max_prompts:
-            prompts = prompts[:ev.max_prompts]
-        encoded = [training.encode_prompt(tokenizer, p, cfg.model.instruction) for p in prompts]
-        base_dir = models.local_model_dir(cfg.model.base_model, storage)
+            frame = frame.iloc[:ev.max_prompts]
+        prompts = list(frame["prompt"])
+        encoded = training.encode_prompts(renderer, frame)
+        base_dir = models.base_model_dir(cfg, storage)
         reward_model, info = load_reward_model(
             storage.get_dir(cfg.step_uri("reward", "model"), tmp / "reward"),
-            base_model_dir=base_dir, trust_remote_code=cfg.model.trust_remote_code)
+            base_model_dir=base_dir, trust_remote_code=cfg.model.trust_remote_code,
+            **models.load_kwargs(cfg, device, trainable=False))
         norm = info["normalisation"]
         reward_model.to(device)
 
@@ -116,17 +131,20 @@ def evaluate(cfg) -> dict:
         for label, uri in compared.items():
             log.info("evaluate: %s (%s) answers %d prompts", label, uri, len(prompts))
             policy = load_policy(cfg, storage, uri, tmp / label)
-            responses, ended = generate(policy, tokenizer, encoded, device=device,
-                                        temperature=ev.temperature,
-                                        max_new_tokens=ev.max_new_tokens, seed=cfg.run.seed)
-            del policy
-            scores = score_sequences(reward_model, [p + r + [tokenizer.eos_token_id]
-                                                    for p, r in zip(encoded, responses)],
-                                     tokenizer.pad_token_id, device=device)
+            with training.autocast(cfg, device):
+                responses, ended = generate(policy, tokenizer, renderer, encoded, device=device,
+                                            temperature=ev.temperature,
+                                            max_new_tokens=ev.max_new_tokens,
+                                            seed=cfg.run.seed)
+                del policy
+                # exactly the tokens generated (the stop token included), as PPO scores them
+                scores = score_sequences(reward_model, [p + r for p, r in zip(encoded, responses)],
+                                         tokenizer.pad_token_id, device=device)
             scores = [(s - norm["mean"]) / norm["std"] for s in scores]
-            texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+            texts = [renderer.response_text(r) for r in responses]
             metrics[label] = {"reward_mean": sum(scores) / len(scores),
-                              "length_mean": sum(map(len, responses)) / len(responses),
+                              "length_mean": sum(len(r) - e for r, e in zip(responses, ended))
+                              / len(responses),
                               "missing_eos_rate": 1 - sum(ended) / len(ended),
                               "empty_rate": sum(not t for t in texts) / len(texts)}
             tracking.log_metrics("eval", {f"{label}/{k}": v for k, v in metrics[label].items()})

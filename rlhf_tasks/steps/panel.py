@@ -125,12 +125,15 @@ def gate(cfg) -> dict:
         mlflow.log_artifact(str(page), artifact_path="panel")
 
         cand = result.scores.get("rlhf")
-        reward_uri = cfg.step_uri("reward", "model")
+        # registered versions are MLflow models (MLmodel, signature, input example), linked
+        # to the runs that trained them
+        reward_info = storage.read_json(join(cfg.step_uri("reward", "model"), "reward_model.json"))
         reward_version = registry.register(
-            cfg, storage, name=registry.reward_model_name(cfg), source=reward_uri,
-            run_id=None, tags={"airflow.dag_id": cfg.run.pipeline,
-                               "airflow.run_id": cfg.run.run_id,
-                               "datasets": cfg.data.preference_uri})
+            cfg, storage, name=registry.reward_model_name(cfg),
+            source=cfg.step_uri("reward", "served"), run_id=reward_info.get("mlflow_run_id"),
+            tags={"airflow.dag_id": cfg.run.pipeline, "airflow.run_id": cfg.run.run_id,
+                  "datasets": cfg.data.preference_uri, "base_model": cfg.model.base_model,
+                  "heldout_accuracy": reward_info.get("heldout", {}).get("accuracy")})
         ppo_summary = storage.read_json(join(cfg.step_uri("ppo", "model"), "ppo_summary.json"))
         tags = {
             "pass_rate": f"{cand.pass_rate:.4f}" if cand else None,
@@ -143,10 +146,13 @@ def gate(cfg) -> dict:
             "data.prompt_uri": cfg.data.prompt_uri, "data.eval_uri": cfg.data.eval_uri,
             "airflow.dag_id": cfg.run.pipeline, "airflow.run_id": cfg.run.run_id,
             "base_model": cfg.model.base_model, "reward_model.version": reward_version.version,
+            "base_model.revision": reward_info.get("base_model_revision"),
+            "base_model.sha256": reward_info.get("base_model_sha256"),
+            "adapter": cfg.step_uri("ppo", "model"),
             "gate.decision": "promote" if decision.promote else "reject",
         }
         version = registry.register(
-            cfg, storage, name=cfg.registry.model_name, source=cfg.step_uri("ppo", "model"),
+            cfg, storage, name=cfg.registry.model_name, source=cfg.step_uri("ppo", "served"),
             run_id=ppo_summary.get("mlflow_run_id"), tags=tags,
             description=f"RLHF candidate of {cfg.run.pipeline}/{cfg.run.run_id}")
         if not decision.promote:

@@ -4,7 +4,9 @@ Inputs: ``validate_prompt/canonical.parquet`` and ``reward/model/`` (with its
 normalisation).  The policy starts from ``model.base_model``; the reference policy is the
 same model with its LoRA adapter disabled; the value model starts from the reward model.
 Outputs under ``<run>/ppo/``: ``model/`` (the policy's LoRA adapter in safetensors, the
-tokenizer, ``ppo_summary.json``, and ``merged/`` when ``ppo.merge_adapter``),
+tokenizer, ``prompt_format.json``, ``ppo_summary.json``, and ``merged/`` when
+``ppo.merge_adapter``), ``served/`` (the MLflow pyfunc model the registry holds: merged
+weights, tokenizer, prompt format and decoding),
 ``checkpoints/update-N/`` every ``ppo.checkpoint_every`` updates; a rerun resumes from the
 newest and ends with the weights an uninterrupted run would have.
 """
@@ -27,9 +29,12 @@ BASE_LR_LORA, BASE_LR_FULL = 3e-4, 1e-6
 
 
 def ppo_settings(cfg, score_mean: float = 0.0, score_std: float = 1.0):
+    import torch
+
     from rlhf_tasks.ppo.trainer import PPOSettings
 
     p = cfg.ppo
+    dtype = models.compute_dtype(cfg, training.resolve_device(cfg))
     return PPOSettings(
         total_updates=p.train_steps, batch_size=p.batch_size, num_minibatches=p.num_minibatches,
         microbatch_size=p.microbatch_size, ppo_epochs=p.ppo_epochs,
@@ -41,7 +46,9 @@ def ppo_settings(cfg, score_mean: float = 0.0, score_std: float = 1.0):
         temperature=p.temperature,
         max_new_tokens=p.response_length or cfg.data.max_target_tokens,
         missing_eos_penalty=p.missing_eos_penalty, score_mean=score_mean, score_std=score_std,
-        checkpoint_every=p.checkpoint_every, seed=cfg.run.seed)
+        checkpoint_every=p.checkpoint_every, seed=cfg.run.seed,
+        dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),
+        gradient_checkpointing=cfg.compute.gradient_checkpointing)
 
 
 def _accelerator(cfg):
@@ -72,20 +79,23 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
            if main else contextlib.nullcontext(None))
     with run as run_id, tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
         tmp = Path(tmp)
+        if main:
+            training.log_model_reference(cfg, storage)
         tokenizer = models.load_tokenizer(cfg, storage)
-        base_dir = models.local_model_dir(cfg.model.base_model, storage)
+        renderer = models.renderer(cfg, tokenizer, storage)
+        base_dir = models.base_model_dir(cfg, storage)
         reward_dir = storage.get_dir(cfg.step_uri("reward", "model"), tmp / "reward")
-        reward_model, info = load_reward_model(reward_dir, base_model_dir=base_dir,
-                                               trust_remote_code=cfg.model.trust_remote_code)
+        reward_model, info = load_reward_model(
+            reward_dir, base_model_dir=base_dir, trust_remote_code=cfg.model.trust_remote_code,
+            **models.load_kwargs(cfg, device, trainable=False))
         norm = info["normalisation"]
         settings = ppo_settings(cfg, norm["mean"], norm["std"])
-        prompts = [training.encode_prompt(tokenizer, p, cfg.model.instruction)
-                   for p in training.read_canonical(cfg, storage, "prompt")["prompt"]]
+        prompts = training.encode_prompts(renderer,
+                                          training.read_canonical(cfg, storage, "prompt"))
         torch.manual_seed(cfg.run.seed)  # LoRA initialisation: the same on every rerun
-        policy = models.load_causal_lm(cfg, storage)
-        policy.generation_config.pad_token_id = tokenizer.pad_token_id
-        stack = build_models(policy, reward_model, lora_rank=cfg.ppo.lora_rank,
-                             layout=cfg.ppo.model_layout)
+        policy = models.load_causal_lm(cfg, storage, **models.load_kwargs(
+            cfg, device, trainable=cfg.ppo.lora_rank == 0))
+        stack = build_models(policy, reward_model, lora_rank=cfg.ppo, layout=cfg.ppo.model_layout)
         for model in filter(None, (stack.policy, stack.critic, stack.reference, stack.reward)):
             model.to(device)
 
@@ -100,7 +110,7 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
 
         started = time.perf_counter()
         result = ppo_trainer.train(
-            stack, prompts, settings, eos_token_id=tokenizer.eos_token_id,
+            stack, prompts, settings, eos_token_id=renderer.stop_ids,
             pad_token_id=tokenizer.pad_token_id, device=device, resume_from=resume,
             checkpoint_dir=tmp / "checkpoints", on_checkpoint=on_checkpoint,
             on_metrics=on_metrics, stop_after=stop_after, accelerator=accelerator)
@@ -115,24 +125,35 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             "reward_first": first["reward_mean"], "reward_last": last["reward_mean"],
             "kl_last": last["kl"], "seconds": round(time.perf_counter() - started, 1),
             "settings": settings.__dict__, "reward_model": cfg.step_uri("reward", "model"),
-            "base_model": cfg.model.base_model, "lora_rank": cfg.ppo.lora_rank,
+            "base_model": cfg.model.base_model, "base_model_revision": cfg.model.revision,
+            "lora_rank": cfg.ppo.lora_rank, "prompt_format": renderer.settings(),
             "mlflow_run_id": run_id,
         }
         model_dir = tmp / "model"
         policy = stack.policy.cpu()
         policy.save_pretrained(model_dir, safe_serialization=True)
+        merged = policy.merge_and_unload() if cfg.ppo.lora_rank else policy
         if cfg.ppo.merge_adapter and cfg.ppo.lora_rank:
-            policy.merge_and_unload().save_pretrained(model_dir / "merged", safe_serialization=True)
+            merged.save_pretrained(model_dir / "merged", safe_serialization=True)
             tokenizer.save_pretrained(model_dir / "merged")
         tokenizer.save_pretrained(model_dir)
+        renderer.save(model_dir)
         (model_dir / "ppo_summary.json").write_text(json.dumps(summary, indent=2))
         (model_dir / "history.json").write_text(json.dumps(result.history))
         storage.put_dir(model_dir, join(out_uri, "model"),
                         extra={"step": "ppo", "kind": "lora" if cfg.ppo.lora_rank else "full"})
+        # the MLflow model the registry serves: merged weights, tokenizer, prompt format,
+        # the evaluation's decoding settings
+        from rlhf_tasks import serving
+
+        served = serving.save_policy_model(tmp / "served", merged, tokenizer, renderer,
+                                           serving.decoding_from_config(cfg, renderer))
+        storage.put_dir(served, join(out_uri, "served"), extra={"step": "ppo"})
         _log_curves(result.history, tmp / "curves.png")
         tracking.log_metrics("ppo", {"reward_lift": last["reward_mean"] - first["reward_mean"],
                                      "seconds": summary["seconds"]})
-    return {"model_uri": join(out_uri, "model"), "updates": result.updates,
+    return {"model_uri": join(out_uri, "model"), "served_uri": join(out_uri, "served"),
+            "updates": result.updates,
             "resumed_from": result.resumed_from,
             "reward_first": round(first["reward_mean"], 4),
             "reward_last": round(last["reward_mean"], 4), "kl_last": round(last["kl"], 4),

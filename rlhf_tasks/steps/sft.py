@@ -25,8 +25,6 @@ def sft(cfg) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf_tasks.ppo.models import lora_config
-
     sc = cfg.sft
     storage = Storage.from_config(cfg)
     out_uri = cfg.step_uri("sft")
@@ -35,15 +33,19 @@ def sft(cfg) -> dict:
     with tracking.step_run(cfg, "sft", tags={"sft.lora_rank": str(sc.lora_rank)}) as run_id, \
             tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp:
         started = time.perf_counter()
+        training.log_model_reference(cfg, storage)
         tokenizer = models.load_tokenizer(cfg, storage)
+        renderer = models.renderer(cfg, tokenizer, storage)
         frame = training.read_canonical(cfg, storage, "sft")
         rows: dict[str, list] = {"input_ids": [], "completion_mask": []}
-        for row in frame.itertuples(index=False):
-            prompt = training.encode_prompt(tokenizer, row.prompt, cfg.model.instruction)
-            completion = training.encode_response(tokenizer, row.completion)
+        for prompt, text in zip(training.encode_prompts(renderer, frame), frame["completion"]):
+            completion = renderer.response_ids(text)
             rows["input_ids"].append(prompt + completion)
             rows["completion_mask"].append([0] * len(prompt) + [1] * len(completion))
-        model = models.load_causal_lm(cfg, storage)
+        device = training.resolve_device(cfg)
+        model = models.load_causal_lm(cfg, storage, **models.load_kwargs(
+            cfg, device, trainable=sc.lora_rank == 0))
+        model = training.trainable_model(model, sc, "CAUSAL_LM")
         lr = training.learning_rate(BASE_LR_LORA, BASE_LR_FULL, sc.lora_rank,
                                     sc.learning_rate_multiplier)
         args = SFTConfig(**training.trainer_common_args(
@@ -53,7 +55,6 @@ def sft(cfg) -> dict:
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_dict(rows),
             processing_class=tokenizer,
-            peft_config=lora_config(sc.lora_rank, "CAUSAL_LM") if sc.lora_rank else None,
             callbacks=training.trainer_callbacks("sft", storage, checkpoints_uri))
         resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, Path(tmp) / "trainer")
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -61,10 +62,11 @@ def sft(cfg) -> dict:
         model_dir = Path(tmp) / "model"
         trainer.model.save_pretrained(model_dir, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
+        renderer.save(model_dir)
         summary = {"kind": "lora" if sc.lora_rank else "full", "base_model": cfg.model.base_model,
                    "lora_rank": sc.lora_rank, "train_rows": len(frame),
                    "train_loss": output.training_loss, "steps": output.global_step,
-                   "instruction": cfg.model.instruction, "mlflow_run_id": run_id}
+                   "prompt_format": renderer.settings(), "mlflow_run_id": run_id}
         (model_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
         model_uri = join(out_uri, "model")
         storage.put_dir(model_dir, model_uri, extra={"step": "sft", "kind": summary["kind"]})
