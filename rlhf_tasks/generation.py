@@ -18,13 +18,14 @@ def decoding_config(*, max_new_tokens: int, temperature: float, stop_ids: list[i
     from transformers import GenerationConfig
 
     sample = temperature > 0
+    # sampling knobs only when sampling (greedy decoding warns about them otherwise)
+    knobs = dict(temperature=temperature, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
+                 eta_cutoff=0.0) if sample else {}
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=0, min_length=0, do_sample=sample,
-        temperature=temperature if sample else 1.0, top_k=0, top_p=1.0, typical_p=1.0,
-        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0, num_beams=1, num_beam_groups=1, length_penalty=1.0,
-        renormalize_logits=False, use_cache=True, eos_token_id=list(stop_ids),
-        pad_token_id=pad_token_id)
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample, **knobs,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        num_beams=1, num_beam_groups=1, length_penalty=1.0, renormalize_logits=False,
+        use_cache=True, eos_token_id=list(stop_ids), pad_token_id=pad_token_id)
 
 
 def describe(*, max_new_tokens: int, temperature: float, stop_ids: list[int], seed: int) -> dict:

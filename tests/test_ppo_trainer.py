@@ -52,6 +52,49 @@ def test_rollout_logprobs_equal_a_forward_pass_over_left_padded_prompts():
     assert torch.allclose(logprobs * keep, again * keep, atol=1e-5 if DEVICE == "cpu" else 1e-4)
 
 
+def _rollout_vs_forward(models, settings, stop_ids):
+    ids, mask = collate_prompts(prompts(8), PAD, DEVICE)
+    torch.manual_seed(0)
+    responses, logprobs = rollout(models.policy, ids, mask, settings, stop_ids, PAD)
+    keep, _ = core.response_mask(responses, stop_ids)
+    responses = responses.masked_fill(keep == 0, PAD)
+    full, full_mask = torch.cat([ids, responses], 1), torch.cat([mask, keep], 1)
+    with torch.no_grad():
+        logits = response_logits(models.policy, full, full_mask, position_ids(full_mask),
+                                 responses.shape[1], settings.temperature)
+    return (logprobs * keep, core.selective_logprobs(logits, responses) * keep, responses, keep)
+
+
+def test_rollouts_ignore_the_checkpoints_generation_config(monkeypatch):
+    """A real checkpoint's generation_config (repetition penalty, top-k/top-p, min-p,
+    min_new_tokens) must not reach the rollouts: the recorded log-probs stay those of the
+    training forward pass, and a response may stop at once."""
+    models = tiny(4, "shared")
+    gen = models.policy.get_base_model().generation_config
+    gen.repetition_penalty, gen.top_k, gen.top_p, gen.min_p = 1.8, 5, 0.5, 0.2
+    gen.min_new_tokens, gen.no_repeat_ngram_size, gen.do_sample = 4, 2, True
+    gen.suppress_tokens = list(range(20, 60))  # a knob our settings leave unset
+    settings = PPOSettings(max_new_tokens=6, temperature=0.7)
+    stops = [EOS, 7, 11]  # several stop ids, as Llama 3 and chat templates have
+    recorded, forward, responses, keep = _rollout_vs_forward(models, settings, stops)
+    assert torch.allclose(recorded, forward, atol=1e-5 if DEVICE == "cpu" else 1e-4)
+    # the checkpoint's settings are still there for anyone else
+    assert models.policy.get_base_model().generation_config.repetition_penalty == 1.8
+    # every response is cut after its first stop id
+    for row, kept in zip(responses.tolist(), keep.sum(1).tolist()):
+        assert not set(row[:kept - 1]) & set(stops)
+
+    # the same rollout with the checkpoint's defaults let through (its unset knobs filled
+    # from the checkpoint): the recorded log-probs no longer match the forward pass
+    import contextlib
+
+    from rlhf_tasks import generation
+
+    monkeypatch.setattr(generation, "checkpoint_defaults_off", lambda m: contextlib.nullcontext())
+    recorded, forward, _, _ = _rollout_vs_forward(models, settings, stops)
+    assert not torch.allclose(recorded, forward, atol=1e-3)
+
+
 @pytest.mark.parametrize("lora_rank,layout", [(4, "shared"), (4, "separate"), (0, "separate")])
 def test_every_layout_trains_and_keeps_the_reference_fixed(lora_rank, layout):
     models = tiny(lora_rank, layout)

@@ -44,11 +44,11 @@ def trained(tmp_path_factory, demo_model_dir):
 
 
 def _eval_prompts(cfg, tokenizer, n=96):
-    from rlhf_tasks.training import encode_prompt
+    from rlhf_tasks import models
 
+    renderer = models.renderer(cfg, tokenizer)
     lines = open(cfg.data.eval_uri).read().splitlines()[:n]
-    return [encode_prompt(tokenizer, json.loads(line)["prompt"], cfg.model.instruction)
-            for line in lines]
+    return [renderer.prompt_ids(json.loads(line)["prompt"]) for line in lines]
 
 
 def test_reward_model_beats_chance_and_is_normalised(trained):
