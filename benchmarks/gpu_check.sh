@@ -15,3 +15,5 @@ for size in "--hidden 128 --layers 4 --heads 4" "--hidden 1024 --layers 8 --head
       --batch-size 64 2>&1 | tail -1 | sed "s/^/[$size run $run] /"
   done
 done
+# peak memory and seconds of one PPO update, fp32 vs bf16 + gradient checkpointing (~0.45B)
+python3 benchmarks/ppo_memory.py --runs 3 --device cuda --batch 16 --microbatch 4 2>&1 | tail -4

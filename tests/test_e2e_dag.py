@@ -145,8 +145,16 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     assert len(versions) == 1 and versions[0].tags["gate.decision"] == "reject"
     assert "below the minimum 1.000" in versions[0].tags["gate.reason"]
     assert versions[0].tags["panel.simulated"] == "true" and not versions[0].aliases
-    assert versions[0].source == str(runs[0] / "ppo" / "model")
-    assert mlflow.MlflowClient().get_model_version("resume-assistant-reward", "1")
+    # versions are MLflow models: the policy answers through pyfunc, the reward model is
+    # linked to the run that trained it
+    assert versions[0].source == str(runs[0] / "ppo" / "served")
+    answers = mlflow.pyfunc.load_model("models:/resume-assistant/1").predict(
+        ["Rewrite: helped with payroll for 40 staff"])
+    assert len(answers) == 1 and isinstance(answers[0], str)
+    reward_version = mlflow.MlflowClient().get_model_version("resume-assistant-reward", "1")
+    reward_run = children[children["tags.rlhf.step"] == "reward"].iloc[0]["run_id"]
+    assert reward_version.run_id == reward_run
+    assert reward_version.source == str(runs[0] / "reward" / "served")
     for step in ("reward", "ppo"):
         manifest = json.loads((runs[0] / step / "model" / "MANIFEST.json").read_text())
         assert manifest["step"] == step and "adapter_model.safetensors" in manifest["files"]

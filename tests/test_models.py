@@ -61,3 +61,67 @@ def test_loads_from_s3(tmp_path, tiny_model_dir, s3_endpoint, bucket, monkeypatc
     model = load_causal_lm(cfg, storage)
     assert model.config.hidden_size == 16
     assert list((tmp_path / ".rlhf" / "cache" / "models").iterdir())
+
+
+def fake_hub_cache(root, repo_id: str, model_dir, commit: str = "a" * 40):
+    """A Hugging Face cache entry laid out as ``hf download`` leaves it: blobs named by
+    their sha256 (for LFS files), snapshot files as symlinks, ``refs/main``."""
+    import hashlib
+    import os
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in model_dir.iterdir():
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+    return snapshot
+
+
+def test_hub_id_resolves_through_the_local_cache(tmp_path, tiny_model_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    from rlhf_tasks import models
+    from rlhf_tasks.storage import sha256_file
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = fake_hub_cache(tmp_path / "hub", "acme/tiny-chat", tiny_model_dir)
+    cfg = config.validate({"model": {"base_model": "acme/tiny-chat"}})
+    assert models.base_model_dir(cfg) == snapshot
+    assert models.load_causal_lm(cfg).config.hidden_size == 16
+    described = models.describe(cfg)
+    assert described["model.resolved_revision"] == "a" * 40
+    # the digest: sha256 over "name:sha256" of the weights (here read off the blob names)
+    import hashlib
+
+    weights = sorted(tiny_model_dir.glob("*.safetensors"))
+    expected = "\n".join(f"{w.name}:{sha256_file(w)}" for w in weights)
+    assert described["model.weights_sha256"] == hashlib.sha256(expected.encode()).hexdigest()
+    # a revision that is not cached: refused, naming the id and the cache folder
+    cfg = config.validate({"model": {"base_model": "acme/tiny-chat", "revision": "b" * 40}})
+    with pytest.raises(BadInput, match=f"acme/tiny-chat.*{'b' * 40}.*{tmp_path / 'hub'}"):
+        models.base_model_dir(cfg)
+
+
+def test_uncached_hub_id_exits_2_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{base_model: acme/not-here}}\nstorage: {{artifact_root: "
+                   f"{tmp_path / 'a'}}}\ntracking: {{tracking_uri: 'sqlite:///{tmp_path}/m.db'}}\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    proc = subprocess.run([sys.executable, "-m", "rlhf_tasks.cli", "data", "validate",
+                           str(tmp_path / "p.jsonl"), "--kind", "prompt", "--config", str(cfg)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "acme/not-here" in line]
+    assert len(errors) == 1 and str(tmp_path / "hub") in errors[0], proc.stderr

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import free_port, review_server, wait_http
@@ -194,6 +195,11 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         assert champion.tags["panel.simulated"] == "false"
         assert champion.tags["panel.reviewers"] == "3"
         assert client.get_model_version_by_alias("resume-assistant-reward", "champion")
+        # the champion is an MLflow model, read back from S3 and answering through pyfunc
+        assert champion.source.endswith("/ppo/served")
+        with mock.patch.dict(os.environ, {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint}):
+            served = mlflow.pyfunc.load_model("models:/resume-assistant@champion")
+        assert isinstance(served.predict(["Rewrite: helped with payroll"])[0], str)
         # the verdict store is PostgreSQL: every verdict, with who gave it
         rows = store.verdict_rows(batch["id"])
         assert {r["reviewer"] for r in rows} == {"ann", "bob", "cara"} and len(rows) == 12

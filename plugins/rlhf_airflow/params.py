@@ -22,6 +22,8 @@ PARAM_TO_CONFIG: dict[str, list[str]] = {
     "eval_dataset": ["data.eval_uri"],
     "sft_dataset": ["data.sft_uri"],
     "base_model": ["model.base_model"],
+    "model_revision": ["model.revision"],
+    "prompt_format": ["model.prompt_format"],
     "instruction": ["model.instruction"],
     "prompt_sequence_length": ["data.max_prompt_tokens"],
     "target_sequence_length": ["data.max_target_tokens"],
@@ -38,6 +40,8 @@ PARAM_TO_CONFIG: dict[str, list[str]] = {
     "verdicts_per_item": ["panel.verdicts_per_item"],
     "approver": ["panel.approver"],
     "backend": ["compute.backend"],
+    "dtype": ["compute.dtype"],
+    "gradient_checkpointing": ["compute.gradient_checkpointing"],
 }
 
 _NULLABLE_URI = {"type": ["null", "string"], "maxLength": 2048}
@@ -80,9 +84,19 @@ def trigger_params() -> dict[str, Param]:
                                          "supervised baseline."),
         "base_model": Param(None, **_NULLABLE_URI,
                             description="Foundation model: a Hugging Face checkpoint folder "
-                                        "(local or s3://)."),
+                                        "(local or s3://) or a hub id in the workers' "
+                                        "Hugging Face cache."),
+        "model_revision": Param(None, type=["null", "string"], maxLength=200,
+                                pattern=r"^[\w./-]+$",
+                                description="Hub revision (commit, tag or branch) of a hub id."),
+        "prompt_format": Param(defaults.model.prompt_format, type="string",
+                               enum=["auto", "chat", "template"],
+                               description="chat: the tokenizer's chat template; template: "
+                                           "model.prompt_template of the base config; auto: "
+                                           "chat when the tokenizer has one."),
         "instruction": Param(None, type=["null", "string"], maxLength=2000,
-                             description="Instruction prepended to every prompt."),
+                             description="Instruction for every prompt: the system message "
+                                         "in chat format."),
         "prompt_sequence_length": _num("data.max_prompt_tokens",
                                        defaults.data.max_prompt_tokens, "integer",
                                        "Longest prompt in tokens; longer rows are quarantined."),
@@ -122,6 +136,13 @@ def trigger_params() -> dict[str, Param]:
                          description="Where heavy steps run: a process on the worker, or "
                                      "a pod per step (image, GPUs, secrets: compute.kubernetes "
                                      "in the base config)."),
+        "dtype": Param(defaults.compute.dtype, type="string",
+                       enum=["auto", "bf16", "fp16", "fp32"],
+                       description="Weights and autocast precision (trainable weights keep "
+                                   "fp32 master copies); auto: bf16 on a GPU that has it."),
+        "gradient_checkpointing": Param(defaults.compute.gradient_checkpointing, type="boolean",
+                                        description="Recompute activations in the backward "
+                                                    "pass: less memory, more compute."),
     }
 
 
