@@ -157,8 +157,8 @@ def trainer_common_args(cfg, *, output_dir: Path, steps: int, batch_size: int,
     device = resolve_device(cfg)
     dtype = compute_dtype(cfg, device)
     return dict(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                gradient_checkpointing=cfg.compute.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
+                activation_checkpointing=cfg.compute.gradient_checkpointing,
+                activation_checkpointing_kwargs={"use_reentrant": False},
                 output_dir=str(output_dir), max_steps=steps,
                 per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
                 learning_rate=learning_rate, lr_scheduler_type="linear",

@@ -79,3 +79,23 @@ def test_simulated_panel_has_enough_raters_for_its_quorum():
     # people: any k
     config.validate({"panel": {"mode": "human", "verdicts_per_item": 7,
                                "simulated": {"raters": 3}}})
+
+
+def test_no_module_outside_the_demo_names_the_demos_domain():
+    """The demo is one customer: its domain (resume bullets, its template, its registered
+    model) lives in rlhf_tasks/demo/ only."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    domain = re.compile(r"resume-assistant|résumé|\bresume[- ](writ|bullet|assist)|\bbullets?\b|"
+                        r"Bullet:|Rewrite:|\bHR\b", re.IGNORECASE)
+    offenders = []
+    for folder in ("rlhf_tasks", "plugins", "dags"):
+        for path in (root / folder).rglob("*"):
+            if path.suffix not in (".py", ".html", ".yaml", ".json") or "demo" in path.parts:
+                continue
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if domain.search(line):
+                    offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert offenders == []

@@ -32,28 +32,10 @@ def prompts(n: int = 16) -> list[list[int]]:
                                 generator=g).tolist() for _ in range(n)]
 
 
-def test_rollout_logprobs_equal_a_forward_pass_over_left_padded_prompts():
-    """Left padding + position ids + temperature: what generate sampled from is what the
-    training forward computes (the PPO ratio starts at exactly 1)."""
-    models = tiny(4, "shared")
-    settings = PPOSettings(max_new_tokens=6, temperature=0.7)
+def _rollout_vs_forward(models, settings, stop_ids):
+    """Rollout log-probs and the training forward's log-probs of the same tokens."""
     ids, mask = collate_prompts(prompts(8), PAD, DEVICE)
     assert (mask[:, 0] == 0).any(), "some prompts must be left-padded"
-    torch.manual_seed(0)
-    responses, logprobs = rollout(models.policy, ids, mask, settings, EOS, PAD)
-    keep, _ = core.response_mask(responses, EOS)
-    responses = responses.masked_fill(keep == 0, PAD)
-    full, full_mask = torch.cat([ids, responses], 1), torch.cat([mask, keep], 1)
-    with torch.no_grad():
-        logits = response_logits(models.policy, full, full_mask, position_ids(full_mask),
-                                 responses.shape[1], settings.temperature)
-    again = core.selective_logprobs(logits, responses)
-    # on a GPU, generate's cached forward and the full forward run different kernels
-    assert torch.allclose(logprobs * keep, again * keep, atol=1e-5 if DEVICE == "cpu" else 1e-4)
-
-
-def _rollout_vs_forward(models, settings, stop_ids):
-    ids, mask = collate_prompts(prompts(8), PAD, DEVICE)
     torch.manual_seed(0)
     responses, logprobs = rollout(models.policy, ids, mask, settings, stop_ids, PAD)
     keep, _ = core.response_mask(responses, stop_ids)
@@ -63,6 +45,19 @@ def _rollout_vs_forward(models, settings, stop_ids):
         logits = response_logits(models.policy, full, full_mask, position_ids(full_mask),
                                  responses.shape[1], settings.temperature)
     return (logprobs * keep, core.selective_logprobs(logits, responses) * keep, responses, keep)
+
+
+# on a GPU, generate's cached forward and the full forward run different kernels
+ATOL = 1e-5 if DEVICE == "cpu" else 1e-4
+
+
+def test_rollout_logprobs_equal_a_forward_pass_over_left_padded_prompts():
+    """Left padding + position ids + temperature: what generate sampled from is what the
+    training forward computes (the PPO ratio starts at exactly 1)."""
+    recorded, forward, _, _ = _rollout_vs_forward(tiny(4, "shared"),
+                                                  PPOSettings(max_new_tokens=6, temperature=0.7),
+                                                  EOS)
+    assert torch.allclose(recorded, forward, atol=ATOL)
 
 
 def test_rollouts_ignore_the_checkpoints_generation_config(monkeypatch):
@@ -77,7 +72,7 @@ def test_rollouts_ignore_the_checkpoints_generation_config(monkeypatch):
     settings = PPOSettings(max_new_tokens=6, temperature=0.7)
     stops = [EOS, 7, 11]  # several stop ids, as Llama 3 and chat templates have
     recorded, forward, responses, keep = _rollout_vs_forward(models, settings, stops)
-    assert torch.allclose(recorded, forward, atol=1e-5 if DEVICE == "cpu" else 1e-4)
+    assert torch.allclose(recorded, forward, atol=ATOL)
     # the checkpoint's settings are still there for anyone else
     assert models.policy.get_base_model().generation_config.repetition_penalty == 1.8
     # every response is cut after its first stop id

@@ -298,7 +298,8 @@ def enable_gradient_checkpointing(*modules: nn.Module) -> None:
     frozen inputs and LoRA)."""
     for module in modules:
         inner = module.get_base_model() if hasattr(module, "get_base_model") else module
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
