@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from rlhf_tasks.errors import BadInput
 
@@ -57,12 +58,13 @@ class ModelSection(Section):
     response_prefix: str = Field("", max_length=100, description="Text before every response "
                                                                  "in template format.")
 
-    @model_validator(mode="after")
-    def _template_fields(self):
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
         from rlhf_tasks.prompting import check_template
 
-        check_template(self.prompt_template)
-        return self
+        check_template(value)
+        return value
 
 
 class LoraFields(Section):

@@ -164,12 +164,16 @@ class PromptRenderer:
         return tok.eos_token_id
 
     # -- rendering ---------------------------------------------------------------------
+    def _split_system(self, prompt: str, messages: list[dict] | None):
+        """(instruction + the data's system messages, the other turns)."""
+        turns = [dict(m) for m in (messages or [{"role": "user", "content": prompt}])]
+        system = [m["content"].strip() for m in turns if m["role"] == "system"]
+        head = "\n\n".join(t for t in [self.instruction.strip(), *system] if t)
+        return head, [m for m in turns if m["role"] != "system"]
+
     def conversation(self, prompt: str, messages: list[dict] | None = None) -> list[dict]:
         """The chat messages of a prompt, the instruction placed as the template allows."""
-        turns = [dict(m) for m in (messages or [{"role": "user", "content": prompt}])]
-        system = [m["content"] for m in turns if m["role"] == "system"]
-        turns = [m for m in turns if m["role"] != "system"]
-        head = "\n\n".join(t for t in [self.instruction.strip(), *system] if t)
+        head, turns = self._split_system(prompt, messages)
         if head and self.system_role:
             return [{"role": "system", "content": head}] + turns
         if head:
@@ -182,9 +186,10 @@ class PromptRenderer:
     def prompt_text(self, prompt: str, messages: list[dict] | None = None) -> str:
         if self.format == "chat":
             return self._chat_text(self.conversation(prompt, messages), True)
-        body = render_turns([m for m in messages if m["role"] != "system"]) if messages else prompt
-        text = self.template.format(instruction=self.instruction.strip(), prompt=body.strip())
-        return text if self.instruction.strip() else text.lstrip()
+        head, turns = self._split_system(prompt, messages)
+        body = render_turns(turns) if messages else prompt
+        text = self.template.format(instruction=head, prompt=body.strip())
+        return text if head else text.lstrip()
 
     def prompt_ids(self, prompt: str, messages: list[dict] | None = None) -> list[int]:
         tok = self.tokenizer
