@@ -213,8 +213,9 @@ class PanelSection(Section):
                                        description="Minimum expert pass rate to promote.")
     min_lift: float = Field(0.0, ge=-1.0, le=1.0, description="Minimum pass-rate gain over "
                                                               "the champion.")
-    significance: float = Field(0.05, gt=0.0, lt=1.0, description="One-sided level of the "
-                                                                  "two-proportion test.")
+    significance: float = Field(0.05, gt=0.0, lt=1.0,
+                                description="One-sided level of the exact McNemar test on "
+                                            "the prompts both models answered.")
     deadline_hours: float = Field(72.0, gt=0.0, le=24 * 90, description="Stop waiting for "
                                                                         "quorum after this.")
     poll_seconds: int = Field(60, ge=1, le=3600, description="How often the waiting gate "

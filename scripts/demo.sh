@@ -61,6 +61,7 @@ print(f"\nCase study: {label}; {gate['progress']['verdicts_given']} verdicts, "
 print(text_table(gate["table"]))
 g = gate["gate"]
 vs = (f" vs {g['reference']} {g['reference_pass_rate']:.1%}: lift {g['lift']:+.1%}, "
+      f"better on {g['better']} prompts, worse on {g['worse']}, exact McNemar "
       f"p = {g['p_value']:.2g}" if g["reference"] else "")
 print(f"\nGate: {gate['decision'].upper()}{vs}")
 for reason in g["reasons"]:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from rlhf_tasks.panel.aggregate import (aggregate, fleiss_kappa, majority, two_proportion_test,
-                                        wilson_interval)
+from rlhf_tasks.panel.aggregate import (aggregate, discordant_pairs, fleiss_kappa, majority,
+                                        mcnemar_exact, wilson_interval)
 from rlhf_tasks.panel.gate import GatePolicy, decide
 
 
@@ -42,24 +40,48 @@ def test_fleiss_kappa_small_cases():
         fleiss_kappa([(3, 0), (1, 1)])
 
 
-def test_two_proportion_test_by_hand():
-    # 87/100 vs 70/100: pooled 0.785, se sqrt(0.785 * 0.215 * 0.02) = 0.058099, z = 0.17 / se
-    z, p = two_proportion_test(87, 100, 70, 100)
-    assert z == pytest.approx(2.9261, abs=1e-3)
-    assert p == pytest.approx(0.5 * math.erfc(2.9261 / math.sqrt(2)), abs=1e-5)
-    assert p == pytest.approx(0.00172, abs=5e-5)
-    z, p = two_proportion_test(70, 100, 87, 100)
-    assert z < 0 and p > 0.99
+def test_exact_mcnemar_by_hand_and_against_scipy():
+    """One-sided: P(X >= b) for X ~ Binomial(b + c, 1/2) over the discordant prompts."""
+    from scipy.stats import binomtest
+
+    # by hand: 7 discordant prompts, all for the candidate: 1/2^7
+    assert mcnemar_exact(7, 0) == 1 / 128
+    # 5 for, 1 against: (C(6,5) + C(6,6)) / 64 = 7/64
+    assert mcnemar_exact(5, 1) == pytest.approx(7 / 64, abs=0)
+    # the worked example of docs/ARCHITECTURE.md: 30 for, 12 against -> 0.00396
+    assert mcnemar_exact(30, 12) == pytest.approx(0.003957948667448363, rel=1e-12)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(0, 5) == 1.0
+    for better, worse in [(9, 4), (3, 3), (1, 0), (600, 540), (1500, 1400), (2, 40)]:
+        expected = binomtest(better, better + worse, 0.5, alternative="greater").pvalue
+        assert mcnemar_exact(better, worse) == pytest.approx(expected, rel=1e-9)
+
+
+def test_discordant_pairs_count_only_shared_prompts():
+    cand = {0: True, 1: True, 2: False, 3: True, 9: True}
+    ref = {0: False, 1: True, 2: True, 3: False, 4: False}
+    assert discordant_pairs(cand, ref) == (2, 1, 4)  # 9 and 4 are not shared
+
+
+def test_paired_test_is_not_fooled_by_unpaired_rates():
+    """9/10 against 4/10 looks decisive to a pooled z-test (p = 0.0095), but if the
+    candidate is better on 6 prompts and worse on 1, the paired evidence is p = 0.0625."""
+    spec = {f"c{i}": ("candidate", [i < 9] * 3, i) for i in range(10)}
+    ref_passes = {0, 1, 2, 9}  # reference passes where the candidate failed once (9)
+    spec.update({f"r{i}": ("champion", [i in ref_passes] * 3, i) for i in range(10)})
+    result = aggregate(_rows(spec), k=3)
+    decision = decide(result, GatePolicy(0.5, 0.0, 0.05), "candidate", "champion")
+    assert (decision.better, decision.worse) == (6, 1)
+    assert decision.p_value == pytest.approx(8 / 128) and not decision.promote
 
 
 def _rows(spec):
     """spec: {item: (model, [votes...])} -> verdict rows in arrival order."""
     rows, n = [], 0
-    for item, (model, votes) in spec.items():
+    for item, (model, votes, *prompt) in spec.items():
         for r, v in enumerate(votes):
             n += 1
             rows.append({"id": n, "item_id": item, "model": model, "reviewer": f"r{r}",
-                         "passed": v})
+                         "passed": v, "prompt_index": prompt[0] if prompt else None})
     return rows
 
 
@@ -78,12 +100,14 @@ def test_aggregate_majority_rates_and_quorum():
 
 
 def test_gate_decisions():
-    spec = {f"c{i}": ("candidate", [i < 17] * 3) for i in range(20)}
-    spec.update({f"f{i}": ("foundation", [i < 10] * 3) for i in range(20)})
-    result = aggregate(_rows(spec), k=3)  # 0.85 against 0.50
+    spec = {f"c{i}": ("candidate", [i < 17] * 3, i) for i in range(20)}
+    spec.update({f"f{i}": ("foundation", [i < 10] * 3, i) for i in range(20)})
+    result = aggregate(_rows(spec), k=3)  # 0.85 against 0.50 on the same 20 prompts
     policy = GatePolicy(min_pass_rate=0.6, min_lift=0.1, significance=0.05)
     promote = decide(result, policy, "candidate", "foundation")
-    assert promote.promote and promote.lift == pytest.approx(0.35) and promote.p_value < 0.01
+    assert promote.promote and promote.lift == pytest.approx(0.35)
+    # better on prompts 10..16, worse on none: 1/2^7
+    assert (promote.better, promote.worse) == (7, 0) and promote.p_value == 1 / 128
     strict = decide(result, GatePolicy(0.9, 0.1, 0.05), "candidate", "foundation")
     assert not strict.promote and "below the minimum 0.900" in strict.reasons[0]
     lift = decide(result, GatePolicy(0.6, 0.5, 0.05), "candidate", "foundation")

@@ -1,5 +1,5 @@
 """The expert panel: blinded review batches, the verdict store, the review web app,
-aggregation (majority, Wilson intervals, Fleiss' kappa, two-proportion test), the gate
+aggregation (majority, Wilson intervals, Fleiss' kappa, the exact McNemar test), the gate
 policy and the simulated panel of the demo.
 
 Light modules (store, aggregate, gate) import SQLAlchemy and the standard library only,

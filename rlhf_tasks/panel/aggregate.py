@@ -1,6 +1,7 @@
 """Turn verdicts into decisions: per-item majority, per-model pass rate with a Wilson
-interval, Fleiss' kappa for agreement, and a two-proportion test of candidate against
-champion.  Pure functions on plain data; the hand-computed tests are in
+interval, Fleiss' kappa for agreement, and the exact McNemar test of candidate against
+champion on the prompts both answered (the data are paired: the same eval prompts).
+Pure functions on plain data; the hand-computed tests are in
 tests/test_panel_aggregate.py.
 
 References:
@@ -8,20 +9,23 @@ References:
   inference", JASA 22:209 -- the score interval.
 * J. L. Fleiss (1971), "Measuring nominal scale agreement among many raters",
   Psychological Bulletin 76:378.
-* The pooled two-proportion z-test (e.g. Agresti, "Categorical Data Analysis", 3.1).
+* Q. McNemar (1947), "Note on the sampling error of the difference between correlated
+  proportions or percentages", Psychometrika 12:153; the exact (binomial) form as in
+  Agresti, "Categorical Data Analysis", 10.1.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 Z95 = 1.959963984540054  # the 97.5% quantile of N(0, 1)
 
 
 def majority(votes: list[bool]) -> bool:
-    """Pass when strictly more than half of the verdicts pass; a tie fails (the bar is a bar)."""
+    """Pass when strictly more than half of the verdicts pass; a tie fails (the bar is a
+    bar: with an even k, k/2 passes out of k is a fail)."""
     return sum(votes) * 2 > len(votes)
 
 
@@ -55,22 +59,30 @@ def fleiss_kappa(counts: list[tuple[int, ...]]) -> float | None:
     return (p_bar - p_e) / (1 - p_e)
 
 
-def normal_sf(z: float) -> float:
-    """P(Z > z) for Z ~ N(0, 1)."""
-    return 0.5 * math.erfc(z / math.sqrt(2))
+def binomial_tail_half(successes: int, trials: int) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, 1/2), exactly (integer arithmetic)."""
+    if successes <= 0:
+        return 1.0
+    if successes > trials:
+        return 0.0
+    return sum(math.comb(trials, i) for i in range(successes, trials + 1)) / 2 ** trials
 
 
-def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
-    """Pooled z statistic and one-sided p-value for H1: p1 > p2."""
-    if n1 == 0 or n2 == 0:
-        return 0.0, 1.0
-    pooled = (x1 + x2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    diff = x1 / n1 - x2 / n2
-    if se == 0:
-        return (0.0, 1.0) if diff <= 0 else (math.inf, 0.0)
-    z = diff / se
-    return z, normal_sf(z)
+def mcnemar_exact(better: int, worse: int) -> float:
+    """One-sided exact McNemar test for H1: the candidate passes more often than the
+    reference on the same prompts.  ``better``: prompts where only the candidate passed,
+    ``worse``: where only the reference passed; prompts where both agree carry no
+    information.  Under H0 each discordant prompt goes either way with probability 1/2."""
+    return binomial_tail_half(better, better + worse)
+
+
+def discordant_pairs(candidate: dict, reference: dict) -> tuple[int, int, int]:
+    """(candidate only passed, reference only passed, prompts both decided) over the
+    prompts that both models' outcomes cover (``{prompt_index: passed}``)."""
+    shared = set(candidate) & set(reference)
+    better = sum(1 for p in shared if candidate[p] and not reference[p])
+    worse = sum(1 for p in shared if reference[p] and not candidate[p])
+    return better, worse, len(shared)
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,8 @@ class PanelResult:
     items_decided: int
     verdicts: int
     reviewers: int
+    # model -> {prompt_index: majority verdict}, for the paired test
+    outcomes: dict[str, dict[int, bool]] = field(default_factory=dict)
 
 
 def aggregate(verdicts: list[dict], k: int) -> PanelResult:
@@ -104,12 +118,15 @@ def aggregate(verdicts: list[dict], k: int) -> PanelResult:
     for row in sorted(verdicts, key=lambda r: r["id"]):
         by_item[row["item_id"]].append(row)
     models: dict[str, list[bool]] = defaultdict(list)
+    per_prompt: dict[str, dict[int, bool]] = defaultdict(dict)
     counts = []
     for rows in by_item.values():
         if len(rows) < k:
             continue
         votes = [bool(r["passed"]) for r in rows[:k]]
         models[rows[0]["model"]].append(majority(votes))
+        if rows[0].get("prompt_index") is not None:
+            per_prompt[rows[0]["model"]][int(rows[0]["prompt_index"])] = majority(votes)
         counts.append((sum(votes), k - sum(votes)))
     scores = {}
     for model, outcomes in sorted(models.items()):
@@ -119,4 +136,5 @@ def aggregate(verdicts: list[dict], k: int) -> PanelResult:
     kappa = fleiss_kappa(counts) if k >= 2 else None
     return PanelResult(scores=scores, kappa=kappa, items_judged=len(by_item),
                        items_decided=len(counts), verdicts=len(verdicts),
-                       reviewers=len({r["reviewer"] for r in verdicts}))
+                       reviewers=len({r["reviewer"] for r in verdicts}),
+                       outcomes=dict(per_prompt))

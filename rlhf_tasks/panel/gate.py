@@ -2,15 +2,16 @@
 
 * its pass rate is at least ``min_pass_rate``;
 * against the reference (the registry's champion; the foundation model when there is
-  no champion yet, since that is what serves), the lift is at least ``min_lift`` and a
-  one-sided two-proportion test gives p < ``significance``.
+  no champion yet, since that is what serves), the lift is at least ``min_lift`` and the
+  one-sided exact McNemar test on the prompts both answered gives p < ``significance``
+  (both models answer the same eval prompts: the comparison is paired).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from rlhf_tasks.panel.aggregate import PanelResult, two_proportion_test
+from rlhf_tasks.panel.aggregate import PanelResult, discordant_pairs, mcnemar_exact
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class GateDecision:
     candidate_pass_rate: float | None
     reference_pass_rate: float | None
     lift: float | None
-    z: float | None
+    better: int | None       # prompts where only the candidate passed
+    worse: int | None        # prompts where only the reference passed
     p_value: float | None
     reasons: list[str] = field(default_factory=list)
 
@@ -50,18 +52,22 @@ def decide(result: PanelResult, policy: GatePolicy, candidate: str,
     reasons: list[str] = []
     cand = result.scores.get(candidate)
     if cand is None:
-        return GateDecision(False, candidate, reference, None, None, None, None, None,
+        return GateDecision(False, candidate, reference, None, None, None, None, None, None,
                             [f"no decided items for the candidate ({candidate})"])
     if cand.pass_rate < policy.min_pass_rate:
         reasons.append(f"pass rate {cand.pass_rate:.3f} is below the minimum "
                        f"{policy.min_pass_rate:.3f}")
     ref = result.scores.get(reference) if reference else None
-    lift = z = p = None
+    lift = better = worse = p = None
     if reference and ref is None:
         reasons.append(f"no decided items for the reference ({reference})")
     if ref is not None:
         lift = cand.pass_rate - ref.pass_rate
-        z, p = two_proportion_test(cand.passed, cand.items, ref.passed, ref.items)
+        better, worse, shared = discordant_pairs(result.outcomes.get(candidate, {}),
+                                                 result.outcomes.get(reference, {}))
+        p = mcnemar_exact(better, worse)
+        if shared == 0:
+            reasons.append(f"no prompt was decided for both {candidate} and {reference}")
         if lift < policy.min_lift:
             reasons.append(f"lift over {reference} {lift:+.3f} is below the minimum "
                            f"{policy.min_lift:+.3f}")
@@ -69,4 +75,4 @@ def decide(result: PanelResult, policy: GatePolicy, candidate: str,
             reasons.append(f"lift over {reference} is not significant "
                            f"(p = {p:.3g} >= {policy.significance})")
     return GateDecision(not reasons, candidate, reference, cand.pass_rate,
-                        ref.pass_rate if ref else None, lift, z, p, reasons)
+                        ref.pass_rate if ref else None, lift, better, worse, p, reasons)

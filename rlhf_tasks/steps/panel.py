@@ -112,7 +112,9 @@ def gate(cfg) -> dict:
                    "items_decided": result.items_decided, "items": progress["items"],
                    "promote": float(decision.promote)}
         if decision.lift is not None:
-            metrics.update(lift=decision.lift, z=decision.z, p_value=decision.p_value)
+            metrics.update(lift=decision.lift, p_value=decision.p_value,
+                           discordant_candidate=decision.better,
+                           discordant_reference=decision.worse)
         for m, s in result.scores.items():
             metrics.update({f"{m}/pass_rate": s.pass_rate, f"{m}/ci_low": s.ci_low,
                             f"{m}/ci_high": s.ci_high, f"{m}/items": s.items})
