@@ -71,16 +71,40 @@ def _s3_client(endpoint_url: str | None = None, region: str | None = None, max_a
                         config=config)
 
 
+# S3 error codes no retry can fix: the object, bucket or permission is not there
+PERMANENT_S3_ERRORS = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket", "AccessDenied",
+                                 "403", "InvalidBucketName", "InvalidObjectState", "400",
+                                 "InvalidAccessKeyId", "SignatureDoesNotMatch"})
+
+
+class TransientStorageError(Exception):
+    """A storage error a retry may fix (throttling, 5xx, a reset connection): exit 1."""
+
+
+def s3_read_error(exc, uri: str) -> Exception:
+    """BadInput (exit 2) for a missing object or a refused permission; a
+    TransientStorageError (exit 1, Airflow retries) for throttling, 5xx and the like."""
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    if code in PERMANENT_S3_ERRORS:
+        return BadInput(f"cannot read ({code}): {exc}", file=uri)
+    return TransientStorageError(f"S3 error {code or type(exc).__name__} reading {uri}: {exc}")
+
+
 def read_text_unchecked(uri: str) -> str:
     """Read a config file before a Storage exists (endpoint from AWS_ENDPOINT_URL)."""
+    from botocore.exceptions import ClientError
+
     bucket, key = split_s3(uri)
     try:
         body = _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except Exception as exc:  # noqa: BLE001 - reported as bad input with the URI
+    except Exception as exc:  # noqa: BLE001 - classified: bad input or a transient fault
         hint = ("" if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                 else " (for MinIO or another S3 API set AWS_ENDPOINT_URL_S3: the config's "
                      "storage.s3_endpoint_url cannot be read before the config itself)")
-        raise BadInput(f"cannot read config {uri}: {exc}{hint}") from None
+        error = s3_read_error(exc, uri) if isinstance(exc, ClientError) else None
+        if isinstance(error, BadInput):
+            raise BadInput(f"cannot read config {uri}: {exc}{hint}") from None
+        raise TransientStorageError(f"cannot read config {uri}: {exc}{hint}") from None
     return body.decode("utf-8")
 
 
@@ -174,7 +198,7 @@ class Storage:
         try:
             return int(self.s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
         except ClientError as exc:
-            raise BadInput(f"cannot read: {exc}", file=uri) from None
+            raise s3_read_error(exc, uri) from None
 
     def read_bytes(self, uri: str) -> bytes:
         uri = self.check_read(uri)
@@ -189,7 +213,7 @@ class Storage:
         try:
             return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         except ClientError as exc:
-            raise BadInput(f"cannot read: {exc}", file=uri) from None
+            raise s3_read_error(exc, uri) from None
 
     def read_json(self, uri: str):
         return json.loads(self.read_bytes(uri).decode("utf-8"))
@@ -212,7 +236,7 @@ class Storage:
             try:
                 self.s3.download_file(bucket, key, str(target), Config=self._transfer_config())
             except ClientError as exc:
-                raise BadInput(f"cannot read: {exc}", file=uri) from None
+                raise s3_read_error(exc, uri) from None
             yield target
 
     def list(self, prefix: str) -> list[str]:
@@ -238,6 +262,13 @@ class Storage:
         manifest = self.read_json(join(uri, MANIFEST)) if verify else None
         names = list(manifest["files"]) if manifest else [
             f[len(uri) + 1:] for f in self.list(uri)]
+        # a manifest (or a key) read back from the store names where each file goes: every
+        # name must stay inside the destination folder, checked before anything is written
+        root = local_dir.resolve()
+        for name in names:
+            if Path(name).is_absolute() or not (local_dir / name).resolve().is_relative_to(root):
+                raise BadInput(f"refusing to write '{name}' outside {local_dir}",
+                               file=join(uri, MANIFEST))
         for name in names:
             target = local_dir / name
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -96,3 +96,41 @@ def test_s3_dataset_validates_from_s3(tmp_path, s3_endpoint, bucket, tokenizer):
     assert out.rows_kept == 5
     with pytest.raises(BadInput, match="outside the configured storage roots"):
         st.read_bytes(f"s3://{bucket}/secret/x")
+
+
+@pytest.mark.parametrize("code,status,transient", [
+    ("SlowDown", 503, True), ("InternalError", 500, True), ("RequestTimeout", 400, True),
+    ("NoSuchKey", 404, False), ("AccessDenied", 403, False)])
+def test_s3_errors_are_bad_input_or_transient(code, status, transient):
+    """Throttling and 5xx are faults (exit 1: Airflow retries); a missing object or a
+    refused permission is bad input (exit 2: no retry helps)."""
+    from botocore.stub import Stubber
+
+    from rlhf_tasks.errors import BadInput
+    from rlhf_tasks.storage import TransientStorageError
+
+    storage = Storage("s3://bucket/root", s3_endpoint_url="http://127.0.0.1:9", max_attempts=1)
+    with Stubber(storage.s3) as stub:
+        stub.add_client_error("get_object", service_error_code=code, http_status_code=status)
+        with pytest.raises(TransientStorageError if transient else BadInput, match=code):
+            storage.read_bytes("s3://bucket/root/x.json")
+
+
+@pytest.mark.parametrize("name", ["../escaped.txt", "a/../../escaped.txt", "/tmp/escaped.txt"])
+def test_get_dir_refuses_manifest_names_outside_the_destination(tmp_path, name):
+    """An artifact folder's manifest is read back from the store: a name that climbs out
+    of the destination is refused before anything is written."""
+    root = tmp_path / "store"
+    folder = root / "run" / "model"
+    folder.mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(b"x")
+    digest = hashlib.sha256(b"x").hexdigest()
+    (folder / MANIFEST).write_text(json.dumps({"files": {
+        "weights.bin": {"sha256": digest, "bytes": 1}, name: {"sha256": digest, "bytes": 1}}}))
+    storage = Storage(str(root))
+    dest = tmp_path / "dest" / "inner"
+    with pytest.raises(BadInput, match="outside"):
+        storage.get_dir(str(folder), dest)
+    assert not (tmp_path / "dest" / "escaped.txt").exists()
+    assert not (tmp_path / "escaped.txt").exists()
+    assert not (dest / "weights.bin").exists()  # nothing at all was copied
