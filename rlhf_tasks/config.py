@@ -406,7 +406,10 @@ def parse_text(text: str, source: str) -> dict[str, Any]:
     try:
         raw = json.loads(text) if source.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise BadInput(f"cannot parse config {source}: {exc}") from None
+        message = " ".join(str(exc).split())  # one line
+        raise BadInput(f"cannot parse config {source}: {message}") from None
+    except RecursionError:
+        raise BadInput(f"cannot parse config {source}: nested too deeply") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -426,7 +429,11 @@ def load(source: str | None = None, overrides: list[str] | None = None) -> Pipel
             path = Path(source)
             if not path.is_file():
                 raise BadInput(f"config file not found: {source}")
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadInput(f"config file {source} is not UTF-8 text ({exc.reason} at byte "
+                               f"{exc.start})") from None
         raw = parse_text(text, source)
     raw = apply_overrides(raw, overrides or [])
     return validate(raw, source or "--set overrides")

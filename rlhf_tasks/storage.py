@@ -105,7 +105,11 @@ def read_text_unchecked(uri: str) -> str:
         if isinstance(error, BadInput):
             raise BadInput(f"cannot read config {uri}: {exc}{hint}") from None
         raise TransientStorageError(f"cannot read config {uri}: {exc}{hint}") from None
-    return body.decode("utf-8")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"config file {uri} is not UTF-8 text ({exc.reason} at byte "
+                       f"{exc.start})") from None
 
 
 class Storage:

@@ -99,3 +99,23 @@ def test_no_module_outside_the_demo_names_the_demos_domain():
                 if domain.search(line):
                     offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
     assert offenders == []
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("latin1.yaml", "model:\n  instruction: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+    ("deep.yaml", b"model: " + b"[" * 50_000 + b"]" * 50_000 + b"\n", "nested too deeply"),
+    ("deep.json", b'{"model": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
+])
+def test_unreadable_configs_exit_2_with_one_line(tmp_path, name, content, reason):
+    import subprocess
+    import sys
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(BadInput, match=reason):
+        config.load(str(path))
+    proc = subprocess.run([sys.executable, "-m", "rlhf_tasks.cli", "run", "validate_prompt",
+                           "--config", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "rlhf: error:" in lines[0] and reason in lines[0], proc.stderr

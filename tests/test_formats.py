@@ -210,3 +210,32 @@ def test_csv_roundtrip_keeps_every_row_and_its_line(tmp_path_factory, rows):
         assert record.error is None
         assert [record.data[k] if isinstance(record.data[k], str) else r[i]
                 for i, k in enumerate(("prompt", "chosen", "rejected"))] == list(r)
+
+
+def test_deeply_nested_json_is_a_row_problem_not_a_crash(tmp_path):
+    p = tmp_path / "deep.jsonl"
+    p.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                 + '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    records = list(formats.read_records(p, str(p)))
+    assert records[0].data is not None
+    assert records[1].line == 2 and records[1].error == "JSON nested too deeply"
+
+
+@pytest.mark.parametrize("margin", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_margins_are_quarantined(tmp_path, margin):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": %s}\n' % margin)
+    _, out = rows_of(p)
+    assert isinstance(out[0], formats.RowProblem) and out[0].field == "margin"
+    assert "finite" in out[0].reason
+
+
+def test_ranked_rows_are_capped(tmp_path):
+    ok = [f"r{i}" for i in range(16)]  # 120 pairs: at the cap
+    too_many = [f"r{i}" for i in range(17)]  # 136 pairs
+    p = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "q", "responses": ok},
+                                           {"prompt": "q2", "responses": too_many}])
+    _, out = rows_of(p)
+    assert len(out[0]) == 120
+    assert isinstance(out[1], formats.RowProblem) and out[1].field == "responses"
+    assert "136 pairs" in out[1].reason

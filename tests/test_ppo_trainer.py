@@ -133,3 +133,43 @@ def test_settings_and_config_refuse_batches_that_do_not_divide():
         PPOSettings(batch_size=30, num_minibatches=4)
     with pytest.raises(BadInput, match="microbatch_size 3"):
         config.validate({"ppo": {"batch_size": 32, "num_minibatches": 4, "microbatch_size": 3}})
+
+
+class _Payload:
+    ran = False
+
+    def __reduce__(self):  # what a tampered checkpoint would carry
+        return (_mark_ran, ())
+
+
+def _mark_ran():
+    _Payload.ran = True
+    return "pwned"
+
+
+def test_resume_loads_checkpoints_without_running_their_code(tmp_path):
+    """The optimizer/scheduler state is loaded with weights_only=True: a pickled object in
+    state.pt is refused, not executed; an honest checkpoint still resumes."""
+    import pickle
+
+    from rlhf_tasks.ppo.trainer import PolicyAndValue, load_checkpoint, save_checkpoint
+
+    models = tiny(4, "shared")
+    wrapped = PolicyAndValue(models.policy, models.critic)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, core.linear_schedule(4))
+    kl = core.KLController(0.05, 0.5, 1000)
+    folder = save_checkpoint(tmp_path / "update-1", update=1, wrapped=wrapped,
+                             optimizer=optimizer, scheduler=scheduler, kl_ctl=kl,
+                             data_position=8, history=[{"update": 1, "kl": 0.1}])
+    state = load_checkpoint(folder, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
+                            kl_ctl=kl)
+    assert state["update"] == 1 and state["data_position"] == 8
+    # tamper: the same file with a code-running object inside
+    honest = torch.load(folder / "state.pt", weights_only=True)
+    torch.save({**honest, "history": [_Payload()]}, folder / "state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(folder, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
+                        kl_ctl=kl)
+    assert not _Payload.ran

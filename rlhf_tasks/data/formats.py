@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,6 +48,8 @@ FORMAT_FIELDS = {
 }
 # the response columns of each dataset kind: checked for emptiness, length and duplicates
 TARGET_COLUMNS = {"preference": ("chosen", "rejected"), "sft": ("completion",)}
+# a ranked list of n responses expands to n(n-1)/2 pairs: 16 responses make 120
+MAX_PAIRS_PER_RANKED_ROW = 120
 KNOWN_FIELDS = sorted({f for fields in FORMAT_FIELDS.values() for f in fields} |
                       {"margin", "ranks"})
 
@@ -111,6 +114,9 @@ def read_jsonl(path: Path, source: str) -> Iterator[RawRecord]:
                 yield RawRecord(number, None, _clip(text.strip()),
                                 f"invalid JSON: {exc.msg} at column {exc.colno}")
                 continue
+            except RecursionError:
+                yield RawRecord(number, None, _clip(text.strip()), "JSON nested too deeply")
+                continue
             if not isinstance(data, dict):
                 yield RawRecord(number, None, _clip(text.strip()),
                                 f"expected a JSON object, got {type(data).__name__}")
@@ -123,7 +129,7 @@ def _maybe_json(value: str) -> Any:
     if stripped[:1] in "[{":
         try:
             return json.loads(stripped)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     return value
 
@@ -259,9 +265,12 @@ def _margin(data: dict) -> float | None:
     if isinstance(value, bool):
         raise _Bad("margin", "expected a number, got bool")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise _Bad("margin", f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise _Bad("margin", f"expected a finite number, got {value!r}")
+    return number
 
 
 def _pairs(data: dict) -> list[dict]:
@@ -297,6 +306,10 @@ def _ranked(data: dict) -> list[dict]:
     if not isinstance(ranks, list) or len(ranks) != len(responses) or not all(
             isinstance(r, int) and not isinstance(r, bool) for r in ranks):
         raise _Bad("ranks", f"expected {len(responses)} integer ranks (1 = best)")
+    pairs = len(responses) * (len(responses) - 1) // 2
+    if pairs > MAX_PAIRS_PER_RANKED_ROW:
+        raise _Bad("responses", f"{len(responses)} responses make {pairs} pairs, over the cap "
+                                f"of {MAX_PAIRS_PER_RANKED_ROW} per row; split the ranking")
     order = sorted(range(len(responses)), key=lambda i: ranks[i])
     rows = []
     for a, i in enumerate(order):

@@ -256,7 +256,9 @@ def load_checkpoint(folder: Path, *, wrapped: nn.Module, optimizer, scheduler,
         raise ValueError(f"checkpoint {folder} lacks {len(missing)} trainable tensors, "
                          f"e.g. {sorted(missing)[0]} (different LoRA settings?)")
     wrapped.load_state_dict(weights, strict=False)
-    state = torch.load(folder / "state.pt", weights_only=False)
+    # tensors and plain containers only: a checkpoint read back from the store cannot run
+    # code when it is loaded
+    state = torch.load(folder / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_controller"])
