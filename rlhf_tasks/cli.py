@@ -128,7 +128,7 @@ def cmd_review_serve(args) -> int:
     from rlhf_tasks.panel.app import create_app, token_identity
 
     store = _panel_store(args)
-    print(f"review page: http://{args.host}:{args.port}/  (store {store.url})", flush=True)
+    print(f"review page: http://{args.host}:{args.port}/  (store {store.display_url})", flush=True)
     uvicorn.run(create_app(store, token_identity(store), login_form=True), host=args.host,
                 port=args.port, log_level="warning")
     return 0

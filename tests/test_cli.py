@@ -92,3 +92,30 @@ def test_fault_exits_1(tmp_path):
                    f"storage: {{artifact_root: {tmp_path / 'art'}}}\n")
     proc = rlhf("run", "start", "--config", str(cfg), "--result", str(tmp_path / "r.json"))
     assert proc.returncode == 1, proc.stderr
+
+
+def test_review_serve_never_prints_the_store_password(postgres_url):
+    """The verdict store URL may carry a password: the banner masks it."""
+    import os
+    import select
+    import subprocess
+    import sys
+
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import free_port
+
+    url = make_url(postgres_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_tasks.cli", "review", "serve",
+                             "--store", url, "--port", str(free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "no banner within 60 s"
+        banner = proc.stdout.readline()
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=30)[0]
+    assert "review page:" in banner and "***" in banner, banner
+    assert "s3cret-pw" not in banner + rest

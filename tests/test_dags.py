@@ -1,6 +1,7 @@
 """DAG integrity: imports cleanly, the Params form, no heavy imports at parse time."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,41 @@ def test_retraining_schedule_follows_the_base_config(tmp_path):
     # a broken base config must not break DAG parsing: it is logged and ignored
     (tmp_path / "bad.yaml").write_text("schedule: {cron: 'every monday'}\n")
     assert base_config(str(tmp_path / "bad.yaml")) is None
+
+
+def test_run_folders_are_one_to_one_with_run_ids():
+    """Two Airflow runs never share an artifact folder (``x:1`` and ``x+1`` used to)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from rlhf_airflow.params import safe_run_id
+
+    assert safe_run_id("x:1") != safe_run_id("x+1") != safe_run_id("x_1")
+    assert safe_run_id("manual__2026-11-29T21:09:44.8+00:00") == \
+        "manual____2026-11-29T21_3a09_3a44.8_2b00_3a00"
+
+    def unescape(name: str) -> str:
+        out, i, raw = [], 0, b""
+        while i < len(name):
+            if name[i] == "_" and name[i + 1] == "_":
+                out.append("_")
+                i += 2
+            elif name[i] == "_":
+                raw = b""
+                while i < len(name) and name[i] == "_" and name[i + 1] != "_":
+                    raw += bytes.fromhex(name[i + 1:i + 3])
+                    i += 3
+                out.append(raw.decode("utf-8"))
+            else:
+                out.append(name[i])
+                i += 1
+        return "".join(out)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(min_size=1, max_size=40))
+    def round_trip(run_id):
+        name = safe_run_id(run_id)
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", name)
+        assert unescape(name) == run_id
+
+    round_trip()

@@ -147,8 +147,14 @@ def trigger_params() -> dict[str, Param]:
 
 
 def safe_run_id(run_id: str) -> str:
-    """Airflow run ids carry ':' and '+'; artifact paths get a tame version."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+    """The run folder's name for an Airflow run id, one-to-one: letters, digits, '.' and
+    '-' stay; '_' becomes '__'; any other character becomes '_' + the hex of each of its
+    UTF-8 bytes ('_3a' for ':', '_2b' for '+'), so ``x:1`` and ``x+1`` never share a folder."""
+    def escape(match: re.Match) -> str:
+        char = match.group()
+        return "__" if char == "_" else "".join(f"_{b:02x}" for b in char.encode("utf-8"))
+
+    return re.sub(r"[^A-Za-z0-9.-]", escape, run_id)
 
 
 def build_config(params: dict[str, Any], dag_id: str, run_id: str) -> rlhf_config.PipelineConfig:

@@ -122,6 +122,8 @@ def hash_token(token: str) -> str:
 class PanelStore:
     def __init__(self, url: str):
         self.url = resolve_uri(url)
+        # what may be printed or logged: the URL with its password masked
+        self.display_url = _masked(self.url)
         sqlite = self.url.startswith("sqlite")
         self.engine = create_engine(
             self.url, pool_pre_ping=True,
@@ -307,6 +309,16 @@ class PanelStore:
                              .order_by(ReviewItem.position)).all()
         keys = ["id", "prompt", "response"] + (["model", "prompt_index"] if with_model else [])
         return [{k: getattr(r, k) for k in keys} for r in rows]
+
+
+def _masked(url: str) -> str:
+    """A SQLAlchemy URL with its password as ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: show nothing of it
+        return "<unparsable store URL>"
 
 
 def panel_store_url(cfg) -> str:
