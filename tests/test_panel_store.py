@@ -4,6 +4,7 @@ reviewer and item, concurrent reviewers losing nothing, assignment of work."""
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 
@@ -121,3 +122,49 @@ def test_work_spreads_so_every_reviewer_can_finish_the_batch(store):
             assert item is not None, name
             store.record_verdict(item.id, name, True)
     assert store.progress(batch)["complete"]
+
+
+def test_items_held_up_to_quorum_are_not_served_to_others(store):
+    """k = 1, two items: while ann and bob each hold one (verdicts pending), cara is served
+    nothing rather than a verdict beyond quorum; when a hold's lease expires, its item is
+    free again."""
+    from sqlalchemy import update
+
+    from rlhf_tasks.panel import store as store_mod
+
+    batch = _batch(store, k=1, n_prompts=1)  # 2 items
+    ann = store.next_item(batch, "ann")
+    bob = store.next_item(batch, "bob")
+    assert ann.id != bob.id
+    assert store.next_item(batch, "cara") is None
+    assert store.next_item(batch, "ann").id == ann.id  # a reload shows ann her item again
+    expired = store_mod._now() - store_mod.ASSIGNMENT_LEASE - timedelta(seconds=1)
+    with store.session() as s:
+        s.execute(update(store_mod.Assignment).where(store_mod.Assignment.reviewer == "ann")
+                  .values(assigned_at=expired))
+        s.commit()
+    assert store.next_item(batch, "cara").id == ann.id
+
+
+def test_concurrent_reviewers_waste_almost_no_verdicts(store):
+    """8 reviewers in threads, each serving and judging until nothing is left: every item
+    reaches quorum and the verdicts stay within a few percent of items x k."""
+    batch = _batch(store, k=3, n_prompts=20)  # 40 items
+    errors = []
+
+    def work(name):
+        try:
+            while (item := store.next_item(batch, name)) is not None:
+                store.record_verdict(item.id, name, True)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"r{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    progress = store.progress(batch)
+    assert progress["complete"], progress
+    assert progress["verdicts_given"] <= 40 * 3 * 1.05, progress

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
 from sqlalchemy import (Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, func, select)
+                        create_engine, event, func, or_, select)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -211,7 +211,9 @@ class PanelStore:
         """The next item for ``reviewer``: one they have not judged and still short of its
         verdicts; the one they were last served if still open, else the item with the
         fewest verdicts and holds by others (served within the lease), in the batch's
-        shuffled order."""
+        shuffled order.  An item whose verdicts plus live holds by others already reach k
+        is not served (experts' time would go to verdicts beyond quorum); an expired hold
+        frees its slot."""
         batch = self.batch(batch_id)
         k = batch.verdicts_per_item
         cutoff = _now() - ASSIGNMENT_LEASE
@@ -232,7 +234,8 @@ class PanelStore:
                      .outerjoin(given, given.c.item_id == ReviewItem.id)
                      .outerjoin(held, held.c.item_id == ReviewItem.id)
                      .where(ReviewItem.batch_id == batch_id, ReviewItem.id.not_in(mine),
-                            func.coalesce(given.c.n, 0) < k)
+                            func.coalesce(given.c.n, 0) < k,
+                            or_(load < k, ReviewItem.id.in_(own)))
                      # an item already served to this reviewer first (a reload shows it
                      # again), then the items furthest from quorum, so work spreads out
                      .order_by(ReviewItem.id.in_(own).desc(), load.asc(), ReviewItem.position)
