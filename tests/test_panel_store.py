@@ -27,8 +27,7 @@ def _items(n_prompts=4, models=("rlhf", "sft")):
 
 def _batch(store, k=2, **kw):
     return store.create_batch(pipeline="p", run_id="r1", items=_items(**kw),
-                              verdicts_per_item=k, quality_bar="Be good.", simulated=False,
-                              seed=3)
+                              verdicts_per_item=k, quality_bar="Be good.", simulated=False)
 
 
 def test_batch_is_blind_shuffled_and_idempotent(store):
@@ -36,9 +35,30 @@ def test_batch_is_blind_shuffled_and_idempotent(store):
     assert _batch(store) == batch  # a retried evaluate step finds the same batch
     items = store.items(batch)
     assert len(items) == 8 and all("model" not in i for i in items)
-    assert [i["response"] for i in items] != [r["response"] for r in _items()]  # shuffled
     item = store.next_item(batch, "ann")
     assert "model" not in item.as_dict() and item.quality_bar == "Be good."
+
+
+def test_batch_order_cannot_be_replayed_from_the_seed(store):
+    """The same inputs twice (the same run seed, logged in MLflow) give unrelated orders,
+    and neither is the order a seeded shuffle would give."""
+    import random
+
+    items = _items(n_prompts=20)  # 40 items
+    orders = []
+    for run in ("r1", "r2"):
+        batch = store.create_batch(pipeline="p", run_id=run, items=items, verdicts_per_item=1,
+                                   quality_bar="Be good.", simulated=False)
+        orders.append([(i["model"], i["prompt_index"])
+                       for i in store.items(batch, with_model=True)])
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted((i["model"], i["prompt_index"])
+                                                            for i in items)
+    assert orders[0] != orders[1]
+    assert [m for m, _ in orders[0]] != [m for m, _ in orders[1]]  # models' positions too
+    for seed in range(20):
+        replay = list(items)
+        random.Random(seed).shuffle(replay)
+        assert [(r["model"], r["prompt_index"]) for r in replay] not in orders
 
 
 def test_one_verdict_per_reviewer_and_item(store):

@@ -15,7 +15,6 @@ callers:
 from __future__ import annotations
 
 import hashlib
-import random
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -146,11 +145,12 @@ class PanelStore:
 
     # -- batches ---------------------------------------------------------------------------
     def create_batch(self, *, pipeline: str, run_id: str, items: Iterable[dict],
-                     verdicts_per_item: int, quality_bar: str, simulated: bool,
-                     seed: int = 0) -> str:
+                     verdicts_per_item: int, quality_bar: str, simulated: bool) -> str:
         """A blinded batch from ``items`` (``prompt_index``, ``prompt``, ``response``,
-        ``model``), shuffled with ``seed``.  A batch already made for this pipeline run is
-        returned as it is (a retried evaluate step must not make a second one)."""
+        ``model``), shuffled by the operating system's cryptographic random source (never
+        the run's seed, which is logged and could replay the order); item ids are random
+        too.  A batch already made for this pipeline run is returned as it is (a retried
+        evaluate step must not make a second one)."""
         with self.session() as s:
             found = s.scalar(select(ReviewBatch.id).where(ReviewBatch.pipeline == pipeline,
                                                           ReviewBatch.run_id == run_id))
@@ -160,7 +160,7 @@ class PanelStore:
                                 verdicts_per_item=verdicts_per_item, quality_bar=quality_bar,
                                 simulated=simulated)
             rows = list(items)
-            random.Random(seed).shuffle(rows)
+            secrets.SystemRandom().shuffle(rows)
             s.add(batch)
             s.flush()
             s.add_all(ReviewItem(id=uuid.uuid4().hex, batch_id=batch.id, position=i,

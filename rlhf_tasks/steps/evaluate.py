@@ -156,7 +156,7 @@ def evaluate(cfg) -> dict:
         batch_id = store.create_batch(
             pipeline=cfg.run.pipeline, run_id=cfg.run.run_id, items=rows,
             verdicts_per_item=cfg.panel.verdicts_per_item, quality_bar=cfg.panel.quality_bar,
-            simulated=cfg.panel.mode == "simulated", seed=cfg.run.seed)
+            simulated=cfg.panel.mode == "simulated")
         store.dispose()
         local = tmp / "out"
         local.mkdir()
