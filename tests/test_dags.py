@@ -106,7 +106,7 @@ def test_build_config_layers_form_over_file(tmp_path):
     assert cfg.ppo.kl_coef == 0.2, "a form value left at its default keeps the file's value"
     assert cfg.reward.lora_rank == cfg.ppo.lora_rank == cfg.sft.lora_rank == 4
     assert cfg.data.eval_uri == "/data/eval.jsonl"
-    assert cfg.run.run_id == "manual__2026-01-01T00_00_00_00_00"
+    assert cfg.run.run_id == "manual____2026-01-01T00_3a00_3a00_2b00_3a00"
     assert cfg.storage.artifact_root.startswith("/")
 
 
