@@ -127,8 +127,6 @@ def write_config(out: Path) -> Path:
                   "prompt_format": "template", "prompt_template": PROMPT_TEMPLATE,
                   "response_prefix": RESPONSE_PREFIX},
         "registry": {"model_name": "resume-assistant"},
-        # eager attention is faster than sdpa for the tiny model's shapes on CPU
-        "compute": {"attn_implementation": "eager"},
         "data": {
             "preference_uri": str(root / "preferences.jsonl"),
             "prompt_uri": str(root / "prompts.jsonl"),
