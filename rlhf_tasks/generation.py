@@ -4,7 +4,8 @@ A checkpoint's ``generation_config.json`` often sets repetition_penalty, top_k/t
 min_p, min_new_tokens ...; ``generate`` fills every knob a caller leaves unset from it.
 Rollouts must sample exactly the distribution PPO's training forward computes
 (logits / T), and evaluation must decode every model the same way, so both use
-:func:`decoding_config` and run ``generate`` under :func:`checkpoint_defaults_off`.
+:func:`decoding_config` and run ``generate`` under :func:`checkpoint_defaults_off`;
+evaluation and the served model share :func:`generate`.
 """
 
 from __future__ import annotations
@@ -48,3 +49,30 @@ def checkpoint_defaults_off(model):
         yield
     finally:
         inner.generation_config = saved
+
+
+def generate(model, tokenizer, renderer, prompts: list[list[int]], *, temperature: float,
+             max_new_tokens: int, device: str, seed: int | None = None, batch_size: int = 16):
+    """Responses to token-id ``prompts`` (ids up to and including the first stop token)
+    and whether each ended, decoded with explicit settings only; seeded when ``seed`` is
+    given (evaluation), from the process's random state otherwise (serving)."""
+    import torch
+
+    from rlhf_tasks.ppo.trainer import collate_prompts
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.eval().to(device)
+    config = decoding_config(max_new_tokens=max_new_tokens, temperature=temperature,
+                             stop_ids=renderer.stop_ids, pad_token_id=tokenizer.pad_token_id)
+    out, ended = [], []
+    with torch.inference_mode(), checkpoint_defaults_off(model):
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = collate_prompts(prompts[start:start + batch_size],
+                                        tokenizer.pad_token_id, device)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for row in gen[:, ids.shape[1]:].tolist():
+                kept, stopped = renderer.split_response(row)
+                out.append(kept)
+                ended.append(stopped)
+    return out, ended

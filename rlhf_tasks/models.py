@@ -29,7 +29,6 @@ from rlhf_tasks.errors import BadInput
 from rlhf_tasks.storage import MANIFEST, Storage, is_s3, join, sha256_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
-WEIGHT_FILES = ("*.safetensors",)
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt",
                 "*.jinja"]
 

@@ -95,28 +95,15 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
         self.decoding = json.loads((Path(folder) / DECODING_FILE).read_text(encoding="utf-8"))
 
     def predict(self, context, model_input, params=None):
-        import torch
-
-        from rlhf_tasks.generation import checkpoint_defaults_off, decoding_config
-        from rlhf_tasks.ppo.trainer import collate_prompts
+        from rlhf_tasks.generation import generate
 
         params = params or {}
-        temperature = float(params.get("temperature", self.decoding["temperature"]))
-        max_new = int(params.get("max_new_tokens", self.decoding["max_new_tokens"]))
-        config = decoding_config(max_new_tokens=max_new, temperature=temperature,
-                                 stop_ids=self.renderer.stop_ids,
-                                 pad_token_id=self.tokenizer.pad_token_id)
         prompts = [self.renderer.prompt_ids(*_parse_prompt(p)) for p in _column(model_input)]
-        out: list[str] = []
-        with torch.inference_mode(), checkpoint_defaults_off(self.model):
-            for start in range(0, len(prompts), 16):
-                ids, mask = collate_prompts(prompts[start:start + 16],
-                                            self.tokenizer.pad_token_id, self.device)
-                gen = self.model.generate(input_ids=ids, attention_mask=mask,
-                                          generation_config=config)
-                for row in gen[:, ids.shape[1]:].tolist():
-                    out.append(self.renderer.response_text(self.renderer.split_response(row)[0]))
-        return out
+        responses, _ = generate(
+            self.model, self.tokenizer, self.renderer, prompts, device=self.device,
+            temperature=float(params.get("temperature", self.decoding["temperature"])),
+            max_new_tokens=int(params.get("max_new_tokens", self.decoding["max_new_tokens"])))
+        return [self.renderer.response_text(r) for r in responses]
 
 
 class RewardModel(mlflow.pyfunc.PythonModel):

@@ -194,7 +194,7 @@ def test_registered_champion_is_an_mlflow_model_that_serves(families):
 
     from rlhf_tasks import config as config_mod
     from rlhf_tasks import models, registry
-    from rlhf_tasks.steps.evaluate import generate
+    from rlhf_tasks.generation import generate
     from rlhf_tasks.storage import Storage
 
     tmp, runs = families

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from rlhf_tasks import models, registry, tracking, training
+from rlhf_tasks.generation import generate
 from rlhf_tasks.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -67,32 +68,6 @@ def load_policy(cfg, storage: Storage, uri: str, local: Path):
     return models.load_causal_lm(cfg, storage, path=str(folder), **kwargs)
 
 
-def generate(model, tokenizer, renderer, prompts: list[list[int]], *, temperature: float,
-             max_new_tokens: int, seed: int, device: str, batch_size: int = 64):
-    """Responses (token ids up to and including the first stop token) and whether each
-    ended, decoded with explicit settings only (never the checkpoint's generation_config)."""
-    import torch
-
-    from rlhf_tasks.generation import checkpoint_defaults_off, decoding_config
-    from rlhf_tasks.ppo.trainer import collate_prompts
-
-    torch.manual_seed(seed)
-    model.eval().to(device)
-    config = decoding_config(max_new_tokens=max_new_tokens, temperature=temperature,
-                             stop_ids=renderer.stop_ids, pad_token_id=tokenizer.pad_token_id)
-    out, ended = [], []
-    with torch.inference_mode(), checkpoint_defaults_off(model):
-        for start in range(0, len(prompts), batch_size):
-            ids, mask = collate_prompts(prompts[start:start + batch_size],
-                                        tokenizer.pad_token_id, device)
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            for row in gen[:, ids.shape[1]:].tolist():
-                kept, stopped = renderer.split_response(row)
-                out.append(kept)
-                ended.append(stopped)
-    return out, ended
-
-
 def evaluate(cfg) -> dict:
     from rlhf_tasks.panel.store import PanelStore, panel_store_url
     from rlhf_tasks.reward_model import load_reward_model, score_sequences
@@ -135,7 +110,7 @@ def evaluate(cfg) -> dict:
                 responses, ended = generate(policy, tokenizer, renderer, encoded, device=device,
                                             temperature=ev.temperature,
                                             max_new_tokens=ev.max_new_tokens,
-                                            seed=cfg.run.seed)
+                                            seed=cfg.run.seed, batch_size=64)
                 del policy
                 # exactly the tokens generated (the stop token included), as PPO scores them
                 scores = score_sequences(reward_model, [p + r for p, r in zip(encoded, responses)],
