@@ -48,7 +48,8 @@ with DAG(
     def prepare_run(params=None, dag_run=None) -> dict:
         from rlhf_airflow.run_setup import prepare_run as build
 
-        return build(dict(params), dag_run.dag_id, dag_run.run_id)
+        return build(dict(params), dag_run.dag_id, dag_run.run_id, conf=dag_run.conf or {},
+                     triggered_by=getattr(dag_run, "triggering_user_name", None))
 
     prepared = prepare_run()
     # bookkeeping steps are light: they always run on the worker
@@ -107,7 +108,7 @@ with DAG(
         return ["sign_off"] if result["needs_sign_off"] else ["promote"]
 
     sign_off = SignOffOperator(
-        task_id="sign_off", approver="{{ ti.xcom_pull(task_ids='prepare_run')['approver'] }}",
+        task_id="sign_off", config_uri=CONFIG,
         subject="Promote RLHF version {{ ti.xcom_pull(task_ids='gate')['version'] }}?",
         body="Expert pass rates: {{ ti.xcom_pull(task_ids='gate')['pass_rates'] }}. "
              "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}",

@@ -3,7 +3,7 @@
     rlhf run STEP --config FILE [--set key=value ...] --result FILE
     rlhf data validate PATH --kind preference|prompt|eval [--format auto|pairs|ranked|vertex|chat]
     rlhf demo init [--out DIR]
-    rlhf review serve|add-reviewer|batches|export|import   (the expert panel)
+    rlhf review serve|add-reviewer|revoke|batches|export|import   (the expert panel)
     rlhf steps
 
 Exit codes (the step contract): 0 done; 2 bad input or config (a retry cannot help);
@@ -135,9 +135,22 @@ def cmd_review_serve(args) -> int:
 
 
 def cmd_review_add_reviewer(args) -> int:
-    token = _panel_store(args).add_reviewer(args.name)
-    print(f"reviewer {args.name}: token {token}\n(shown once; give it to the reviewer, who "
-          "signs in with it on the review page or sends it as 'Authorization: Bearer')")
+    store = _panel_store(args)
+    if args.airflow_user:
+        store.add_reviewer(args.name, with_token=False)
+        print(f"Airflow user {args.name} is on the panel (the review page inside Airflow)")
+        return 0
+    token = store.add_reviewer(args.name, valid_days=args.days)
+    print(f"reviewer {args.name}: token {token}, valid {args.days:g} days\n(shown once; give "
+          "it to the reviewer, who signs in with it on the review page or sends it as "
+          "'Authorization: Bearer')")
+    return 0
+
+
+def cmd_review_revoke(args) -> int:
+    if not _panel_store(args).revoke_reviewer(args.name):
+        raise BadInput(f"no reviewer {args.name!r} in the panel store", field="reviewer")
+    print(f"reviewer {args.name}: removed from the panel, token revoked (verdicts kept)")
     return 0
 
 
@@ -224,8 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = review_cmd("serve", cmd_review_serve, "serve the review page on its own")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
-    review_cmd("add-reviewer", cmd_review_add_reviewer,
-               "create a reviewer (or re-key one) and print their token").add_argument("name")
+    add = review_cmd("add-reviewer", cmd_review_add_reviewer,
+                     "put a reviewer on the panel (or re-key one) and print their token")
+    add.add_argument("name", help="reviewer name; with --airflow-user, the Airflow user id")
+    add.add_argument("--days", type=float, default=90.0, help="token lifetime (default 90)")
+    add.add_argument("--airflow-user", action="store_true",
+                     help="a member who reviews inside Airflow (no token)")
+    review_cmd("revoke", cmd_review_revoke,
+               "take a reviewer off the panel and end their token now").add_argument("name")
     review_cmd("batches", cmd_review_batches, "list review batches and their progress")
     export = review_cmd("export", cmd_review_export, "write a batch for an offline panel")
     export.add_argument("batch")

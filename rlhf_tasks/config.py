@@ -33,6 +33,9 @@ class RunSection(Section):
     run_id: str = Field("manual", pattern=r"^[A-Za-z0-9_.:+-]+$",
                         description="Pipeline run id (the Airflow run_id); names the run folder.")
     seed: int = Field(0, ge=0)
+    triggered_by: str | None = Field(None, max_length=200,
+                                     description="The Airflow user who triggered the run "
+                                                 "(set by prepare_run; never the approver).")
 
 
 class ModelSection(Section):
@@ -220,8 +223,22 @@ class PanelSection(Section):
                                                                         "quorum after this.")
     poll_seconds: int = Field(60, ge=1, le=3600, description="How often the waiting gate "
                                                              "checks the store.")
-    approver: str | None = Field(None, description="Airflow user who must sign off a "
-                                                   "promotion (None: no sign-off).")
+    approver: str | None = Field(None, max_length=200, pattern=r"^[^\s].*$",
+                                 description="Airflow user id who must sign off a promotion "
+                                             "(None: no sign-off).  Never the user who "
+                                             "triggered the run.")
+    sign_off_timeout_hours: float = Field(72.0, gt=0.0, le=24 * 90,
+                                          description="How long the sign-off waits; no "
+                                                      "answer by then means Reject.")
+    reviewer_roles: list[str] = Field(default_factory=list, description="Airflow roles "
+                                      "whose users are on the panel inside Airflow (besides "
+                                      "the user ids on the store's reviewer list).")
+    simulated_may_promote: bool = Field(False, description="Let a simulated panel's verdict "
+                                        "promote (demos only); otherwise it is a report.")
+    max_gap_to_reference: float | None = Field(
+        None, ge=0.0, le=1.0, description="With expert-written reference answers in the eval "
+                                          "data: the candidate's pass rate may trail theirs "
+                                          "by at most this (None: no such rule).")
     simulated: SimulatedRaters = SimulatedRaters()
     store_url: str = Field("sqlite:///.rlhf/panel.db", description="SQLAlchemy URL of the "
                                                                    "verdict store.")

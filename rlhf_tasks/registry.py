@@ -6,6 +6,10 @@
   registered only when its MANIFEST.json exists: a half-written folder is never registered.
 * Aliases: ``champion`` (what serves) and ``previous`` (the champion it replaced, for a
   one-command rollback); stages are not used.  Decisions and figures go into version tags.
+* Only "alias not found" (or "model not found") means "no champion"; any other registry
+  error (a timeout, a 5xx) is a :class:`RegistryFault`, exit 1, retried.
+* :func:`move_aliases` moves several aliases as one: all of them, or on a failure none
+  (those already moved are put back), and a retry after a success changes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +18,21 @@ from rlhf_tasks import tracking
 from rlhf_tasks.errors import BadInput
 
 CHAMPION, PREVIOUS = "champion", "previous"
+
+
+class RegistryFault(Exception):
+    """The registry could not answer (exit 1: Airflow retries)."""
+
+
+class ChampionChanged(BadInput):
+    """The champion is no longer the version the gate compared against."""
+
+
+def _not_found(exc) -> bool:
+    code = getattr(exc, "error_code", "")
+    message = str(exc)
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "alias" in message and "not found" in message)
 
 
 def client(cfg):
@@ -32,10 +51,24 @@ def champion(cfg, name: str | None = None):
     or None."""
     from mlflow.exceptions import MlflowException
 
+    return alias_version(client(cfg), name or cfg.registry.model_name, CHAMPION)
+
+
+def alias_version(mlflow_client, name: str, alias: str):
+    """The version holding ``alias``, None when the alias (or the model) does not exist;
+    any other error is a RegistryFault."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        return client(cfg).get_model_version_by_alias(name or cfg.registry.model_name, CHAMPION)
-    except MlflowException:
-        return None
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise RegistryFault(f"registry error reading alias {alias!r} of {name!r}: "
+                            f"{exc}") from exc
+    except OSError as exc:  # connection refused or reset, timeouts
+        raise RegistryFault(f"registry unreachable reading alias {alias!r} of {name!r}: "
+                            f"{exc}") from exc
 
 
 def register(cfg, storage, *, name: str, source: str, run_id: str | None, tags: dict,
@@ -60,19 +93,83 @@ def register(cfg, storage, *, name: str, source: str, run_id: str | None, tags: 
                                               description=description)
 
 
-def promote(cfg, name: str, version: str) -> dict:
-    """``champion`` moves to ``version``; the old champion keeps alias ``previous``."""
+def move_aliases(cfg, moves: list[tuple[str, str, str | None]]) -> None:
+    """Set each ``(model name, alias, version)`` (version None: delete the alias), all or
+    none: when one move fails, the moves already made are undone, then the error is
+    raised as a RegistryFault (the task retries; a retry finds the same starting point).
+    """
     mlflow_client = client(cfg)
-    old = champion(cfg, name)
-    previous = str(old.version) if old is not None else None
-    if previous is not None and previous != str(version):
-        mlflow_client.set_registered_model_alias(name, PREVIOUS, previous)
-    mlflow_client.set_registered_model_alias(name, CHAMPION, str(version))
-    mlflow_client.set_model_version_tag(name, str(version), "gate.decision", "promote")
-    return {"champion": str(version), "previous": previous}
+    before = []
+    for name, alias, _ in moves:
+        old = alias_version(mlflow_client, name, alias)
+        before.append((name, alias, str(old.version) if old is not None else None))
+
+    def put(name, alias, version):
+        if version is None:
+            try:
+                mlflow_client.delete_registered_model_alias(name, alias)
+            except Exception as exc:  # noqa: BLE001 - deleting an absent alias is done
+                if not _not_found(exc):
+                    raise
+        else:
+            mlflow_client.set_registered_model_alias(name, alias, version)
+
+    done = []
+    try:
+        for (name, alias, version), (_, _, old) in zip(moves, before):
+            if version == old:
+                continue
+            put(name, alias, version)
+            done.append((name, alias, old))
+    except Exception as exc:
+        undo_errors = []
+        for name, alias, old in reversed(done):
+            try:
+                put(name, alias, old)
+            except Exception as undo:  # noqa: BLE001 - reported with the first error
+                undo_errors.append(f"{name}@{alias}: {undo}")
+        detail = ("; could not restore " + "; ".join(undo_errors)) if undo_errors else \
+            "; aliases moved so far were restored"
+        raise RegistryFault(f"moving aliases failed at {exc}{detail}") from exc
 
 
-def reject(cfg, name: str, version: str, reason: str) -> None:
+def promote(cfg, name: str, version: str, *, expected_champion: str | None,
+            reward: tuple[str, str] | None = None) -> dict:
+    """``champion`` moves to ``version`` and the old champion keeps ``previous`` (and the
+    same for the reward model, when given), as one move.  ``expected_champion`` is the
+    version the gate compared against (None: there was none): when the champion is now
+    another version, nothing moves (ChampionChanged, exit 2: decide again).  A retry
+    after a success finds ``version`` already champion and changes nothing."""
     mlflow_client = client(cfg)
-    mlflow_client.set_model_version_tag(name, str(version), "gate.decision", "reject")
+    current = alias_version(mlflow_client, name, CHAMPION)
+    current = str(current.version) if current is not None else None
+    version = str(version)
+    if current == version:  # a retry after the moves went through
+        previous = alias_version(mlflow_client, name, PREVIOUS)
+        return {"champion": version,
+                "previous": str(previous.version) if previous is not None else None}
+    if current != expected_champion:
+        raise ChampionChanged(
+            f"the champion of {name} is version {current} now, not version "
+            f"{expected_champion} that the gate compared against: run the pipeline again",
+            field="registry.champion")
+    moves = []
+    if current is not None:
+        moves.append((name, PREVIOUS, current))
+    moves.append((name, CHAMPION, version))
+    if reward is not None:
+        reward_name, reward_version = reward
+        old = alias_version(mlflow_client, reward_name, CHAMPION)
+        old = str(old.version) if old is not None else None
+        if old is not None and old != str(reward_version):
+            moves.append((reward_name, PREVIOUS, old))
+        moves.append((reward_name, CHAMPION, str(reward_version)))
+    move_aliases(cfg, moves)
+    mlflow_client.set_model_version_tag(name, version, "gate.decision", "promote")
+    return {"champion": version, "previous": current}
+
+
+def reject(cfg, name: str, version: str, reason: str, decision: str = "reject") -> None:
+    mlflow_client = client(cfg)
+    mlflow_client.set_model_version_tag(name, str(version), "gate.decision", decision)
     mlflow_client.set_model_version_tag(name, str(version), "gate.reason", reason[:5000])

@@ -13,8 +13,10 @@ echo ">> Airflow metadata DB ($AIRFLOW_HOME)"
 airflow db migrate > "$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/migrate.log"; exit 1; }
 
 echo ">> airflow dags test rlhf_tuning (log: .rlhf/last_demo.log)"
+# the demo plays the admin: its config is the base config (the form cannot override
+# governance fields, and only the admin's config lets a simulated panel promote)
 conf="{\"config_file\": \"$ROOT/.rlhf/demo/demo.yaml\"}"
-AIRFLOW__LOGGING__LOGGING_LEVEL=INFO airflow dags test rlhf_tuning -c "$conf" > "$ROOT/.rlhf/last_demo.log" 2>&1 || true
+RLHF_BASE_CONFIG="$ROOT/.rlhf/demo/demo.yaml" AIRFLOW__LOGGING__LOGGING_LEVEL=INFO airflow dags test rlhf_tuning -c "$conf" > "$ROOT/.rlhf/last_demo.log" 2>&1 || true
 grep -oE "\[DAG TEST\] end task task_id=[a-z_.]+" "$ROOT/.rlhf/last_demo.log" | sed 's/.*task_id=/   done: /' || true
 if ! grep -qE "DagRun Finished: .*state=success" "$ROOT/.rlhf/last_demo.log"; then
   grep -E "rlhf: error|exited with code" "$ROOT/.rlhf/last_demo.log" | tail -5 || true

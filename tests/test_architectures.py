@@ -206,8 +206,8 @@ def test_registered_champion_is_an_mlflow_model_that_serves(families):
     reward_version = registry.register(cfg, storage, name=registry.reward_model_name(cfg),
                                        source=cfg.step_uri("reward", "served"), run_id=None,
                                        tags={})
-    registry.promote(cfg, name, version.version)
-    registry.promote(cfg, registry.reward_model_name(cfg), reward_version.version)
+    registry.promote(cfg, name, version.version, expected_champion=None,
+                     reward=(registry.reward_model_name(cfg), reward_version.version))
 
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     served = mlflow.pyfunc.load_model(f"models:/{name}@champion")
@@ -260,3 +260,60 @@ def test_registered_champion_is_an_mlflow_model_that_serves(families):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.e2e
+def test_a_simulated_panel_reports_unless_the_base_config_lets_it_promote(families, tmp_path):
+    """Simulated raters under a policy any candidate meets: without
+    ``panel.simulated_may_promote`` the gate's outcome is a report and promote refuses
+    (exit 2); the gate closed the batch, so a late verdict is refused, and a gate run
+    again (now allowed) decides on the same verdicts: a decision, no longer a report."""
+    import yaml
+
+    from rlhf_tasks import config as config_mod
+    from rlhf_tasks import registry
+    from rlhf_tasks.cli import main
+    from rlhf_tasks.panel.store import BatchClosed, PanelStore
+
+    tmp, runs = families
+    raw = yaml.safe_load(Path(runs["gpt2"]["config"]).read_text())
+    raw["panel"].update(pass_rate_threshold=0.0, min_lift=-1.0, significance=0.99)
+    config = tmp_path / "lenient.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    def step(name: str, path: Path = config) -> tuple[int, dict]:
+        out = tmp_path / f"{name}.json"
+        code = main(["run", name, "--config", str(path), "--result", str(out)])
+        return code, (json.loads(out.read_text()) if out.exists() else {})
+
+    assert step("panel_simulate")[0] == 0
+    code, gate = step("gate")
+    assert code == 0 and gate["decision"] == "report", gate
+    assert any("simulated_may_promote" in r for r in gate["reasons"])
+    cfg = config_mod.load(str(config))
+    version = registry.client(cfg).get_model_version(cfg.registry.model_name, gate["version"])
+    assert version.tags["gate.decision"] == "report" and not version.aliases
+    assert step("promote")[0] == 2
+    assert registry.champion(cfg) is None
+    store = PanelStore(cfg.panel.store_url)
+    try:
+        item = store.items(gate_batch := json.loads(
+            (Path(cfg.step_uri("gate")) / "gate.json").read_text())["batch_id"])[0]["id"]
+        with pytest.raises(BatchClosed):
+            store.record_verdict(item, "latecomer", False)
+        verdicts = len(store.verdict_rows(gate_batch))
+    finally:
+        store.dispose()
+    raw["panel"]["simulated_may_promote"] = True
+    allowed = tmp_path / "allowed.yaml"
+    allowed.write_text(yaml.safe_dump(raw))
+    code, again = step("gate", allowed)
+    assert code == 0 and again["version"] == gate["version"]
+    assert again["decision"] in ("promote", "reject") and not any(
+        "simulated_may_promote" in r for r in again["reasons"])
+    assert again["pass_rates"] == gate["pass_rates"]  # the same closed snapshot
+    store = PanelStore(cfg.panel.store_url)
+    try:
+        assert len(store.verdict_rows(gate_batch)) == verdicts
+    finally:
+        store.dispose()

@@ -62,7 +62,7 @@ def test_params_have_descriptions_and_bounds(dagbag):
                  "prompt_sequence_length", "target_sequence_length", "reward_model_train_steps",
                  "reward_model_learning_rate_multiplier", "reinforcement_learning_train_steps",
                  "reinforcement_learning_rate_multiplier", "kl_coeff", "lora_rank", "instruction",
-                 "pass_rate_threshold", "backend", "panel_mode", "verdicts_per_item", "approver"):
+                 "dtype", "gradient_checkpointing", "run_sft_baseline"):
         schema = params.get_param(name).schema
         assert params.get_param(name).description, name
         if schema.get("type") in ("integer", "number"):
@@ -80,8 +80,16 @@ def test_params_reject_out_of_bounds(dagbag):
     params = copy.deepcopy(dagbag.dags["rlhf_tuning"].params)
     with pytest.raises(ParamValidationError, match="kl_coeff: -1 is less than the minimum"):
         params["kl_coeff"] = -1
-    with pytest.raises(ParamValidationError, match="backend"):
-        params["backend"] = "slurm"
+    with pytest.raises(ParamValidationError, match="dtype"):
+        params["dtype"] = "int4"
+
+
+def test_governed_fields_are_not_on_the_form(dagbag):
+    """Infrastructure and governance never appear in the trigger form."""
+    params = dagbag.dags["rlhf_tuning"].params
+    for name in ("backend", "panel_mode", "verdicts_per_item", "pass_rate_threshold",
+                 "approver", "max_bad_fraction", "image", "trust_remote_code"):
+        assert name not in params, name
 
 
 def test_param_bounds_match_config_bounds():
@@ -96,18 +104,104 @@ def test_param_bounds_match_config_bounds():
                 build_config({name: schema[key]}, "d", "r")
 
 
-def test_build_config_layers_form_over_file(tmp_path):
+def test_build_config_layers_form_over_file(tmp_path, monkeypatch):
     from rlhf_airflow.params import build_config
 
     base = tmp_path / "base.yaml"
     base.write_text("ppo: {kl_coef: 0.2}\ndata: {eval_uri: /data/eval.jsonl}\n")
+    monkeypatch.setenv("RLHF_BASE_CONFIG", str(base))
     cfg = build_config({"config_file": str(base), "kl_coeff": 0.05, "lora_rank": 4,
-                        "eval_dataset": None}, "rlhf_tuning", "manual__2026-01-01T00:00:00+00:00")
+                        "eval_dataset": None}, "rlhf_tuning", "manual__2026-01-01T00:00:00+00:00",
+                       triggered_by="ann")
     assert cfg.ppo.kl_coef == 0.2, "a form value left at its default keeps the file's value"
     assert cfg.reward.lora_rank == cfg.ppo.lora_rank == cfg.sft.lora_rank == 4
     assert cfg.data.eval_uri == "/data/eval.jsonl"
     assert cfg.run.run_id == "manual____2026-01-01T00_3a00_3a00_2b00_3a00"
+    assert cfg.run.triggered_by == "ann"
     assert cfg.storage.artifact_root.startswith("/")
+
+
+def _admin(tmp_path, monkeypatch):
+    """An admin's base config and config folder; returns (base, folder)."""
+    folder = tmp_path / "admin"
+    folder.mkdir()
+    base = folder / "base.yaml"
+    base.write_text(f"storage: {{allowed_roots: [{tmp_path / 'data'}]}}\n"
+                    "panel: {approver: alice, pass_rate_threshold: 0.8}\n")
+    (folder / "team.yaml").write_text("ppo: {kl_coef: 0.3}\n")
+    monkeypatch.setenv("RLHF_BASE_CONFIG", str(base))
+    monkeypatch.setenv("RLHF_CONFIG_DIR", str(folder))
+    return base, folder
+
+
+def test_config_file_must_be_an_admin_file(tmp_path, monkeypatch):
+    from rlhf_airflow.params import build_config
+    from rlhf_tasks.errors import BadInput
+
+    base, folder = _admin(tmp_path, monkeypatch)
+    assert build_config({}, "d", "r").panel.approver == "alice"  # empty: the base config
+    assert build_config({"config_file": "team.yaml"}, "d", "r").ppo.kl_coef == 0.3
+    assert build_config({"config_file": str(folder / "team.yaml")}, "d", "r").ppo.kl_coef == 0.3
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("panel: {pass_rate_threshold: 0}\n")
+    (folder / "link.yaml").symlink_to(evil)
+    for attempt in (str(evil), "../evil.yaml", "link.yaml", "s3://bucket/evil.yaml",
+                    str(folder) + "/../evil.yaml"):
+        with pytest.raises(BadInput, match="^field 'config_file': trigger form field "
+                                           "'config_file'") as err:
+            build_config({"config_file": attempt}, "d", "r")
+        assert "\n" not in str(err.value)
+    monkeypatch.delenv("RLHF_CONFIG_DIR")
+    with pytest.raises(BadInput, match="config_file"):
+        build_config({"config_file": str(folder / "team.yaml")}, "d", "r")
+
+
+@pytest.mark.parametrize("key", ["panel_mode", "approver", "verdicts_per_item",
+                                 "pass_rate_threshold", "backend", "image", "max_bad_fraction",
+                                 "tracking_uri", "trust_remote_code"])
+def test_form_cannot_set_governed_fields(tmp_path, monkeypatch, key):
+    from rlhf_airflow.params import build_config
+    from rlhf_tasks.errors import BadInput
+
+    _admin(tmp_path, monkeypatch)
+    with pytest.raises(BadInput, match=f"trigger form field '{key}' may not be set"):
+        build_config({key: 1}, "d", "r", conf={"kl_coeff": 0.1, key: 1})
+
+
+def test_form_locations_stay_inside_the_allowed_roots(tmp_path, monkeypatch):
+    from rlhf_airflow.params import build_config
+    from rlhf_tasks.errors import BadInput
+
+    _admin(tmp_path, monkeypatch)
+    inside = tmp_path / "data" / "prefs.jsonl"
+    cfg = build_config({"preference_dataset": str(inside)}, "d", "r")
+    assert cfg.data.preference_uri == str(inside)
+    assert build_config({"base_model": "org/model"}, "d", "r").model.base_model == "org/model"
+    for name, value in (("preference_dataset", "/etc/passwd"),
+                        ("eval_dataset", str(tmp_path / "data" / ".." / "x.jsonl")),
+                        ("base_model", "s3://someone-else/model"),
+                        ("prompt_dataset", str(tmp_path / "elsewhere.jsonl"))):
+        with pytest.raises(BadInput, match=f"trigger form field '{name}'.*outside"):
+            build_config({name: value}, "d", "r")
+
+
+def test_approver_is_an_airflow_user_who_did_not_trigger(tmp_path, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from rlhf_airflow.run_setup import prepare_run
+
+    _admin(tmp_path, monkeypatch)
+    monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER", "airflow.api_fastapi.auth.managers."
+                       "simple.simple_auth_manager.SimpleAuthManager")
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "bob:user,carol:admin")
+    with pytest.raises(AirflowFailException, match="'alice' is not an Airflow user"):
+        prepare_run({}, "d", "r1", conf={}, triggered_by="bob")
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "alice:user,bob:user")
+    with pytest.raises(AirflowFailException, match="'alice' triggered this run"):
+        prepare_run({}, "d", "r2", conf={}, triggered_by="alice")
+    out = prepare_run({}, "d", "r3", conf={}, triggered_by="bob")
+    assert out["approver"] == "alice"
 
 
 def test_bad_form_value_fails_prepare_without_retry(tmp_path):

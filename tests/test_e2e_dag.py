@@ -32,10 +32,15 @@ def airflow_home(tmp_path_factory):
     return home
 
 
-def dags_test(home: Path, conf: dict) -> subprocess.CompletedProcess:
+def dags_test(home: Path, conf: dict, **env) -> subprocess.CompletedProcess:
+    """``airflow dags test rlhf_tuning -c CONF``; the test plays the admin, whose config
+    folder ($RLHF_CONFIG_DIR) holds the config file it names."""
+    if conf.get("config_file") and "RLHF_CONFIG_DIR" not in env:
+        env["RLHF_CONFIG_DIR"] = str(Path(conf["config_file"]).parent)
     return subprocess.run([str(Path(sys.executable).parent / "airflow"), "dags", "test",
-                           "rlhf_tuning", "-c", json.dumps(conf)], env=airflow_env(home),
-                          capture_output=True, text=True, timeout=900, cwd=home)
+                           "rlhf_tuning", "-c", json.dumps(conf)],
+                          env={**airflow_env(home), **env}, capture_output=True, text=True,
+                          timeout=900, cwd=home)
 
 
 def task_states(home: Path, log: str, **env) -> dict[str, str]:
@@ -251,21 +256,51 @@ def test_new_preference_data_queues_a_retraining_run(airflow_home, demo_dir, tmp
 
 def test_review_page_in_airflow_uses_the_airflow_login(airflow_home, tmp_path):
     """The plugin mounted in a real Airflow API server: 401 without the Airflow login;
-    with a JWT from Airflow's /auth/token the reviewer is that Airflow user."""
+    403 for a logged-in user who is not on the panel (a Viewer, an Admin); members are the
+    store's reviewer list (by user id) and the base config's reviewer roles."""
     import httpx
 
-    with api_server(airflow_home, tmp_path, "ann:viewer", RLHF_PANEL_STORE_URL=(
-            f"sqlite:///{tmp_path / 'panel.db'}")) as (base, users):
+    from rlhf_tasks.panel.store import PanelStore
+
+    store_url = f"sqlite:///{tmp_path / 'panel.db'}"
+    store = PanelStore(store_url)
+    store.add_reviewer("ann", with_token=False)
+    store.add_reviewer("rex", with_token=False)
+    store.revoke_reviewer("rex")
+    batch = store.create_batch(pipeline="p", run_id="r", verdicts_per_item=1, quality_bar="b",
+                               simulated=False, items=[{"prompt_index": 0, "prompt": "p",
+                                                        "response": "a", "model": "m"}])
+    item = store.items(batch)[0]["id"]
+    base_config = tmp_path / "base.yaml"
+    base_config.write_text("panel: {reviewer_roles: [op]}\n")
+    with api_server(airflow_home, tmp_path, "ann:viewer,vic:viewer,boss:admin,olga:op,rex:user",
+                    RLHF_PANEL_STORE_URL=store_url, RLHF_BASE_CONFIG=str(base_config)) \
+            as (base, users):
         assert httpx.get(f"{base}/rlhf-review/api/me").status_code == 401
         assert httpx.get(f"{base}/rlhf-review/api/batches").status_code == 401
         assert httpx.post(f"{base}/rlhf-review/api/items/x/verdict",
                           json={"passed": True}).status_code == 401
         page = httpx.get(f"{base}/rlhf-review/")
         assert page.status_code == 200 and "Expert review" in page.text
+        for outsider in ("vic", "boss", "rex"):  # not on the panel, an admin, revoked
+            h = users[outsider]
+            assert httpx.get(f"{base}/rlhf-review/api/batches", headers=h).status_code == 403
+            assert httpx.get(f"{base}/rlhf-review/api/batches/{batch}/next",
+                             headers=h).status_code == 403
+            assert httpx.post(f"{base}/rlhf-review/api/items/{item}/verdict", headers=h,
+                              json={"passed": True}).status_code == 403
+        assert store.verdict_rows(batch) == []
         headers = users["ann"]
         assert httpx.get(f"{base}/rlhf-review/api/me", headers=headers).json() == \
             {"reviewer": "ann"}
-        assert httpx.get(f"{base}/rlhf-review/api/batches", headers=headers).json() == []
+        assert [b["id"] for b in httpx.get(f"{base}/rlhf-review/api/batches",
+                                           headers=headers).json()] == [batch]
+        # a member by role
+        assert httpx.get(f"{base}/rlhf-review/api/me", headers=users["olga"]).json() == \
+            {"reviewer": "olga"}
+        voted = httpx.post(f"{base}/rlhf-review/api/items/{item}/verdict",
+                           headers=users["olga"], json={"passed": True})
+        assert voted.status_code == 201 and voted.json()["reviewer"] == "olga"
         # the UI's own cookie works too (a reviewer logged in to Airflow just opens the page)
         cookie = httpx.get(f"{base}/rlhf-review/api/me",
                            cookies={"_token": headers["Authorization"][7:]})
@@ -273,3 +308,68 @@ def test_review_page_in_airflow_uses_the_airflow_login(airflow_home, tmp_path):
         plugins = httpx.get(f"{base}/api/v2/plugins", headers=headers).json()["plugins"]
         review = next(p for p in plugins if p["name"] == "rlhf_review")
         assert review["external_views"][0]["href"] == "/rlhf-review/"
+
+
+def test_trigger_form_attacks_stop_at_prepare_run(airflow_home, demo_dir, tmp_path):
+    """Through real `airflow dags test` runs: a config file the admin did not provide, a
+    governed field in the conf, a dataset outside the allowed roots, the triggering user
+    as approver, an approver who is not an Airflow user.  Each stops prepare_run with one
+    line naming the field, and nothing else runs."""
+    import yaml
+
+    admin = tmp_path / "admin"
+    admin.mkdir()
+    raw = yaml.safe_load(run_config(tmp_path, demo_dir).read_text())
+    for name, approver in (("ok", None), ("self", "dag_test"), ("ghost", "mallory")):
+        raw["panel"]["approver"] = approver
+        (admin / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(yaml.safe_dump({**raw, "panel": {**raw["panel"], "pass_rate_threshold": 0,
+                                                     "approver": None}}))
+    env = {"RLHF_CONFIG_DIR": str(admin),
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "alice:user,dag_test:admin"}
+    ok = str(admin / "ok.yaml")
+    attacks = [
+        ({"config_file": str(evil)}, "trigger form field 'config_file'"),
+        ({"config_file": ok, "panel_mode": "simulated", "approver": "dag_test"},
+         "trigger form field 'approver' may not be set"),
+        ({"config_file": ok, "preference_dataset": "/etc/passwd"},
+         "trigger form field 'preference_dataset': /etc/passwd is outside"),
+        ({"config_file": str(admin / "self.yaml")},
+         "panel.approver 'dag_test' triggered this run"),
+        ({"config_file": str(admin / "ghost.yaml")},
+         "panel.approver 'mallory' is not an Airflow user"),
+    ]
+    # the `airflow dags test` command itself, once per attack, in one process (the CLI's
+    # start-up would otherwise cost ~15 s per attack)
+    script = (
+        "import json, sys\n"
+        "from airflow.cli import cli_parser\n"
+        "for conf in json.loads(sys.argv[1]):\n"
+        "    print('=== ATTACK', flush=True)\n"
+        "    args = cli_parser.get_parser().parse_args(\n"
+        "        ['dags', 'test', 'rlhf_tuning', '-c', json.dumps(conf)])\n"
+        "    try:\n"
+        "        args.func(args)\n"
+        "    except SystemExit as exc:\n"
+        "        print('=== EXIT', exc, flush=True)\n"
+        "    from airflow.models import DagRun\n"
+        "    from airflow.utils.session import create_session\n"
+        "    with create_session() as s:\n"
+        "        run = max(DagRun.find(dag_id='rlhf_tuning', session=s),\n"
+        "                  key=lambda r: r.start_date)\n"
+        "        states = {ti.task_id: ti.state for ti in run.get_task_instances(session=s)}\n"
+        "    print('=== STATES', json.dumps(states), flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps([c for c, _ in attacks])],
+                          env={**airflow_env(airflow_home), **env}, capture_output=True,
+                          text=True, timeout=900, cwd=airflow_home)
+    logs = (proc.stdout + proc.stderr).split("=== ATTACK")[1:]
+    assert proc.returncode == 0 and len(logs) == len(attacks), (proc.stdout + proc.stderr)[-4000:]
+    for (conf, message), log in zip(attacks, logs):
+        assert message in log, (conf, log[-4000:])
+        assert "=== EXIT DagRun failed" in log, conf
+        states = json.loads(log.split("=== STATES", 1)[1].splitlines()[0])
+        assert states["prepare_run"] == "failed", (conf, states)
+        assert states["reward"] == states["gate"] == "upstream_failed", (conf, states)
+        assert "rlhf_tasks.cli run reward" not in log
+    assert not (tmp_path / "artifacts").exists(), "nothing may be written for a refused run"

@@ -150,3 +150,36 @@ def test_parse_verdict_is_total(text):
     else:
         assert value in (True, False, None)
         assert (value is None) == (text.strip() == "")
+
+
+def test_oversized_bodies_get_413_and_closed_batches_409(client, store):
+    token = store.add_reviewer("ann")
+    auth = {"Authorization": f"Bearer {token}"}
+    item = client.get(f"/api/batches/{store.batch_id}/next", headers=auth).json()
+    huge = {"passed": True, "comment": "x" * 100_000}
+    assert client.post(f"/api/items/{item['id']}/verdict", json=huge,
+                       headers=auth).status_code == 413
+
+    def chunks():  # no Content-Length: counted as it streams
+        yield b'{"passed": true, "comment": "'
+        for _ in range(100):
+            yield b"y" * 1024
+        yield b'"}'
+
+    streamed = client.post(f"/api/items/{item['id']}/verdict", content=chunks(),
+                           headers={**auth, "content-type": "application/json"})
+    assert streamed.status_code == 413
+    assert store.verdict_rows(store.batch_id) == []
+    store.close_batch(store.batch_id)
+    late = client.post(f"/api/items/{item['id']}/verdict", json={"passed": True},
+                       headers=auth)
+    assert late.status_code == 409 and "closed" in late.json()["detail"]
+    assert client.get(f"/api/batches/{store.batch_id}/next", headers=auth).status_code == 204
+
+
+def test_revoked_or_expired_tokens_are_refused(client, store):
+    token = store.add_reviewer("ann")
+    auth = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/me", headers=auth).status_code == 200
+    store.revoke_reviewer("ann")
+    assert client.get("/api/me", headers=auth).status_code == 401

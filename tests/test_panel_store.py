@@ -188,3 +188,68 @@ def test_concurrent_reviewers_waste_almost_no_verdicts(store):
     progress = store.progress(batch)
     assert progress["complete"], progress
     assert progress["verdicts_given"] <= 40 * 3 * 1.05, progress
+
+
+def test_a_closed_batch_takes_no_more_verdicts(store):
+    """The gate closes the batch: a later verdict is refused, nothing more is served, and
+    a retried gate reads the same verdicts."""
+    from rlhf_tasks.panel.store import BatchClosed
+
+    batch = _batch(store, k=2)
+    item = store.next_item(batch, "ann")
+    store.record_verdict(item.id, "ann", True)
+    closed = store.close_batch(batch)
+    snapshot = store.verdict_rows(batch)
+    other = store.items(batch)[1]["id"]
+    with pytest.raises(BatchClosed, match="closed"):
+        store.record_verdict(other, "bob", False)
+    assert store.next_item(batch, "bob") is None
+    assert store.close_batch(batch) == closed  # idempotent: a retried gate
+    assert store.verdict_rows(batch) == snapshot and len(snapshot) == 1
+
+
+def test_reviewer_tokens_expire_and_can_be_revoked(store):
+    from sqlalchemy import update
+
+    from rlhf_tasks.panel import store as store_mod
+
+    token = store.add_reviewer("ann", valid_days=1)
+    assert store.reviewer_for_token(token) == "ann" and store.is_member("ann")
+    with store.session() as s:
+        s.execute(update(store_mod.Reviewer).where(store_mod.Reviewer.name == "ann")
+                  .values(token_expires_at=store_mod._now() - timedelta(seconds=1)))
+        s.commit()
+    assert store.reviewer_for_token(token) is None  # expired
+    fresh = store.add_reviewer("ann")
+    assert store.reviewer_for_token(fresh) == "ann"
+    assert store.revoke_reviewer("ann") and not store.is_member("ann")
+    assert store.reviewer_for_token(fresh) is None  # revoked at once
+    assert not store.revoke_reviewer("nobody")
+    assert store.add_reviewer("dan", with_token=False) is None and store.is_member("dan")
+
+
+def test_a_store_made_by_an_older_release_gains_the_new_columns(tmp_path):
+    """Columns added since (batch closing, token expiry) are added in place; the data stays."""
+    import sqlalchemy
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text(
+            "CREATE TABLE review_batches (id VARCHAR(32) PRIMARY KEY, pipeline VARCHAR(200), "
+            "run_id VARCHAR(250), created_at DATETIME, verdicts_per_item INTEGER, "
+            "quality_bar TEXT, simulated BOOLEAN)"))
+        conn.execute(sqlalchemy.text(
+            "CREATE TABLE reviewers (name VARCHAR(100) PRIMARY KEY, token_sha256 VARCHAR(64), "
+            "simulated BOOLEAN, created_at DATETIME)"))
+        conn.execute(sqlalchemy.text(
+            "INSERT INTO review_batches VALUES ('b1', 'p', 'r', '2026-01-01 00:00:00', 2, "
+            "'bar', 0)"))
+    engine.dispose()
+    store = PanelStore(url)
+    try:
+        assert store.batch("b1").closed_at is None
+        store.close_batch("b1")
+        assert store.batch("b1").closed_at is not None
+    finally:
+        store.dispose()

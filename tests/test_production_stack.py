@@ -127,7 +127,8 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         # every process finds the S3 API the way boto3 does: the run's config.json is
         # on S3 too, and must be readable before its storage.s3_endpoint_url is known
         db_env = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_db,
-                  "AWS_ENDPOINT_URL_S3": s3_endpoint}
+                  "AWS_ENDPOINT_URL_S3": s3_endpoint, "RLHF_CONFIG_DIR": str(tmp_path),
+                  "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "alice:user,bob:admin"}
         env = {**airflow_env(home), **db_env}
         migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env,
                                  capture_output=True, text=True, timeout=600)
@@ -151,7 +152,8 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
                 assert dag.poll() is None, "the DAG must wait for the panel"
                 assert http.get(f"api/batches/{batch['id']}/next").status_code == 401
                 assert _review(http, tokens, batch["id"], per_reviewer=4) == 12
-            with api_server(home, tmp_path, "alice:user,bob:admin", **db_env) as (api, users):
+            with api_server(home, tmp_path, "alice:user,bob:admin", **{
+                    k: v for k, v in db_env.items() if "SIMPLE_AUTH" not in k}) as (api, users):
                 _sign_off(api, users, dag)
             dag.wait(timeout=600)
         finally:

@@ -30,10 +30,15 @@ def test_promotions_move_champion_and_keep_previous(make_config):
                               source=_model_folder(storage, cfg, "r1"))
     assert again.version == first.version  # a retried gate registers nothing new
     assert registry.champion(cfg) is None
-    assert registry.promote(cfg, name, first.version) == {"champion": "1", "previous": None}
+    assert registry.promote(cfg, name, first.version, expected_champion=None) == \
+        {"champion": "1", "previous": None}
     second = registry.register(cfg, storage, name=name, run_id=None, tags={"pass_rate": 0.87},
                                source=_model_folder(storage, cfg, "r2"))
-    assert registry.promote(cfg, name, second.version) == {"champion": "2", "previous": "1"}
+    assert registry.promote(cfg, name, second.version, expected_champion="1") == \
+        {"champion": "2", "previous": "1"}
+    # a retry after the moves went through changes nothing
+    assert registry.promote(cfg, name, second.version, expected_champion="1") == \
+        {"champion": "2", "previous": "1"}
     client = registry.client(cfg)
     assert str(client.get_model_version_by_alias(name, "previous").version) == "1"
     assert registry.champion(cfg).tags["pass_rate"] == "0.87"
@@ -43,3 +48,151 @@ def test_promotions_move_champion_and_keep_previous(make_config):
     rejected = client.get_model_version(name, third.version)
     assert rejected.tags["gate.decision"] == "reject" and not rejected.aliases
     assert str(registry.champion(cfg).version) == "2"
+
+
+def test_promote_refuses_when_the_champion_moved_since_the_gate(make_config):
+    cfg = make_config()
+    storage = Storage.from_config(cfg)
+    name = cfg.registry.model_name
+    versions = [registry.register(cfg, storage, name=name, run_id=None, tags={},
+                                  source=_model_folder(storage, cfg, f"r{i}")).version
+                for i in range(3)]
+    registry.promote(cfg, name, versions[0], expected_champion=None)
+    # run B's gate compared against version 1; meanwhile run A promoted version 2
+    registry.promote(cfg, name, versions[1], expected_champion="1")
+    with pytest.raises(registry.ChampionChanged, match="version 2 now, not version 1"):
+        registry.promote(cfg, name, versions[2], expected_champion="1")
+    assert str(registry.champion(cfg).version) == "2"
+
+
+def test_aliases_move_all_or_none(make_config, monkeypatch):
+    """The reward model's champion move fails: the policy's champion and previous, already
+    moved, are put back; the error is a fault (retried), and the retry succeeds."""
+    import mlflow
+
+    cfg = make_config()
+    storage = Storage.from_config(cfg)
+    name, reward = cfg.registry.model_name, registry.reward_model_name(cfg)
+    for model in (name, reward):
+        for i in range(2):
+            registry.register(cfg, storage, name=model, run_id=None, tags={},
+                              source=_model_folder(storage, cfg, f"{model}-{i}"))
+    registry.promote(cfg, name, "1", expected_champion=None, reward=(reward, "1"))
+    real = mlflow.MlflowClient.set_registered_model_alias
+    calls = []
+
+    def flaky(self, model, alias, version):
+        calls.append((model, alias, version))
+        if (model, alias, version) == (reward, "champion", "2"):
+            raise ConnectionResetError("connection reset by peer")
+        return real(self, model, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", flaky)
+    with pytest.raises(registry.RegistryFault, match="restored"):
+        registry.promote(cfg, name, "2", expected_champion="1", reward=(reward, "2"))
+    client = registry.client(cfg)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert registry.alias_version(client, name, "previous") is None
+    assert str(client.get_model_version_by_alias(reward, "champion").version) == "1"
+    assert registry.alias_version(client, reward, "previous") is None
+    assert (name, "champion", "2") in calls  # it had moved, and was put back
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", real)
+    registry.promote(cfg, name, "2", expected_champion="1", reward=(reward, "2"))
+    for model in (name, reward):
+        assert str(client.get_model_version_by_alias(model, "champion").version) == "2"
+        assert str(client.get_model_version_by_alias(model, "previous").version) == "1"
+
+
+def test_only_a_missing_alias_means_no_champion(make_config, monkeypatch):
+    """An unreachable registry is a fault (exit 1, retried), never 'no champion'."""
+    cfg = make_config()
+    assert registry.champion(cfg) is None  # model not registered yet
+    storage = Storage.from_config(cfg)
+    registry.register(cfg, storage, name=cfg.registry.model_name, run_id=None, tags={},
+                      source=_model_folder(storage, cfg, "r1"))
+    assert registry.champion(cfg) is None  # registered, no alias yet
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    from conftest import free_port
+
+    down = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"tracking_uri": f"http://127.0.0.1:{free_port()}"})})
+    with pytest.raises(Exception) as err:
+        registry.champion(down)
+    assert not isinstance(err.value, BadInput)  # exit 1: Airflow retries
+    import mlflow
+
+    dead = mlflow.MlflowClient(tracking_uri=down.tracking.tracking_uri,
+                               registry_uri=down.tracking.tracking_uri)
+    with pytest.raises(registry.RegistryFault, match="alias 'champion'"):
+        registry.alias_version(dead, cfg.registry.model_name, "champion")
+
+
+@pytest.mark.parametrize("recorded, error", [
+    (None, "marked successful by hand"),
+    ({"chosen_options": ["Reject"], "responded_by_user": {"id": "alice"}}, "not an approval"),
+    ({"chosen_options": ["Approve"], "responded_by_user": {"id": "bob"}},
+     "came from 'bob', not from the assigned approver 'alice'"),
+    ({"chosen_options": ["Approve"], "responded_by_user": None}, "came from None"),
+    ({"chosen_options": ["Approve", "Reject"], "responded_by_user": {"id": "alice"}},
+     "not an approval"),
+])
+def test_promote_needs_a_recorded_approval_by_the_approver(make_config, recorded, error):
+    from rlhf_tasks.steps.panel import SIGN_OFF_FILE, check_sign_off
+
+    cfg = make_config(panel={"approver": "alice"})
+    storage = Storage.from_config(cfg)
+    decision = {"needs_sign_off": True, "approver": "alice", "triggered_by": "tom"}
+    if recorded is not None:
+        storage.write_json(cfg.step_uri(*SIGN_OFF_FILE), recorded)
+    with pytest.raises(BadInput, match=error):
+        check_sign_off(cfg, storage, decision)
+
+
+def test_an_approval_counts_only_from_the_approver_who_did_not_trigger(make_config):
+    from rlhf_tasks.steps.panel import SIGN_OFF_FILE, check_sign_off
+
+    cfg = make_config(panel={"approver": "alice"})
+    storage = Storage.from_config(cfg)
+    storage.write_json(cfg.step_uri(*SIGN_OFF_FILE),
+                       {"chosen_options": ["Approve"], "responded_by_user": {"id": "alice"}})
+    assert check_sign_off(cfg, storage, {"needs_sign_off": True, "approver": "alice",
+                                         "triggered_by": "tom"}) == "alice"
+    with pytest.raises(BadInput, match="triggered this run"):
+        check_sign_off(cfg, storage, {"needs_sign_off": True, "approver": "alice",
+                                      "triggered_by": "alice"})
+    assert check_sign_off(cfg, storage, {"needs_sign_off": False}) is None
+
+
+def test_a_rejected_or_unanswered_sign_off_is_recorded_and_tagged(make_config, tmp_path):
+    """The sign-off task writes the response where promote reads it, and a Reject (or no
+    answer before panel.sign_off_timeout_hours: the default option) tags the version."""
+    import sys
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+    from rlhf_airflow.sign_off import SignOffOperator
+    from rlhf_tasks.steps.panel import SIGN_OFF_FILE
+
+    cfg = make_config(panel={"approver": "alice", "sign_off_timeout_hours": 2})
+    storage = Storage.from_config(cfg)
+    config_uri = storage.write_json(cfg.step_uri("config.json"), cfg.dump())
+    name = cfg.registry.model_name
+    version = registry.register(cfg, storage, name=name, run_id=None, tags={},
+                                source=_model_folder(storage, cfg, "r1")).version
+    storage.write_json(cfg.step_uri("gate", "gate.json"),
+                       {"model_name": name, "version": version})
+    op = SignOffOperator(task_id="sign_off", config_uri=config_uri, subject="s")
+    assert op.defaults == ["Reject"] and op.ignore_downstream_trigger_rules
+    op._record({"chosen_options": ["Reject"], "responded_by_user": {"id": "alice"},
+                "responded_at": datetime(2026, 1, 1, tzinfo=timezone.utc)}, timed_out=False)
+    recorded = storage.read_json(cfg.step_uri(*SIGN_OFF_FILE))
+    assert recorded["chosen_options"] == ["Reject"] and recorded["approver"] == "alice"
+    tags = registry.client(cfg).get_model_version(name, version).tags
+    assert tags["gate.decision"] == "sign_off_rejected"
+    assert tags["gate.reason"] == "sign-off rejected by alice"
+    op._record({"chosen_options": ["Reject"], "responded_by_user": None,
+                "responded_at": None}, timed_out=True)
+    tags = registry.client(cfg).get_model_version(name, version).tags
+    assert tags["gate.reason"] == "sign-off rejected by nobody (timed out)"

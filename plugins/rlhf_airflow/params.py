@@ -4,12 +4,25 @@ Each Param maps onto one or more config fields (``PARAM_TO_CONFIG``); ``build_co
 layers them over a base config file and the run's identity.  Bounds here repeat the
 pydantic bounds so the form refuses a bad value before a run even starts; pydantic
 remains the judge of record (a test keeps the two in step).
+
+Who may set what (docs/ARCHITECTURE.md, Trust):
+
+* The form is an allow-list (``PARAM_TO_CONFIG`` + ``config_file``): data and model
+  locations, which must lie inside the admin's ``storage.allowed_roots``; training
+  hyperparameters; precision.  Any other key in the run's conf stops ``prepare_run``
+  with one line naming it.
+* Infrastructure and governance (``compute.backend`` and ``compute.kubernetes.*``,
+  ``model.trust_remote_code``, ``tracking``, ``storage``, the panel's mode, policy and
+  approver, ``data.max_bad_fraction``) come only from config files the admin controls:
+  ``$RLHF_BASE_CONFIG``, and files in the folder ``$RLHF_CONFIG_DIR``.  ``config_file``
+  may name only those.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import Param
@@ -27,7 +40,6 @@ PARAM_TO_CONFIG: dict[str, list[str]] = {
     "instruction": ["model.instruction"],
     "prompt_sequence_length": ["data.max_prompt_tokens"],
     "target_sequence_length": ["data.max_target_tokens"],
-    "max_bad_fraction": ["data.max_bad_fraction"],
     "reward_model_train_steps": ["reward.train_steps"],
     "reward_model_learning_rate_multiplier": ["reward.learning_rate_multiplier"],
     "reinforcement_learning_train_steps": ["ppo.train_steps"],
@@ -35,14 +47,15 @@ PARAM_TO_CONFIG: dict[str, list[str]] = {
     "kl_coeff": ["ppo.kl_coef"],
     "lora_rank": ["reward.lora_rank", "sft.lora_rank", "ppo.lora_rank"],
     "run_sft_baseline": ["sft.enabled"],
-    "pass_rate_threshold": ["panel.pass_rate_threshold"],
-    "panel_mode": ["panel.mode"],
-    "verdicts_per_item": ["panel.verdicts_per_item"],
-    "approver": ["panel.approver"],
-    "backend": ["compute.backend"],
     "dtype": ["compute.dtype"],
     "gradient_checkpointing": ["compute.gradient_checkpointing"],
 }
+
+# form fields that name data or a model: each must lie inside the allowed roots
+LOCATION_PARAMS = ("preference_dataset", "prompt_dataset", "eval_dataset", "sft_dataset",
+                   "base_model")
+FORM_FIELDS = frozenset(PARAM_TO_CONFIG) | {"config_file"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 _NULLABLE_URI = {"type": ["null", "string"], "maxLength": 2048}
 
@@ -69,8 +82,9 @@ def trigger_params() -> dict[str, Param]:
     return {
         "config_file": Param(
             os.environ.get("RLHF_BASE_CONFIG", ""), type="string", maxLength=2048,
-            description="Base pipeline config (YAML/JSON, local or s3://). Form values "
-                        "below override it; empty fields keep the base config's value."),
+            description="Pipeline config: the admin's base config, or a file in the "
+                        "admin's config folder ($RLHF_CONFIG_DIR). Form values below "
+                        "override it; empty fields keep its value."),
         "preference_dataset": Param(None, **_NULLABLE_URI,
                                     description="Human preference data: JSONL, CSV or Parquet "
                                                 "(pairs, ranked lists, Vertex style or chat)."),
@@ -103,8 +117,6 @@ def trigger_params() -> dict[str, Param]:
         "target_sequence_length": _num("data.max_target_tokens",
                                        defaults.data.max_target_tokens, "integer",
                                        "Longest response in tokens."),
-        "max_bad_fraction": _num("data.max_bad_fraction", defaults.data.max_bad_fraction,
-                                 "number", "Fail validation when a larger share of rows is bad."),
         "reward_model_train_steps": _num("reward.train_steps", defaults.reward.train_steps,
                                          "integer", "Reward-model training steps."),
         "reward_model_learning_rate_multiplier": _num(
@@ -121,21 +133,6 @@ def trigger_params() -> dict[str, Param]:
                           "LoRA rank for reward model, SFT and policy (0 = full tuning)."),
         "run_sft_baseline": Param(defaults.sft.enabled, type="boolean",
                                   description="Also train the supervised baseline."),
-        "pass_rate_threshold": _num("panel.pass_rate_threshold",
-                                    defaults.panel.pass_rate_threshold, "number",
-                                    "Minimum expert pass rate for promotion."),
-        "panel_mode": Param(defaults.panel.mode, type="string", enum=["simulated", "human"],
-                            description="human: the run waits for reviewers on the review "
-                                        "page; simulated: rubric raters (demo and tests)."),
-        "verdicts_per_item": _num("panel.verdicts_per_item", defaults.panel.verdicts_per_item,
-                                  "integer", "Verdicts each reviewed output needs (quorum)."),
-        "approver": Param(None, type=["null", "string"], maxLength=100,
-                          description="Airflow user who must sign off a promotion "
-                                      "(empty: the gate's policy alone decides)."),
-        "backend": Param(defaults.compute.backend, type="string", enum=["local", "kubernetes"],
-                         description="Where heavy steps run: a process on the worker, or "
-                                     "a pod per step (image, GPUs, secrets: compute.kubernetes "
-                                     "in the base config)."),
         "dtype": Param(defaults.compute.dtype, type="string",
                        enum=["auto", "bf16", "fp16", "fp32"],
                        description="Weights and autocast precision (trainable weights keep "
@@ -157,12 +154,87 @@ def safe_run_id(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]", escape, run_id)
 
 
-def build_config(params: dict[str, Any], dag_id: str, run_id: str) -> rlhf_config.PipelineConfig:
-    """Base config file < form values (non-empty) < run identity. Raises BadInput."""
-    source = params.get("config_file") or None
+def admin_config_source(requested: str | None) -> str | None:
+    """The config file a run may start from: ``$RLHF_BASE_CONFIG`` (also when the form
+    leaves ``config_file`` empty), or a file inside ``$RLHF_CONFIG_DIR`` (a name relative
+    to that folder, or a path in it; symbolic links are followed before the check).
+    Anything else is BadInput naming ``config_file``."""
+    from rlhf_tasks.errors import BadInput
+    from rlhf_tasks.storage import Storage, is_s3
+
+    base = os.environ.get("RLHF_BASE_CONFIG", "").strip() or None
+    folder = os.environ.get("RLHF_CONFIG_DIR", "").strip() or None
+    requested = (requested or "").strip() or None
+    if requested is None or requested == base:
+        return base
+
+    def canonical(uri: str) -> str:
+        return Storage.normalise(uri) if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+    if base and canonical(requested) == canonical(base):
+        return base
+    if folder:
+        root = canonical(folder)
+        if is_s3(root):
+            candidate = requested if is_s3(requested) else root + "/" + requested
+        elif "://" in requested:
+            candidate = ""
+        else:
+            path = Path(requested).expanduser()
+            candidate = str(path if path.is_absolute() else Path(root) / path)
+        try:
+            resolved = canonical(candidate) if candidate else ""
+        except BadInput:
+            resolved = ""
+        if resolved.startswith(root.rstrip("/") + "/"):
+            return resolved
+    where = " or a file in $RLHF_CONFIG_DIR (" + folder + ")" if folder else ""
+    raise BadInput(f"trigger form field 'config_file': {requested!r} is not an admin config "
+                   f"file; allowed: the base config ({base or 'none set'}){where}",
+                   field="config_file")
+
+
+def check_form_keys(conf: dict[str, Any]) -> None:
+    """Only the form's own fields may come from the run's conf: one line naming the
+    first other key (sorted, so the message is stable)."""
+    from rlhf_tasks.errors import BadInput
+
+    extra = sorted(set(conf) - FORM_FIELDS)
+    if extra:
+        raise BadInput(f"trigger form field '{extra[0]}' may not be set when triggering a run "
+                       "(infrastructure, governance and panel settings come from the admin's "
+                       f"config files); the form's fields are: {', '.join(sorted(FORM_FIELDS))}",
+                       field=extra[0])
+
+
+def check_location(name: str, value: str, storage) -> None:
+    """A dataset or model named in the form lies inside the allowed roots (a model may
+    also be a hub id, read from the workers' Hugging Face cache)."""
+    from rlhf_tasks.errors import BadInput
+
+    if name == "base_model" and _HUB_ID.match(value) and not Path(value).exists():
+        return
+    try:
+        storage.check_read(value)
+    except BadInput as exc:
+        raise BadInput(f"trigger form field '{name}': {exc}", field=name) from None
+
+
+def build_config(params: dict[str, Any], dag_id: str, run_id: str, *,
+                 conf: dict[str, Any] | None = None,
+                 triggered_by: str | None = None) -> rlhf_config.PipelineConfig:
+    """Admin config file < form values (non-empty) < run identity. Raises BadInput, with
+    one line naming the field, for a key outside the form, a config file the admin did
+    not provide, a location outside the allowed roots, or an invalid value."""
+    check_form_keys(conf or {})
+    source = admin_config_source(params.get("config_file"))
     base = rlhf_config.load(source) if source else rlhf_config.PipelineConfig()
     raw = base.dump()
     defaults = trigger_params()
+    from rlhf_tasks.storage import Storage
+    from rlhf_tasks.tracking import resolve_uri
+
+    storage = Storage.from_config(base)
     for name, paths in PARAM_TO_CONFIG.items():
         value = params.get(name)
         if value is None or value == "":
@@ -170,13 +242,14 @@ def build_config(params: dict[str, Any], dag_id: str, run_id: str) -> rlhf_confi
         # a form value left at its default does not override the base config
         if source and name in defaults and value == defaults[name].value:
             continue
+        if name in LOCATION_PARAMS:
+            check_location(name, str(value), storage)
         for path in paths:
             section, field = path.split(".")
             raw[section][field] = value
     raw["run"]["pipeline"] = dag_id
     raw["run"]["run_id"] = safe_run_id(run_id)
-    from rlhf_tasks.storage import Storage
-    from rlhf_tasks.tracking import resolve_uri
+    raw["run"]["triggered_by"] = triggered_by
 
     # relative paths become absolute here, so every step process agrees on them
     raw["storage"]["artifact_root"] = Storage.normalise(raw["storage"]["artifact_root"])

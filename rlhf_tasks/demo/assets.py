@@ -143,8 +143,9 @@ def write_config(out: Path) -> Path:
                 "response_length": 32, "temperature": 0.7, "kl_coef": 0.05, "lora_rank": 8},
         # every model answers the 200 eval prompts with PPO's decoding
         "evaluation": {"temperature": 0.7, "max_new_tokens": 32},
-        # simulated rubric raters stand in for HR experts (labelled simulated everywhere)
-        "panel": {"mode": "simulated", "verdicts_per_item": 3,
+        # simulated rubric raters stand in for HR experts (labelled simulated everywhere);
+        # this demo, and only it, lets their verdict move the champion alias
+        "panel": {"mode": "simulated", "simulated_may_promote": True, "verdicts_per_item": 3,
                   "quality_bar": rubric.QUALITY_BAR, "pass_rate_threshold": 0.6,
                   "min_lift": 0.05, "significance": 0.05},
     }

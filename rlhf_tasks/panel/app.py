@@ -8,8 +8,10 @@ dependency returning the reviewer's name from authentication, never from a form 
   cookie set by the login form;
 * mounted in the Airflow UI: the Airflow login (see ``plugins/rlhf_airflow/review_plugin.py``).
 
-Requests without an identity get 401.  Nothing a reviewer can reach names the model
-behind an item.
+Requests without an identity get 401; an identity that is not on the panel gets 403
+(the identity dependency decides).  Nothing a reviewer can reach names the model behind
+an item.  Request bodies over ``MAX_BODY_BYTES`` get 413 before they are read whole; a
+verdict on a batch the gate has closed gets 409.
 
 REST API (paths relative to where the app is mounted):
   GET  api/me                         who you are
@@ -29,10 +31,49 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
 from rlhf_tasks.errors import BadInput
-from rlhf_tasks.panel.store import AlreadyJudged, PanelStore, UnknownItem
+from rlhf_tasks.panel.store import AlreadyJudged, BatchClosed, PanelStore, UnknownItem
 
 COOKIE = "rlhf_review_token"
 PAGE = Path(__file__).with_name("review.html")
+MAX_BODY_BYTES = 64 * 1024  # a verdict with a 5000-character comment is well under this
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes, whether it says its
+    length up front or streams it in chunks (counted as they arrive)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            too_big = declared is not None and int(declared) > self.limit
+        except ValueError:
+            too_big = True
+        if too_big:
+            return await self._refuse(send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, send):
+        body = f'{{"detail":"request body over {self.limit} bytes"}}'.encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class VerdictIn(BaseModel):
@@ -61,6 +102,7 @@ def create_app(store: PanelStore, identity: Callable, *, login_form: bool,
     # note: routes take the identity as a ``Depends`` default; with postponed annotations
     # FastAPI could not resolve an ``Annotated`` alias local to this function
     app = FastAPI(title=title, description=__doc__.split("\n\n")[0])
+    app.add_middleware(BodyLimit)
     authenticated = Depends(identity)  # a default, not an annotation: see the note above
 
     def batch_or_404(batch_id: str):
@@ -125,7 +167,7 @@ def create_app(store: PanelStore, identity: Callable, *, login_form: bool,
                                               source=source)
         except UnknownItem:
             raise HTTPException(404, f"no item {item_id}") from None
-        except AlreadyJudged as exc:
+        except (AlreadyJudged, BatchClosed) as exc:
             raise HTTPException(409, str(exc)) from None
         return {"id": verdict_id, "item_id": item_id, "reviewer": reviewer,
                 "passed": body.passed}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_tasks.errors import BadInput
-from rlhf_tasks.panel.store import AlreadyJudged, PanelStore
+from rlhf_tasks.panel.store import AlreadyJudged, BatchClosed, PanelStore
 
 COLUMNS = ["item_id", "prompt", "response", "quality_bar", "verdict", "comment"]
 PASS_WORDS = {"pass", "passed", "p", "yes", "y", "true", "1"}
@@ -139,6 +139,9 @@ def import_verdicts(store: PanelStore, path: Path, reviewer: str) -> ImportRepor
             report.imported += 1
         except AlreadyJudged:
             report.already_judged += 1
+        except BatchClosed as exc:
+            raise BadInput(f"{exc}; {report.imported} verdicts imported before it",
+                           file=str(path)) from None
     return report
 
 

@@ -9,7 +9,11 @@ callers:
   and count nothing twice;
 * which model wrote an item (``model``) lives only here: the reviewer-facing views
   (:meth:`PanelStore.next_item`, exports) never include it;
-* reviewer tokens are stored as SHA-256 hashes, never in clear.
+* reviewer tokens are stored as SHA-256 hashes, never in clear; each has an expiry, and
+  revoking a reviewer ends their token at once;
+* a batch closes when the gate decides (:meth:`PanelStore.close_batch`): later verdicts
+  are refused with :class:`BatchClosed`, and the gate reads the verdicts given before
+  the close, so a retried gate decides on the same snapshot.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from rlhf_tasks.errors import BadInput
 from rlhf_tasks.tracking import resolve_uri
 
 ASSIGNMENT_LEASE = timedelta(minutes=20)  # an item served to a reviewer is held this long
+TOKEN_DAYS = 90                            # default lifetime of a reviewer token
 
 
 def _now() -> datetime:
@@ -49,6 +54,7 @@ class ReviewBatch(Base):
     verdicts_per_item: Mapped[int] = mapped_column(Integer)
     quality_bar: Mapped[str] = mapped_column(Text)
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     __table_args__ = (UniqueConstraint("pipeline", "run_id", name="uq_batch_run"),)
 
 
@@ -69,6 +75,9 @@ class Reviewer(Base):
     token_sha256: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                              nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Assignment(Base):
@@ -96,6 +105,17 @@ class AlreadyJudged(Exception):
 
 class UnknownItem(Exception):
     """No such item."""
+
+
+class BatchClosed(Exception):
+    """The gate has decided on this batch: it takes no more verdicts."""
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; they were stored in UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,7 @@ class PanelStore:
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
@@ -182,29 +203,72 @@ class PanelStore:
             raise BadInput(f"no review batch {batch_id!r} in the panel store")
         return batch
 
+    def close_batch(self, batch_id: str) -> datetime:
+        """Close the batch to new verdicts (idempotent); returns when it closed."""
+        with self.session() as s:
+            batch = s.scalar(select(ReviewBatch).where(ReviewBatch.id == batch_id)
+                             .with_for_update())
+            if batch is None:
+                raise BadInput(f"no review batch {batch_id!r} in the panel store")
+            if batch.closed_at is None:
+                batch.closed_at = _now()
+                s.commit()
+            return _aware(batch.closed_at)
+
     def batches(self) -> list[ReviewBatch]:
         with self.session() as s:
             return list(s.scalars(select(ReviewBatch).order_by(ReviewBatch.created_at.desc())))
 
     # -- reviewers -------------------------------------------------------------------------
-    def add_reviewer(self, name: str, *, simulated: bool = False, with_token: bool = True) -> str | None:
-        """Create (or re-key) a reviewer; returns the new token (shown once)."""
+    def add_reviewer(self, name: str, *, simulated: bool = False, with_token: bool = True,
+                     valid_days: float = TOKEN_DAYS) -> str | None:
+        """Create (or re-key, or reinstate) a reviewer, a member of the panel; returns the
+        new token (shown once), valid for ``valid_days``.  ``with_token=False`` makes a
+        member who signs in another way (an Airflow user id, inside Airflow)."""
         if not name or len(name) > 100:
             raise BadInput("a reviewer name is 1 to 100 characters", field="reviewer")
+        if not 0 < valid_days <= 3660:
+            raise BadInput("a token lives 0 to 3660 days", field="valid_days")
         token = secrets.token_urlsafe(24) if with_token else None
         with self.session() as s:
             row = s.get(Reviewer, name) or Reviewer(name=name, simulated=simulated)
-            row.token_sha256 = hash_token(token) if token else row.token_sha256
+            if token:
+                row.token_sha256 = hash_token(token)
+                row.token_expires_at = _now() + timedelta(days=valid_days)
+            row.revoked_at = None
             s.add(row)
             s.commit()
         return token
 
+    def revoke_reviewer(self, name: str) -> bool:
+        """End a reviewer's membership and token now (their verdicts stay); False when
+        there is no such reviewer."""
+        with self.session() as s:
+            row = s.get(Reviewer, name)
+            if row is None:
+                return False
+            row.revoked_at, row.token_sha256 = _now(), None
+            s.commit()
+        return True
+
     def reviewer_for_token(self, token: str) -> str | None:
+        """The reviewer a token belongs to, while it is neither expired nor revoked."""
         if not token:
             return None
         with self.session() as s:
-            return s.scalar(select(Reviewer.name).where(
-                Reviewer.token_sha256 == hash_token(token)))
+            row = s.scalar(select(Reviewer).where(Reviewer.token_sha256 == hash_token(token)))
+        if row is None or row.revoked_at is not None:
+            return None
+        expires = _aware(row.token_expires_at)
+        if expires is not None and expires <= _now():
+            return None
+        return row.name
+
+    def is_member(self, name: str) -> bool:
+        """Whether ``name`` is on the panel's reviewer list (and not revoked)."""
+        with self.session() as s:
+            row = s.get(Reviewer, name)
+        return row is not None and row.revoked_at is None
 
     # -- reviewing -------------------------------------------------------------------------
     def next_item(self, batch_id: str, reviewer: str) -> BlindItem | None:
@@ -215,6 +279,8 @@ class PanelStore:
         is not served (experts' time would go to verdicts beyond quorum); an expired hold
         frees its slot."""
         batch = self.batch(batch_id)
+        if batch.closed_at is not None:
+            return None
         k = batch.verdicts_per_item
         cutoff = _now() - ASSIGNMENT_LEASE
         with self.session() as s:
@@ -260,8 +326,16 @@ class PanelStore:
         if len(comment) > 5000:
             raise BadInput("a comment is at most 5000 characters", field="comment")
         with self.session() as s:
-            if s.get(ReviewItem, item_id) is None:
+            item = s.get(ReviewItem, item_id)
+            if item is None:
                 raise UnknownItem(item_id)
+            # the batch row is locked until this verdict commits, so a verdict and the
+            # gate's close never interleave (PostgreSQL; SQLite has one writer at a time)
+            batch = s.scalar(select(ReviewBatch).where(ReviewBatch.id == item.batch_id)
+                             .with_for_update())
+            if batch.closed_at is not None:
+                raise BatchClosed(f"review batch {batch.id} closed at "
+                                  f"{_aware(batch.closed_at).isoformat()}: the gate has decided")
             verdict = Verdict(item_id=item_id, reviewer=reviewer, passed=bool(passed),
                               comment=comment or "", source=source)
             s.add(verdict)
@@ -296,14 +370,18 @@ class PanelStore:
         return out
 
     def verdict_rows(self, batch_id: str) -> list[dict]:
-        """Every verdict of the batch with its item's model (for aggregation: server side)."""
+        """Every verdict of the batch with its item's model (for aggregation: server side);
+        of a closed batch, those given before it closed."""
+        closed = self.batch(batch_id).closed_at
         with self.session() as s:
-            rows = s.execute(
-                select(Verdict.id, Verdict.item_id, Verdict.reviewer, Verdict.passed,
-                       Verdict.comment, Verdict.source, Verdict.created_at, ReviewItem.model,
-                       ReviewItem.prompt_index)
-                .join(ReviewItem, ReviewItem.id == Verdict.item_id)
-                .where(ReviewItem.batch_id == batch_id).order_by(Verdict.id)).all()
+            query = (select(Verdict.id, Verdict.item_id, Verdict.reviewer, Verdict.passed,
+                            Verdict.comment, Verdict.source, Verdict.created_at,
+                            ReviewItem.model, ReviewItem.prompt_index)
+                     .join(ReviewItem, ReviewItem.id == Verdict.item_id)
+                     .where(ReviewItem.batch_id == batch_id).order_by(Verdict.id))
+            if closed is not None:
+                query = query.where(Verdict.created_at <= closed)
+            rows = s.execute(query).all()
         return [dict(r._mapping) for r in rows]
 
     def items(self, batch_id: str, *, with_model: bool = False) -> list[dict]:
@@ -312,6 +390,22 @@ class PanelStore:
                              .order_by(ReviewItem.position)).all()
         keys = ["id", "prompt", "response"] + (["model", "prompt_index"] if with_model else [])
         return [{k: getattr(r, k) for k in keys} for r in rows]
+
+
+def _add_missing_columns(engine) -> None:
+    """Columns added since a store was created (nullable ones only), added in place: a
+    store made by an older release keeps its batches and verdicts."""
+    from sqlalchemy import inspect, text
+
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN '
+                                      f'{column.name} {kind}'))
 
 
 def _masked(url: str) -> str:

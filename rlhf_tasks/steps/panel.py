@@ -2,10 +2,17 @@
 register) and ``promote`` (move the registry aliases).
 
 ``gate`` runs once the panel has quorum (or its deadline passed: then it rejects, since
-the panel has not spoken).  It registers the candidate and its reward model as new
-versions whatever the decision, tagged with the figures; a rejected version is tagged
-with the reason and no alias moves.  ``promote`` runs only after a ``promote`` decision
-(and the approver's sign-off when ``panel.approver`` is set).
+the panel has not spoken).  It first closes the review batch (later verdicts get 409, and
+a retried gate reads the same snapshot).  It registers the candidate and its reward model
+as new versions whatever the decision, tagged with the figures; a rejected version is
+tagged with the reason and no alias moves.  A simulated panel's verdict is a report, not
+a decision, unless the base config sets ``panel.simulated_may_promote`` (the demo does).
+
+``promote`` runs only after a ``promote`` decision, and rechecks what it acts on: the
+decision itself, the approver's recorded approval when ``panel.approver`` is set (an
+Approve by that user, who did not trigger the run: a sign-off task marked successful by
+hand records nothing, so nothing moves), and that the champion is still the version the
+gate compared against.  Both aliases of both models move as one (``registry.promote``).
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ def gate(cfg) -> dict:
     batch_id = evaluation["batch_id"]
     store = PanelStore(panel_store_url(cfg))
     try:
+        # the decision is made on a closed batch: no verdict can arrive after it
+        closed_at = store.close_batch(batch_id)
         batch = store.batch(batch_id)
         progress = store.progress(batch_id)
         rows = store.verdict_rows(batch_id)
@@ -92,6 +101,13 @@ def gate(cfg) -> dict:
         decision.promote = False
         decision.reasons.insert(0, f"no quorum by the deadline: {progress['items_complete']} "
                                    f"of {progress['items']} items have {k} verdicts")
+    report_only = batch.simulated and not cfg.panel.simulated_may_promote
+    if report_only:
+        decision.promote = False
+        decision.reasons.append("the panel was simulated and the base config does not let a "
+                                "simulated panel promote (panel.simulated_may_promote): "
+                                "this is a report")
+    outcome = "promote" if decision.promote else ("report" if report_only else "reject")
     sizes = _data_sizes(cfg, storage)
     # the champion that was evaluated, even if the alias has moved since
     champion = (registry.client(cfg).get_model_version(cfg.registry.model_name,
@@ -151,15 +167,17 @@ def gate(cfg) -> dict:
             "base_model.revision": reward_info.get("base_model_revision"),
             "base_model.sha256": reward_info.get("base_model_sha256"),
             "adapter": cfg.step_uri("ppo", "model"),
-            "gate.decision": "promote" if decision.promote else "reject",
+            "gate.decision": outcome, "panel.closed_at": closed_at.isoformat(),
         }
         version = registry.register(
             cfg, storage, name=cfg.registry.model_name, source=cfg.step_uri("ppo", "served"),
             run_id=ppo_summary.get("mlflow_run_id"), tags=tags,
             description=f"RLHF candidate of {cfg.run.pipeline}/{cfg.run.run_id}")
         if not decision.promote:
-            registry.reject(cfg, cfg.registry.model_name, version.version, decision.summary)
-        summary = {"decision": "promote" if decision.promote else "reject",
+            registry.reject(cfg, cfg.registry.model_name, version.version, decision.summary,
+                            decision=outcome)
+        summary = {"decision": outcome, "champion_version": evaluation.get("champion_version"),
+                   "closed_at": closed_at.isoformat(), "triggered_by": cfg.run.triggered_by,
                    "gate": decision.as_dict(), "table": table, "kappa": result.kappa,
                    "progress": progress, "simulated": simulated, "batch_id": batch_id,
                    "model_name": cfg.registry.model_name, "version": version.version,
@@ -169,12 +187,40 @@ def gate(cfg) -> dict:
                    "approver": cfg.panel.approver, "mlflow_run_id": run_id}
         (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
         storage.put_dir(tmp, out_uri, extra={"step": "gate"})
-    log.info("gate: %s\n%s", decision.summary, report.text_table(table))
+    log.info("gate: %s\n%s", outcome if report_only else decision.summary,
+             report.text_table(table))
     return {"decision": summary["decision"], "reasons": decision.reasons,
             "version": version.version, "reward_model_version": reward_version.version,
             "needs_sign_off": summary["needs_sign_off"], "simulated": simulated,
             "pass_rates": {r["model"]: round(r["pass_rate"], 4) for r in table},
             "report_uri": join(out_uri, "report.html"), "mlflow_run_id": run_id}
+
+
+SIGN_OFF_FILE = ("sign_off", "response.json")
+
+
+def check_sign_off(cfg, storage: Storage, decision: dict) -> str | None:
+    """The approver who approved, when the decision needs a sign-off; BadInput unless the
+    recorded response is an Approve by the assigned approver, who did not trigger the run."""
+    if not decision.get("needs_sign_off"):
+        return None
+    approver = decision.get("approver")
+    uri = cfg.step_uri(*SIGN_OFF_FILE)
+    if not storage.exists(uri):
+        raise BadInput("no recorded sign-off for this run (was the sign_off task marked "
+                       "successful by hand?): nothing is promoted", file=uri)
+    response = storage.read_json(uri)
+    by = (response.get("responded_by_user") or {}).get("id")
+    if response.get("chosen_options") != ["Approve"]:
+        raise BadInput(f"the sign-off was {response.get('chosen_options')}, not an approval",
+                       file=uri)
+    if by is None or by != approver:
+        raise BadInput(f"the approval came from {by!r}, not from the assigned approver "
+                       f"{approver!r}", file=uri, field="responded_by_user")
+    if by == decision.get("triggered_by"):
+        raise BadInput(f"{by!r} triggered this run and cannot also sign it off", file=uri,
+                       field="responded_by_user")
+    return by
 
 
 def promote(cfg) -> dict:
@@ -184,12 +230,18 @@ def promote(cfg) -> dict:
         raise BadInput("no gate decision for this run: run the gate step first", file=uri)
     decision = storage.read_json(uri)
     if decision["decision"] != "promote":
-        raise BadInput(f"the gate rejected version {decision['version']}: nothing to promote",
-                       file=uri)
+        raise BadInput(f"the gate decided {decision['decision']!r} for version "
+                       f"{decision['version']}: nothing to promote", file=uri)
+    if decision.get("simulated") and not cfg.panel.simulated_may_promote:
+        raise BadInput("a simulated panel may not promote here "
+                       "(panel.simulated_may_promote is off)", file=uri)
+    approved_by = check_sign_off(cfg, storage, decision)
     name, version = decision["model_name"], decision["version"]
-    aliases = registry.promote(cfg, name, version)
-    registry.promote(cfg, decision["reward_model_name"], decision["reward_model_version"])
-    if decision.get("approver"):
+    aliases = registry.promote(cfg, name, version,
+                               expected_champion=decision.get("champion_version"),
+                               reward=(decision["reward_model_name"],
+                                       decision["reward_model_version"]))
+    if approved_by:
         registry.client(cfg).set_model_version_tag(name, version, "gate.signed_off_by",
-                                                   decision["approver"])
+                                                   approved_by)
     return {"model_name": name, "version": version, **aliases}
