@@ -178,7 +178,9 @@ def review_server(store):
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
+    end = time.monotonic() + 60
+    while not server.started:  # a condition, with a generous bound
+        assert thread.is_alive() and time.monotonic() < end, "the review server did not start"
         time.sleep(0.05)
     try:
         yield f"http://127.0.0.1:{server.config.port}/"

@@ -5,6 +5,11 @@ it defers to ``PanelQuorumTrigger``, which polls the store from the triggerer ev
 ``panel.poll_seconds`` (no worker slot is held while people review) and fires on quorum
 (every item has its k verdicts) or at the deadline (``panel.deadline_hours`` after the
 batch was made).  The task then returns the batch's progress; the ``gate`` step decides.
+
+A wait lasts days, so one database error must not end it: a store error (the database
+restarting, a dropped connection) is logged and retried with exponential backoff (from
+``poll_seconds``, doubling, at most ``MAX_BACKOFF_S``); only ``MAX_STORE_ERRORS`` errors in
+a row end the wait with an error, which fails the task.
 """
 
 from __future__ import annotations
@@ -14,7 +19,24 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator, Sequence
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+MAX_BACKOFF_S = 900.0
+MAX_STORE_ERRORS = 12
+
+
+def transient(exc: BaseException) -> bool:
+    """Errors of the store a retry may cure: the database's own (SQLAlchemy's
+    OperationalError, InterfaceError, a dropped connection) and the network's."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    return isinstance(exc, (OperationalError, OSError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def backoff(errors: int, base: float) -> float:
+    return min(MAX_BACKOFF_S, max(base, 0.01) * 2 ** (errors - 1))
 
 
 class PanelQuorumTrigger(BaseTrigger):
@@ -32,11 +54,29 @@ class PanelQuorumTrigger(BaseTrigger):
         from rlhf_tasks.panel.store import PanelStore
 
         deadline = datetime.fromisoformat(self.deadline)
-        # one store (engine, pool) for the whole wait, not one per poll
-        store = await asyncio.to_thread(PanelStore, self.store_url)
+        store = None
+        self.errors = 0  # store errors in a row
         try:
             while True:
-                progress = await asyncio.to_thread(store.progress, self.batch_id)
+                try:
+                    # one store (engine, pool) for the whole wait, not one per poll
+                    if store is None:
+                        store = await asyncio.to_thread(PanelStore, self.store_url)
+                    progress = await asyncio.to_thread(store.progress, self.batch_id)
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    if not transient(exc):
+                        raise
+                    self.errors += 1
+                    if self.errors >= MAX_STORE_ERRORS:
+                        yield TriggerEvent({"status": "error", "error": str(exc)[:2000]})
+                        return
+                    delay = backoff(self.errors, self.poll_seconds)
+                    self.log.warning("panel store error %d of at most %d in a row, retrying in "
+                                     "%.0f s: %s", self.errors, MAX_STORE_ERRORS, delay,
+                                     str(exc).splitlines()[0][:300])
+                    await asyncio.sleep(delay)
+                    continue
+                self.errors = 0
                 if progress["complete"]:
                     yield TriggerEvent({"status": "quorum", **progress})
                     return
@@ -47,7 +87,8 @@ class PanelQuorumTrigger(BaseTrigger):
                               progress["verdicts_given"], progress["verdicts_needed"])
                 await asyncio.sleep(self.poll_seconds)
         finally:
-            store.dispose()
+            if store is not None:
+                store.dispose()
 
 
 class PanelQuorumSensor(BaseOperator):
@@ -84,6 +125,8 @@ class PanelQuorumSensor(BaseOperator):
                    method_name="execute_complete")
 
     def execute_complete(self, context, event: dict) -> dict:
+        if event.get("status") == "error":
+            raise AirflowException(f"the panel store kept failing: {event['error']}")
         self.log.info("panel %s: %d of %d items complete", event["status"],
                       event["items_complete"], event["items"])
         return event

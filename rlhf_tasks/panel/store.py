@@ -18,8 +18,10 @@ callers:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -156,6 +158,8 @@ class PanelStore:
                 cur.close()
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
+        # SQLite has no row locks: claims in this process take turns
+        self._claim_lock = threading.Lock() if sqlite else contextlib.nullcontext()
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
@@ -277,49 +281,81 @@ class PanelStore:
         fewest verdicts and holds by others (served within the lease), in the batch's
         shuffled order.  An item whose verdicts plus live holds by others already reach k
         is not served (experts' time would go to verdicts beyond quorum); an expired hold
-        frees its slot."""
+        frees its slot.
+
+        Claiming is atomic: the chosen item's row is locked (PostgreSQL: ``FOR UPDATE SKIP
+        LOCKED``, so concurrent reviewers pass over it to the next item; SQLite: one claim
+        at a time in this process), its load is counted again under the lock, and the hold
+        is committed before the lock is released."""
         batch = self.batch(batch_id)
         if batch.closed_at is not None:
             return None
-        k = batch.verdicts_per_item
+        skipped: list[str] = []
+        for _ in range(8):  # another reviewer filled the item between choice and lock
+            with self._claim_lock, self.session() as s:
+                item, own = self._candidate(s, batch_id, batch.verdicts_per_item, reviewer,
+                                            skipped)
+                if item is None:
+                    return None
+                if not own and self._load(s, item.id, reviewer) >= batch.verdicts_per_item:
+                    s.rollback()
+                    skipped.append(item.id)
+                    continue
+                row = s.get(Assignment, (item.id, reviewer))
+                if row is None:
+                    s.add(Assignment(item_id=item.id, reviewer=reviewer))
+                else:
+                    row.assigned_at = _now()
+                try:
+                    s.commit()
+                except IntegrityError:  # the same reviewer in two tabs: already assigned
+                    s.rollback()
+                return BlindItem(item.id, batch_id, item.prompt, item.response,
+                                 batch.quality_bar, batch.simulated)
+        return None
+
+    def _candidate(self, s: Session, batch_id: str, k: int, reviewer: str,
+                   skipped: list[str]):
         cutoff = _now() - ASSIGNMENT_LEASE
-        with self.session() as s:
-            given = (select(Verdict.item_id, func.count().label("n"))
-                     .group_by(Verdict.item_id).subquery())
-            held = (select(Assignment.item_id, func.count().label("n"))
-                    .where(Assignment.reviewer != reviewer, Assignment.assigned_at > cutoff,
-                           ~select(Verdict.id).where(Verdict.item_id == Assignment.item_id,
-                                                     Verdict.reviewer == Assignment.reviewer)
-                           .exists())
-                    .group_by(Assignment.item_id).subquery())
-            mine = select(Verdict.item_id).where(Verdict.reviewer == reviewer)
-            load = func.coalesce(given.c.n, 0) + func.coalesce(held.c.n, 0)
-            own = (select(Assignment.item_id).where(Assignment.reviewer == reviewer,
-                                                    Assignment.assigned_at > cutoff))
-            query = (select(ReviewItem)
-                     .outerjoin(given, given.c.item_id == ReviewItem.id)
-                     .outerjoin(held, held.c.item_id == ReviewItem.id)
-                     .where(ReviewItem.batch_id == batch_id, ReviewItem.id.not_in(mine),
-                            func.coalesce(given.c.n, 0) < k,
-                            or_(load < k, ReviewItem.id.in_(own)))
-                     # an item already served to this reviewer first (a reload shows it
-                     # again), then the items furthest from quorum, so work spreads out
-                     .order_by(ReviewItem.id.in_(own).desc(), load.asc(), ReviewItem.position)
-                     .limit(1))
-            item = s.scalar(query)
-            if item is None:
-                return None
-            row = s.get(Assignment, (item.id, reviewer))
-            if row is None:
-                s.add(Assignment(item_id=item.id, reviewer=reviewer))
-            else:
-                row.assigned_at = _now()
-            try:
-                s.commit()
-            except IntegrityError:  # the same reviewer in two tabs: already assigned
-                s.rollback()
-            return BlindItem(item.id, batch_id, item.prompt, item.response, batch.quality_bar,
-                             batch.simulated)
+        given = (select(Verdict.item_id, func.count().label("n"))
+                 .group_by(Verdict.item_id).subquery())
+        held = (select(Assignment.item_id, func.count().label("n"))
+                .where(Assignment.reviewer != reviewer, Assignment.assigned_at > cutoff,
+                       ~select(Verdict.id).where(Verdict.item_id == Assignment.item_id,
+                                                 Verdict.reviewer == Assignment.reviewer)
+                       .exists())
+                .group_by(Assignment.item_id).subquery())
+        mine = select(Verdict.item_id).where(Verdict.reviewer == reviewer)
+        load = func.coalesce(given.c.n, 0) + func.coalesce(held.c.n, 0)
+        own = (select(Assignment.item_id).where(Assignment.reviewer == reviewer,
+                                                Assignment.assigned_at > cutoff))
+        query = (select(ReviewItem, ReviewItem.id.in_(own).label("own"))
+                 .outerjoin(given, given.c.item_id == ReviewItem.id)
+                 .outerjoin(held, held.c.item_id == ReviewItem.id)
+                 .where(ReviewItem.batch_id == batch_id, ReviewItem.id.not_in(mine),
+                        ReviewItem.id.not_in(skipped) if skipped else True,
+                        func.coalesce(given.c.n, 0) < k,
+                        or_(load < k, ReviewItem.id.in_(own)))
+                 # an item already served to this reviewer first (a reload shows it
+                 # again), then the items furthest from quorum, so work spreads out
+                 .order_by(ReviewItem.id.in_(own).desc(), load.asc(), ReviewItem.position)
+                 .limit(1)
+                 .with_for_update(skip_locked=True, of=ReviewItem))
+        row = s.execute(query).first()
+        return (row[0], bool(row[1])) if row is not None else (None, False)
+
+    @staticmethod
+    def _load(s: Session, item_id: str, reviewer: str) -> int:
+        """Verdicts on the item plus live holds by other reviewers without a verdict."""
+        cutoff = _now() - ASSIGNMENT_LEASE
+        verdicts = s.scalar(select(func.count()).select_from(Verdict)
+                            .where(Verdict.item_id == item_id))
+        holds = s.scalar(select(func.count()).select_from(Assignment).where(
+            Assignment.item_id == item_id, Assignment.reviewer != reviewer,
+            Assignment.assigned_at > cutoff,
+            ~select(Verdict.id).where(Verdict.item_id == Assignment.item_id,
+                                      Verdict.reviewer == Assignment.reviewer).exists()))
+        return int(verdicts) + int(holds)
 
     def record_verdict(self, item_id: str, reviewer: str, passed: bool, comment: str = "",
                        source: str = "web") -> int:
