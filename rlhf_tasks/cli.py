@@ -66,6 +66,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_data_validate(args) -> int:
+    """Validate one file.  Token-length checks run only with ``--tokenizer`` (a folder or
+    hub id): without it the command works from any folder, needing no model at all."""
     import tempfile
 
     from rlhf_tasks import config, models
@@ -75,22 +77,26 @@ def cmd_data_validate(args) -> int:
     overrides = list(args.set)
     if args.tokenizer:
         overrides.append(f"model.tokenizer={args.tokenizer}")
+        overrides.append(f"model.base_model={args.tokenizer}")
     if args.max_bad_fraction is not None:
         overrides.append(f"data.max_bad_fraction={args.max_bad_fraction}")
     cfg = config.load(args.config, overrides)
     storage = Storage.from_config(cfg, extra_read_roots=[
-        p for p in (args.path, args.eval_set) if p and not p.startswith("s3://")])
+        p for p in (args.path, args.eval_set, args.tokenizer)
+        if p and not p.startswith("s3://")])
     eval_keys = (validation.read_prompt_keys(storage, args.eval_set, cfg.data.max_file_mb)
                  if args.eval_set and args.kind != "eval" else None)
     with tempfile.TemporaryDirectory(prefix="rlhf-validate-") as tmp:
         out_dir = Path(args.out) if args.out else Path(tmp)
         outcome = validation.validate_dataset(
             storage=storage, uri=args.path, kind=args.kind, fmt=args.format,
-            load_tokenizer=lambda: models.load_tokenizer(cfg, storage),
+            load_tokenizer=(lambda: models.load_tokenizer(cfg, storage)) if args.tokenizer
+            else None,
             data_cfg=cfg.data, eval_keys=eval_keys, docs_dir=out_dir / "data_docs")
         validation.write_outputs(outcome, out_dir)
         summary = outcome.summary()
-        print(f"{args.path}: {args.kind} data, format {outcome.fmt}")
+        print(f"{args.path}: {args.kind} data, format {outcome.fmt}"
+              + ("" if args.tokenizer else " (no --tokenizer: token lengths not checked)"))
         print(f"  rows read         {summary['rows_read']}")
         print(f"  rows kept         {summary['rows_kept']}")
         print(f"  rows quarantined  {summary['rows_quarantined']} "

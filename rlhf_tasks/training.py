@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -95,13 +96,42 @@ def latest_checkpoint(storage: Storage, checkpoints_uri: str) -> tuple[str, int]
     return best
 
 
-def fetch_latest_checkpoint(storage: Storage, checkpoints_uri: str, local_root: Path
-                            ) -> Path | None:
-    """Download the newest whole checkpoint into ``local_root/<name>``; None if there is none."""
+def resume_key(cfg, storage: Storage, step: str, inputs: tuple[str, ...]) -> str:
+    """What a checkpoint must have been made from to be resumed: the step's config section
+    (but ``checkpoint_every`` and ``train_steps``: training longer or shorter continues the
+    same run), the model, precision and seed, and the digests of its input folders'
+    manifests (validated data, the reward model).  A checkpoint made under another config
+    or from other data is refused, never silently continued."""
+    import hashlib
+
+    section = getattr(cfg, step).model_dump(mode="json")
+    for name in ("checkpoint_every", "train_steps"):
+        section.pop(name, None)
+    digests = {}
+    for folder in inputs:
+        uri = join(cfg.step_uri(folder), MANIFEST)
+        manifest = storage.read_json(uri) if storage.exists(uri) else {}
+        digests[folder] = {name: meta.get("sha256") for name, meta in
+                           sorted((manifest.get("files") or {}).items())}
+    material = {"step": step, "section": section, "model": cfg.model.model_dump(mode="json"),
+                "dtype": cfg.compute.dtype, "seed": cfg.run.seed, "inputs": digests}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def fetch_latest_checkpoint(storage: Storage, checkpoints_uri: str, local_root: Path,
+                            key: str) -> Path | None:
+    """Download the newest whole checkpoint into ``local_root/<name>``; None if there is
+    none; BadInput when it was made under another config or data (``key``)."""
     found = latest_checkpoint(storage, checkpoints_uri)
     if found is None:
         return None
     uri, number = found
+    made_from = storage.read_json(join(uri, MANIFEST)).get("resume_key")
+    if made_from != key:
+        raise BadInput(f"checkpoint {uri} was made from another config or other data "
+                       f"(resume key {str(made_from)[:12]} != {key[:12]}): start a new run, "
+                       "or delete its checkpoints to start this step over",
+                       file=join(uri, MANIFEST), field="resume_key")
     target = Path(local_root) / uri.rstrip("/").rsplit("/", 1)[-1]
     storage.get_dir(uri, target)
     log.info("resuming from checkpoint %s (step %d)", uri, number)
@@ -113,13 +143,14 @@ def checkpoint_step(folder: Path | None) -> int:
     return int(Path(folder).name.rsplit("-", 1)[1]) if folder else 0
 
 
-def upload_checkpoint(storage: Storage, local_dir: Path, checkpoints_uri: str, step: int) -> str:
+def upload_checkpoint(storage: Storage, local_dir: Path, checkpoints_uri: str, step: int,
+                      key: str) -> str:
     uri = join(checkpoints_uri, Path(local_dir).name)
-    storage.put_dir(local_dir, uri, extra={"step": step})
+    storage.put_dir(local_dir, uri, extra={"step": step, "resume_key": key})
     return uri
 
 
-def trainer_callbacks(namespace: str, storage: Storage, checkpoints_uri: str):
+def trainer_callbacks(namespace: str, storage: Storage, checkpoints_uri: str, key: str):
     """Hugging Face Trainer callbacks: metrics to MLflow, checkpoints to the artifact store."""
     from transformers import TrainerCallback
 
@@ -139,7 +170,7 @@ def trainer_callbacks(namespace: str, storage: Storage, checkpoints_uri: str):
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.is_dir():
-                    upload_checkpoint(storage, folder, checkpoints_uri, state.global_step)
+                    upload_checkpoint(storage, folder, checkpoints_uri, state.global_step, key)
 
     return [MlflowMetrics(), CheckpointSync()]
 

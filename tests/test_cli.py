@@ -119,3 +119,19 @@ def test_review_serve_never_prints_the_store_password(postgres_url):
         rest = proc.communicate(timeout=30)[0]
     assert "review page:" in banner and "***" in banner, banner
     assert "s3cret-pw" not in banner + rest
+
+
+def test_data_validate_works_from_any_folder_and_checks_tokens_only_with_a_tokenizer(
+        tmp_path, demo_dir):
+    """From a folder with no project in it: no model is needed and token lengths are not
+    checked; with --tokenizer the same file's long row is quarantined."""
+    long_prompt = " ".join(["payroll"] * 400)
+    path = write_jsonl(tmp_path / "p.jsonl", [GOOD, {**GOOD, "prompt": long_prompt}])
+    few = ["--set", "data.min_preference_rows=1"]
+    proc = rlhf("data", "validate", str(path), "--kind", "preference", *few, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "token lengths not checked" in proc.stdout and "rows kept         2" in proc.stdout
+    proc = rlhf("data", "validate", str(path), "--kind", "preference", "--tokenizer",
+                str(demo_dir / "foundation"), "--max-bad-fraction", "0.5", *few, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "rows kept         1" in proc.stdout and "prompt longer than 64 tokens" in proc.stdout

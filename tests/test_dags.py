@@ -234,6 +234,38 @@ def test_step_argv_is_backend_neutral():
         "--result", "/airflow/xcom/return.json"]
 
 
+def test_step_processes_get_a_minimal_environment(tmp_path, monkeypatch):
+    """The local backend's step process sees what steps need (S3, MLflow, Hugging Face,
+    this project's settings) and none of Airflow's secrets or the worker's other values."""
+    import stat
+
+    from rlhf_airflow.backends import LocalProcessBackend
+
+    fake_python = tmp_path / "python"
+    fake_python.write_text("#!/bin/sh\n"
+                           f"env > {tmp_path / 'env.txt'}\n"
+                           'for last; do :; done; echo "{}" > "$last"\n')
+    fake_python.chmod(fake_python.stat().st_mode | stat.S_IEXEC)
+    for name, value in {"AIRFLOW__CORE__FERNET_KEY": "fernet-secret",
+                        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://u:pw@db/airflow",
+                        "AIRFLOW_CONN_WAREHOUSE": "postgres://u:pw@wh", "DB_PASSWORD": "hunter2",
+                        "AWS_SECRET_ACCESS_KEY": "s3-key", "MLFLOW_TRACKING_TOKEN": "t",
+                        "HF_HOME": "/cache/hf", "RLHF_PANEL_STORE_URL": "postgresql://p"}.items():
+        monkeypatch.setenv(name, value)
+    result = LocalProcessBackend(python=str(fake_python), cwd=str(tmp_path)).run(
+        "start", ["rlhf", "run", "start", "--result", "@RESULT@"], lambda line: None)
+    assert result == {}
+    env = dict(line.split("=", 1) for line in (tmp_path / "env.txt").read_text().splitlines()
+               if "=" in line)
+    for secret in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                   "AIRFLOW_CONN_WAREHOUSE", "DB_PASSWORD"):
+        assert secret not in env, secret
+    for needed in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN", "HF_HOME",
+                   "RLHF_PANEL_STORE_URL", "PATH"):
+        assert needed in env, needed
+    assert env["PYTHONUNBUFFERED"] == "1"
+
+
 def test_retraining_schedule_follows_the_base_config(tmp_path):
     from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable
 

@@ -184,3 +184,40 @@ def test_reward_rerun_resumes_from_the_last_checkpoint(trained):
     result = reward(run_cfg)
     assert result["resumed_from"] == 120
     assert result["heldout_accuracy"] > 0.75
+
+
+def test_resume_refuses_a_checkpoint_from_another_config_or_data(make_config, tmp_path):
+    """The resume key covers the step's settings and its inputs' digests; a checkpoint
+    made under another key is refused with one line naming it."""
+    from rlhf_tasks import training
+    from rlhf_tasks.errors import BadInput
+    from rlhf_tasks.storage import Storage
+
+    cfg = make_config()
+    storage = Storage.from_config(cfg)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "canonical.parquet").write_bytes(b"rows v1")
+    storage.put_dir(data, cfg.step_uri("validate_preference"))
+    key = training.resume_key(cfg, storage, "reward", ("validate_preference",))
+    longer = cfg.model_copy(deep=True)
+    longer.reward.train_steps += 100
+    longer.reward.checkpoint_every = 7
+    assert training.resume_key(longer, storage, "reward", ("validate_preference",)) == key
+    other = cfg.model_copy(deep=True)
+    other.reward.learning_rate_multiplier = 2.0
+    assert training.resume_key(other, storage, "reward", ("validate_preference",)) != key
+
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    (folder / "state.pt").write_bytes(b"state")
+    checkpoints = cfg.step_uri("reward", "checkpoints")
+    training.upload_checkpoint(storage, folder, checkpoints, 5, key)
+    assert training.fetch_latest_checkpoint(storage, checkpoints, tmp_path / "r1", key).name \
+        == "checkpoint-5"
+    (data / "canonical.parquet").write_bytes(b"rows v2")  # the data changed
+    storage.put_dir(data, cfg.step_uri("validate_preference"))
+    changed = training.resume_key(cfg, storage, "reward", ("validate_preference",))
+    assert changed != key
+    with pytest.raises(BadInput, match="made from another config or other data"):
+        training.fetch_latest_checkpoint(storage, checkpoints, tmp_path / "r2", changed)

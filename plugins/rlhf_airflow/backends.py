@@ -40,6 +40,26 @@ def step_argv(step: str, config_uri: str, overrides: list[str], result: str) -> 
     return argv + ["--result", result]
 
 
+# what a step process inherits from the worker: the basics of a process, and the settings
+# of the libraries a step uses; never Airflow's own (its Fernet key, metadata DB URL,
+# connections and variables), nor anything else the worker happens to hold
+_STEP_ENV_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "TEMP", "TMP",
+                   "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHASHSEED", "SSL_CERT_FILE",
+                   "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY",
+                   "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+                   "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+                   "PYTORCH_CUDA_ALLOC_CONF", "TOKENIZERS_PARALLELISM"}
+_STEP_ENV_PREFIXES = ("RLHF_", "AWS_", "MLFLOW_", "HF_", "TRANSFORMERS_", "GX_", "LC_",
+                      "NCCL_", "TORCH_", "XDG_", "PYTHON")
+
+
+def step_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The minimal environment of a step subprocess (see the names above)."""
+    keep = {k: v for k, v in environ.items()
+            if k in _STEP_ENV_NAMES or k.startswith(_STEP_ENV_PREFIXES)}
+    return {**keep, "PYTHONUNBUFFERED": "1"}
+
+
 class LocalProcessBackend:
     name = "local"
 
@@ -55,7 +75,7 @@ class LocalProcessBackend:
             argv = [a if a != "@RESULT@" else str(result) for a in argv]
             command = [self.python, "-m", "rlhf_tasks.cli"] + argv[1:]
             log("running: " + " ".join(command))
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = step_environment(dict(os.environ))
             tail: list[str] = []
             with subprocess.Popen(command, cwd=self.cwd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:

@@ -27,13 +27,19 @@ class RowRule:
     kwargs: tuple
 
 
-def row_rules(kind: str, max_prompt_tokens: int, max_target_tokens: int) -> list[RowRule]:
+def row_rules(kind: str, max_prompt_tokens: int | None,
+              max_target_tokens: int | None) -> list[RowRule]:
+    """The row expectations of ``kind``; the token-length ones only when the bounds are
+    given (no tokenizer, no token counts)."""
     rules = [
         RowRule("empty prompt", "prompt", "ExpectColumnValueLengthsToBeBetween",
                 (("column", "prompt"), ("min_value", 1))),
-        RowRule(f"prompt longer than {max_prompt_tokens} tokens", "prompt",
-                "ExpectColumnValuesToBeBetween",
-                (("column", "_prompt_tokens"), ("max_value", max_prompt_tokens))),
+    ]
+    if max_prompt_tokens is not None:
+        rules.append(RowRule(f"prompt longer than {max_prompt_tokens} tokens", "prompt",
+                             "ExpectColumnValuesToBeBetween",
+                             (("column", "_prompt_tokens"), ("max_value", max_prompt_tokens))))
+    rules += [
         RowRule("duplicate row", "prompt", "ExpectColumnValuesToBeNull",
                 (("column", "_duplicate_of_line"),)),
     ]
@@ -47,13 +53,13 @@ def row_rules(kind: str, max_prompt_tokens: int, max_target_tokens: int) -> list
     from rlhf_tasks.data.formats import TARGET_COLUMNS
 
     for column in TARGET_COLUMNS.get(kind, ()):
-        rules += [
-            RowRule(f"empty {column}", column, "ExpectColumnValueLengthsToBeBetween",
-                    (("column", column), ("min_value", 1))),
-            RowRule(f"{column} longer than {max_target_tokens} tokens", column,
-                    "ExpectColumnValuesToBeBetween",
-                    (("column", f"_{column}_tokens"), ("max_value", max_target_tokens))),
-        ]
+        rules.append(RowRule(f"empty {column}", column, "ExpectColumnValueLengthsToBeBetween",
+                             (("column", column), ("min_value", 1))))
+        if max_target_tokens is not None:
+            rules.append(RowRule(f"{column} longer than {max_target_tokens} tokens", column,
+                                 "ExpectColumnValuesToBeBetween",
+                                 (("column", f"_{column}_tokens"),
+                                  ("max_value", max_target_tokens))))
     return rules
 
 

@@ -99,14 +99,15 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
         for model in filter(None, (stack.policy, stack.critic, stack.reference, stack.reward)):
             model.to(device)
 
-        resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, tmp / "resume")
+        key = training.resume_key(cfg, storage, "ppo", ("validate_prompt", "reward/model"))
+        resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, tmp / "resume", key)
 
         def on_metrics(update: int, metrics: dict) -> None:
             if main:
                 tracking.log_metrics("ppo", metrics, step=update)
 
         def on_checkpoint(update: int, folder: Path) -> None:
-            training.upload_checkpoint(storage, folder, checkpoints_uri, update)
+            training.upload_checkpoint(storage, folder, checkpoints_uri, update, key)
 
         started = time.perf_counter()
         result = ppo_trainer.train(

@@ -79,6 +79,7 @@ def reward(cfg) -> dict:
     storage = Storage.from_config(cfg)
     out_uri = cfg.step_uri("reward")
     checkpoints_uri = join(out_uri, "checkpoints")
+    key = training.resume_key(cfg, storage, "reward", ("validate_preference",))
     device = training.resolve_device(cfg)
     torch.manual_seed(cfg.run.seed)
     with tracking.step_run(cfg, "reward", tags={"reward.lora_rank": str(rc.lora_rank)}) as run_id, \
@@ -112,8 +113,9 @@ def reward(cfg) -> dict:
             max_length=None)
         trainer = RewardTrainer(
             model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-            callbacks=training.trainer_callbacks("reward", storage, checkpoints_uri))
-        resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, Path(tmp) / "trainer")
+            callbacks=training.trainer_callbacks("reward", storage, checkpoints_uri, key))
+        resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, Path(tmp) / "trainer",
+                                                  key)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         trained = trainer.model.to(device).eval()
 

@@ -29,6 +29,7 @@ def sft(cfg) -> dict:
     storage = Storage.from_config(cfg)
     out_uri = cfg.step_uri("sft")
     checkpoints_uri = join(out_uri, "checkpoints")
+    key = training.resume_key(cfg, storage, "sft", ("validate_sft",))
     torch.manual_seed(cfg.run.seed)
     with tracking.step_run(cfg, "sft", tags={"sft.lora_rank": str(sc.lora_rank)}) as run_id, \
             tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp:
@@ -55,8 +56,9 @@ def sft(cfg) -> dict:
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_dict(rows),
             processing_class=tokenizer,
-            callbacks=training.trainer_callbacks("sft", storage, checkpoints_uri))
-        resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, Path(tmp) / "trainer")
+            callbacks=training.trainer_callbacks("sft", storage, checkpoints_uri, key))
+        resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, Path(tmp) / "trainer",
+                                                  key)
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
         model_dir = Path(tmp) / "model"
