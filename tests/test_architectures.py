@@ -49,6 +49,8 @@ def write_chat_data(folder: Path) -> dict[str, str]:
                         + _turns(f"Rewrite: wrote {i} reports")})
     for i in range(6):
         evals.append({"messages": _turns(f"Draft {i}", "Handled calls.", f"Shorter, try {i}")})
+        if i % 2 == 0:  # an expert's own answer to half the eval prompts
+            evals[-1]["reference"] = f"Handled {40 + i} calls a day."
     return {"preference_uri": str(write_jsonl(folder / "prefs.jsonl", prefs)),
             "prompt_uri": str(write_jsonl(folder / "prompts.jsonl", prompts)),
             "eval_uri": str(write_jsonl(folder / "eval.jsonl", evals))}
@@ -155,7 +157,9 @@ def test_family_runs_the_pipeline_on_chat_data(families, family):
     results, cfg = run["results"], config_mod.load(str(run["config"]))
     assert results["validate_preference"]["rows_kept"] == 24
     assert results["ppo"]["updates"] == 2
-    assert set(results["evaluate"]["metrics"]) == {"foundation", "rlhf"}
+    # the experts' reference answers are one more blinded "model" in the batch
+    assert set(results["evaluate"]["metrics"]) == {"foundation", "rlhf", "reference"}
+    assert results["evaluate"]["items"] == 6 + 6 + 3
     # the vocabulary is the checkpoint's: no pad token was added
     tokenizer = models.load_tokenizer(cfg)
     assert len(tokenizer) == 300
@@ -289,6 +293,7 @@ def test_a_simulated_panel_reports_unless_the_base_config_lets_it_promote(famili
     assert step("panel_simulate")[0] == 0
     code, gate = step("gate")
     assert code == 0 and gate["decision"] == "report", gate
+    assert set(gate["pass_rates"]) == {"foundation", "rlhf", "reference"}
     assert any("simulated_may_promote" in r for r in gate["reasons"])
     cfg = config_mod.load(str(config))
     version = registry.client(cfg).get_model_version(cfg.registry.model_name, gate["version"])

@@ -92,8 +92,25 @@ def test_chat_sft_keeps_every_turn_before_the_answer(tmp_path):
 def test_prompt_and_input_text(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x"}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"input_text": "y"}])
-    assert rows_of(a, "eval") == ("prompt", [[{"prompt": "x", "messages": None}]])
-    assert rows_of(b, "eval") == ("input_text", [[{"prompt": "y", "messages": None}]])
+    assert rows_of(a, "prompt") == ("prompt", [[{"prompt": "x", "messages": None}]])
+    assert rows_of(a, "eval") == ("prompt", [[{"prompt": "x", "messages": None,
+                                              "reference": None}]])
+    assert rows_of(b, "eval") == ("input_text", [[{"prompt": "y", "messages": None,
+                                                   "reference": None}]])
+
+
+def test_eval_rows_may_carry_an_expert_reference(tmp_path):
+    from rlhf_tasks.data.formats import MAX_REFERENCE_CHARS, RowProblem
+
+    path = write_jsonl(tmp_path / "e.jsonl", [
+        {"prompt": "x", "reference": "  Cut costs 10%  "}, {"prompt": "y", "reference": ""},
+        {"prompt": "z", "reference": 5}, {"prompt": "w", "reference": "a" * (MAX_REFERENCE_CHARS + 1)}])
+    fmt, rows = rows_of(path, "eval")
+    assert rows[0] == [{"prompt": "x", "messages": None, "reference": "Cut costs 10%"}]
+    assert rows[1][0]["reference"] is None
+    assert isinstance(rows[2], RowProblem) and rows[2].field == "reference"
+    assert "expected a string, got int" in rows[2].reason
+    assert isinstance(rows[3], RowProblem) and "longer than" in rows[3].reason
 
 
 def test_csv_with_json_cells_and_line_numbers(tmp_path):

@@ -115,3 +115,24 @@ def test_gate_decisions():
     alone = decide(result, policy, "candidate", None)
     assert alone.promote and alone.p_value is None
     assert not decide(result, policy, "missing", None).promote
+
+
+def test_gate_compares_with_expert_written_answers():
+    """Candidate 17/20, experts' own answers 19/20: within a gap of 0.1 (0.85 >= 0.85),
+    not within 0.05; a policy that asks for the comparison fails without references."""
+    spec = {f"c{i}": ("candidate", [i < 17] * 3, i) for i in range(20)}
+    spec.update({f"f{i}": ("foundation", [i < 10] * 3, i) for i in range(20)})
+    spec.update({f"r{i}": ("reference", [i < 19] * 3, i) for i in range(20)})
+    result = aggregate(_rows(spec), k=3)
+    assert result.scores["reference"].pass_rate == 0.95
+    near = decide(result, GatePolicy(0.6, 0.1, 0.05, max_gap_to_reference=0.1), "candidate",
+                  "foundation")
+    assert near.promote, near.reasons
+    far = decide(result, GatePolicy(0.6, 0.1, 0.05, max_gap_to_reference=0.05), "candidate",
+                 "foundation")
+    assert not far.promote and far.reasons == [
+        "pass rate 0.850 trails the expert-written answers' 0.950 by more than 0.050"]
+    without = aggregate(_rows({k: v for k, v in spec.items() if not k.startswith("r")}), k=3)
+    missing = decide(without, GatePolicy(0.6, 0.1, 0.05, max_gap_to_reference=0.5),
+                     "candidate", "foundation")
+    assert not missing.promote and "no eval row had a reviewed reference" in missing.reasons[0]

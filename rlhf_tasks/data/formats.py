@@ -5,7 +5,8 @@ reason it could not be parsed).  ``normalise`` turns one raw record into canonic
 
 * preference: ``{"prompt", "chosen", "rejected", "margin", "messages"}`` (margin may be None);
 * sft: ``{"prompt", "completion", "messages"}``;
-* prompt / eval: ``{"prompt", "messages"}``.
+* prompt: ``{"prompt", "messages"}``; eval: ``{"prompt", "messages", "reference"}``, the
+  reference being an optional answer written by an expert (field ``reference``).
 
 ``messages`` is the prompt's conversation as JSON (chat data, every turn kept, for the
 tokenizer's chat template) or None (plain text); ``prompt`` is its text as people read it
@@ -50,8 +51,9 @@ FORMAT_FIELDS = {
 TARGET_COLUMNS = {"preference": ("chosen", "rejected"), "sft": ("completion",)}
 # a ranked list of n responses expands to n(n-1)/2 pairs: 16 responses make 120
 MAX_PAIRS_PER_RANKED_ROW = 120
+MAX_REFERENCE_CHARS = 20_000
 KNOWN_FIELDS = sorted({f for fields in FORMAT_FIELDS.values() for f in fields} |
-                      {"margin", "ranks"})
+                      {"margin", "ranks", "reference"})
 
 
 @dataclass
@@ -368,7 +370,10 @@ def normalise(record: RawRecord, kind: str, fmt: str) -> list[dict] | RowProblem
             return NORMALISERS[fmt](record.data)
         if kind == "sft":
             return _sft_row(record.data, fmt)
-        return _prompt_row(record.data, fmt)
+        rows = _prompt_row(record.data, fmt)
+        if kind == "eval":
+            rows = [{**row, "reference": _reference(record.data)} for row in rows]
+        return rows
     except _Bad as bad:
         return RowProblem(record.line, bad.field, bad.reason, record.raw)
 
@@ -381,10 +386,25 @@ def records_fields(records: list[RawRecord]) -> set[str]:
     return fields
 
 
+def _reference(data: dict) -> str | None:
+    """An eval row's optional ``reference``: an answer written by an expert, reviewed
+    blinded beside the models' answers (None when absent or blank)."""
+    value = data.get("reference")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Bad("reference", f"expected a string, got {type(value).__name__}")
+    if len(value) > MAX_REFERENCE_CHARS:
+        raise _Bad("reference", f"longer than {MAX_REFERENCE_CHARS} characters")
+    return value.strip() or None
+
+
 def canonical_columns(kind: str) -> list[str]:
     if kind == "preference":
         return ["prompt", "chosen", "rejected", "margin", "messages"]
     if kind == "sft":
         return ["prompt", "completion", "messages"]
+    if kind == "eval":
+        return ["prompt", "messages", "reference"]
     return ["prompt", "messages"]
 

@@ -4,7 +4,10 @@
 * against the reference (the registry's champion; the foundation model when there is
   no champion yet, since that is what serves), the lift is at least ``min_lift`` and the
   one-sided exact McNemar test on the prompts both answered gives p < ``significance``
-  (both models answer the same eval prompts: the comparison is paired).
+  (both models answer the same eval prompts: the comparison is paired);
+* with ``max_gap_to_reference`` set, its pass rate trails the experts' own reference
+  answers (the ``reference`` rows of the eval data, reviewed blinded) by at most that
+  gap; set but with no reference answers reviewed, the rule fails (it cannot be checked).
 """
 
 from __future__ import annotations
@@ -13,16 +16,20 @@ from dataclasses import asdict, dataclass, field
 
 from rlhf_tasks.panel.aggregate import PanelResult, discordant_pairs, mcnemar_exact
 
+EXPERT = "reference"  # the label of the experts' own answers in a review batch
+
 
 @dataclass(frozen=True)
 class GatePolicy:
     min_pass_rate: float
     min_lift: float
     significance: float
+    max_gap_to_reference: float | None = None
 
     @classmethod
     def from_config(cls, panel_cfg) -> "GatePolicy":
-        return cls(panel_cfg.pass_rate_threshold, panel_cfg.min_lift, panel_cfg.significance)
+        return cls(panel_cfg.pass_rate_threshold, panel_cfg.min_lift, panel_cfg.significance,
+                   panel_cfg.max_gap_to_reference)
 
 
 @dataclass
@@ -74,5 +81,14 @@ def decide(result: PanelResult, policy: GatePolicy, candidate: str,
         if p >= policy.significance:
             reasons.append(f"lift over {reference} is not significant "
                            f"(p = {p:.3g} >= {policy.significance})")
+    if policy.max_gap_to_reference is not None:
+        expert = result.scores.get(EXPERT)
+        if expert is None:
+            reasons.append("the policy compares with expert-written answers, but no eval row "
+                           "had a reviewed reference answer")
+        elif cand.pass_rate < expert.pass_rate - policy.max_gap_to_reference:
+            reasons.append(f"pass rate {cand.pass_rate:.3f} trails the expert-written answers' "
+                           f"{expert.pass_rate:.3f} by more than "
+                           f"{policy.max_gap_to_reference:.3f}")
     return GateDecision(not reasons, candidate, reference, cand.pass_rate,
                         ref.pass_rate if ref else None, lift, better, worse, p, reasons)

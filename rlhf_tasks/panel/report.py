@@ -9,9 +9,10 @@ from pathlib import Path
 
 from rlhf_tasks.panel.aggregate import PanelResult
 
-TABLE_ORDER = ("foundation", "sft", "champion", "rlhf")
+TABLE_ORDER = ("foundation", "sft", "champion", "rlhf", "reference")
 TITLES = {"foundation": "Foundation model", "sft": "Supervised tuning (SFT)",
-          "champion": "Current champion", "rlhf": "RLHF (candidate)"}
+          "champion": "Current champion", "rlhf": "RLHF (candidate)",
+          "reference": "Expert-written answers"}
 
 
 def ordered(models) -> list[str]:

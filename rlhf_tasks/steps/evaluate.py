@@ -3,7 +3,10 @@ same decoding settings; automatic metrics per model; a blinded review batch for 
 
 Models: the candidate (``<run>/ppo/model``), the registry's ``champion`` (when there is
 one) and the baselines of ``evaluation.baselines`` (``foundation``: the base model;
-``sft``: ``<run>/sft/model`` when the SFT step ran).  Outputs under ``<run>/evaluate/``:
+``sft``: ``<run>/sft/model`` when the SFT step ran).  Eval rows that carry an expert's
+``reference`` answer add one more blinded "model", ``reference``: the experts judge human
+writing beside the models' (scored by the reward model too, not generated).  Outputs
+under ``<run>/evaluate/``:
 ``responses.jsonl`` (server side: it names the model of every response),
 ``evaluate.json`` (decoding settings, metrics, the batch id).  The review batch goes into
 the verdict store, shuffled, the model kept there on the server side only.
@@ -22,6 +25,28 @@ from rlhf_tasks.storage import Storage, join
 
 log = logging.getLogger(__name__)
 CANDIDATE = "rlhf"
+REFERENCE = "reference"
+
+
+def _reference_rows(frame, prompts, encoded, renderer, reward_model, norm, tokenizer,
+                    device) -> list[dict]:
+    """Review rows of the experts' reference answers, scored as the models' are (the
+    answer's tokens after the prompt's, the end-of-turn token included)."""
+    from rlhf_tasks.reward_model import score_sequences
+
+    if "reference" not in frame.columns:
+        return []
+    found = [(i, text) for i, text in enumerate(frame["reference"])
+             if isinstance(text, str) and text.strip()]
+    if not found:
+        return []
+    answers = [renderer.response_ids(text) for _, text in found]
+    scores = score_sequences(reward_model, [encoded[i] + a for (i, _), a in zip(found, answers)],
+                             tokenizer.pad_token_id, device=device)
+    return [{"prompt_index": i, "prompt": prompts[i], "response": text, "model": REFERENCE,
+             "reward": round((s - norm["mean"]) / norm["std"], 4), "ended": True,
+             "_tokens": len(a)}
+            for (i, text), a, s in zip(found, answers, scores)]
 
 
 def models_under_comparison(cfg, storage: Storage):
@@ -126,6 +151,19 @@ def evaluate(cfg) -> dict:
             rows += [{"prompt_index": i, "prompt": p, "response": t, "model": label,
                       "reward": round(s, 4), "ended": e}
                      for i, (p, t, s, e) in enumerate(zip(prompts, texts, scores, ended))]
+
+        with training.autocast(cfg, device):
+            reference = _reference_rows(frame, prompts, encoded, renderer, reward_model, norm,
+                                        tokenizer, device)
+        if reference:
+            rows += reference
+            metrics[REFERENCE] = {
+                "reward_mean": sum(r["reward"] for r in reference) / len(reference),
+                "length_mean": sum(r.pop("_tokens") for r in reference) / len(reference),
+                "missing_eos_rate": 0.0, "empty_rate": 0.0}
+            tracking.log_metrics("eval", {f"{REFERENCE}/{k}": v
+                                          for k, v in metrics[REFERENCE].items()})
+            compared[REFERENCE] = "expert-written reference answers (eval data)"
 
         store = PanelStore(panel_store_url(cfg))
         batch_id = store.create_batch(

@@ -68,7 +68,7 @@ def _data_sizes(cfg, storage: Storage) -> dict[str, str]:
             return None
 
     prefs, prompts, sft = rows("preference"), rows("prompt"), rows("sft")
-    sizes = {"foundation": "base checkpoint, no tuning"}
+    sizes = {"foundation": "base checkpoint, no tuning", "reference": "written by experts"}
     if sft:
         sizes["sft"] = f"{sft:,} SFT examples"
     if prefs is not None:
