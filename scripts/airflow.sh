@@ -10,6 +10,16 @@ MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 echo ">> demo assets (.rlhf/demo)"
 rlhf demo init --out .rlhf/demo > /dev/null
 export RLHF_BASE_CONFIG="$ROOT/.rlhf/demo/demo.yaml"   # the trigger form's default config
+export RLHF_CONFIG_DIR="$ROOT/.rlhf/demo"                # admin config files the form may name
+# the same recipe with people as the panel: trigger with config_file=human-panel.yaml
+python - <<'PY'
+import yaml
+raw = yaml.safe_load(open(".rlhf/demo/demo.yaml"))
+raw["panel"].update(mode="human", simulated_may_promote=False)
+open(".rlhf/demo/human-panel.yaml", "w").write(yaml.safe_dump(raw, sort_keys=False))
+PY
+# the Airflow user "reviewer" is on the panel (the review page refuses everyone else)
+rlhf review add-reviewer reviewer --airflow-user --config "$RLHF_BASE_CONFIG" > /dev/null
 export AIRFLOW__API__PORT="$AIRFLOW_PORT"
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin,reviewer:viewer}"
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$AIRFLOW_HOME/passwords.json"
@@ -42,7 +52,8 @@ print(f"""
   expert review   http://localhost:{airflow}/rlhf-review/   (Browse > Expert review; as the logged-in user)
   MLflow UI       http://localhost:{mlflow}/   (experiment rlhf-tuning: tick two runs, Compare)
 
-  Trigger rlhf_tuning with panel_mode=human to review outputs yourself, or leave it simulated.
+  Trigger rlhf_tuning with config_file=human-panel.yaml to review outputs yourself (as
+  "reviewer"), or leave the demo's simulated panel.
   Ctrl-C stops Airflow and MLflow.""")
 PY
 wait

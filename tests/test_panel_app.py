@@ -183,3 +183,25 @@ def test_revoked_or_expired_tokens_are_refused(client, store):
     assert client.get("/api/me", headers=auth).status_code == 200
     store.revoke_reviewer("ann")
     assert client.get("/api/me", headers=auth).status_code == 401
+
+
+def test_nothing_a_reviewer_reads_carries_the_model_or_its_order(client, store, tmp_path):
+    """Every field a reviewer can read, by name: items, batches, verdict replies, exports.
+    None names the model, the prompt index, or a time per item."""
+    token = store.add_reviewer("ann")
+    auth = {"Authorization": f"Bearer {token}"}
+    item = client.get(f"/api/batches/{store.batch_id}/next", headers=auth).json()
+    assert set(item) == {"id", "batch_id", "prompt", "response", "quality_bar", "simulated"}
+    reply = client.post(f"/api/items/{item['id']}/verdict", json={"passed": True},
+                        headers=auth).json()
+    assert set(reply) == {"id", "item_id", "reviewer", "passed"}
+    batch = client.get("/api/batches", headers=auth).json()[0]
+    assert not {"model", "models", "prompt_index"} & set(batch)
+    out = tmp_path / "export.jsonl"
+    export_batch(store, store.batch_id, out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(set(r) == {"item_id", "prompt", "response", "quality_bar", "verdict",
+                          "comment"} for r in rows)
+    # item ids are random, not a sequence that would follow the generation order
+    assert len({r["item_id"] for r in rows}) == len(rows) and all(
+        len(r["item_id"]) == 32 for r in rows)

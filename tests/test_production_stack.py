@@ -143,12 +143,18 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
             with review_server(store) as base, \
                     httpx.Client(base_url=base, timeout=30) as http:
                 ann = {"Authorization": f"Bearer {tokens['ann']}"}
+                deadline = time.monotonic() + 900  # conditions, with generous bounds
                 while not (batches := http.get("api/batches", headers=ann).json()):
                     assert dag.poll() is None, "the DAG ended before its review batch existed"
+                    assert time.monotonic() < deadline, "no review batch"
                     time.sleep(2)
                 batch = batches[0]
                 assert batch["items"] == 6 and not batch["simulated"]
-                time.sleep(5)
+                # the run is waiting on the panel: its sensor has logged the wait
+                while "waiting for the panel: 0 of 12 verdicts" not in log_path.read_text():
+                    assert dag.poll() is None, "the DAG must wait for the panel"
+                    assert time.monotonic() < deadline, "the panel wait never started"
+                    time.sleep(1)
                 assert dag.poll() is None, "the DAG must wait for the panel"
                 assert http.get(f"api/batches/{batch['id']}/next").status_code == 401
                 assert _review(http, tokens, batch["id"], per_reviewer=4) == 12

@@ -51,7 +51,8 @@ def browser(tmp_path):
     driver.quit()
 
 
-def _wait_for(predicate, timeout=10.0):
+def _wait_for(predicate, timeout=60.0):
+    """Until ``predicate()`` holds: a condition, with a generous bound for a loaded machine."""
     end = time.time() + timeout
     while time.time() < end:
         if predicate():
