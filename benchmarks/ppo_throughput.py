@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-length", type=int, default=48, help="longest prompt (tokens)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (ours only)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (TRL: through accelerate)")
     p.add_argument("--compare", action="store_true", help="run both, alternating")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--trl-python", default=str(ROOT / ".rlhf" / "bench-trl112" / "bin" / "python"))
@@ -134,7 +134,8 @@ def run_trl(args) -> float:
             num_ppo_epochs=args.ppo_epochs, response_length=args.response_length,
             temperature=args.temperature, learning_rate=3e-6, stop_token="eos",
             missing_eos_penalty=None, num_sample_generations=0, report_to="none",
-            save_strategy="no", logging_steps=10_000, use_cpu=True, seed=args.seed,
+            save_strategy="no", logging_steps=10_000, seed=args.seed,
+            use_cpu=not args.device.startswith("cuda"),
             dataloader_num_workers=0, disable_tqdm=True)
         trainer = PPOTrainer(args=config, processing_class=_word_tokenizer(args.vocab),
                              model=policy, ref_model=reference, reward_model=reward,
@@ -142,6 +143,10 @@ def run_trl(args) -> float:
                              train_dataset=Dataset.from_dict({"input_ids": prompts}))
         started = time.perf_counter()
         trainer.train()
+        if args.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
         return time.perf_counter() - started
 
 
