@@ -120,7 +120,8 @@ def test_uncached_hub_id_exits_2_with_one_line(tmp_path):
                    f"{tmp_path / 'a'}}}\ntracking: {{tracking_uri: 'sqlite:///{tmp_path}/m.db'}}\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
     proc = subprocess.run([sys.executable, "-m", "rlhf_tasks.cli", "data", "validate",
-                           str(tmp_path / "p.jsonl"), "--kind", "prompt", "--config", str(cfg)],
+                           str(tmp_path / "p.jsonl"), "--kind", "prompt", "--config", str(cfg),
+                           "--tokenizer", "acme/not-here"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "acme/not-here" in line]
