@@ -48,9 +48,7 @@ def reward_model_name(cfg) -> str:
 
 def champion(cfg, name: str | None = None):
     """The version of ``name`` (default: the use case's model) holding alias ``champion``,
-    or None."""
-    from mlflow.exceptions import MlflowException
-
+    or None when there is none (a registry fault raises RegistryFault)."""
     return alias_version(client(cfg), name or cfg.registry.model_name, CHAMPION)
 
 
