@@ -91,16 +91,25 @@ def register(cfg, storage, *, name: str, source: str, run_id: str | None, tags: 
                                               description=description)
 
 
+def _alias(mlflow_client, name: str, alias: str) -> str | None:
+    """The version number ``alias`` points at, or None."""
+    found = alias_version(mlflow_client, name, alias)
+    return str(found.version) if found is not None else None
+
+
+def _champion_moves(name: str, version: str, current: str | None) -> list:
+    """``champion`` to ``version``, and ``previous`` to the champion it replaces."""
+    moves = [(name, PREVIOUS, current)] if current not in (None, version) else []
+    return moves + [(name, CHAMPION, version)]
+
+
 def move_aliases(cfg, moves: list[tuple[str, str, str | None]]) -> None:
     """Set each ``(model name, alias, version)`` (version None: delete the alias), all or
     none: when one move fails, the moves already made are undone, then the error is
     raised as a RegistryFault (the task retries; a retry finds the same starting point).
     """
     mlflow_client = client(cfg)
-    before = []
-    for name, alias, _ in moves:
-        old = alias_version(mlflow_client, name, alias)
-        before.append((name, alias, str(old.version) if old is not None else None))
+    before = [(name, alias, _alias(mlflow_client, name, alias)) for name, alias, _ in moves]
 
     def put(name, alias, version):
         if version is None:
@@ -139,29 +148,20 @@ def promote(cfg, name: str, version: str, *, expected_champion: str | None,
     another version, nothing moves (ChampionChanged, exit 2: decide again).  A retry
     after a success finds ``version`` already champion and changes nothing."""
     mlflow_client = client(cfg)
-    current = alias_version(mlflow_client, name, CHAMPION)
-    current = str(current.version) if current is not None else None
+    current = _alias(mlflow_client, name, CHAMPION)
     version = str(version)
     if current == version:  # a retry after the moves went through
-        previous = alias_version(mlflow_client, name, PREVIOUS)
-        return {"champion": version,
-                "previous": str(previous.version) if previous is not None else None}
+        return {"champion": version, "previous": _alias(mlflow_client, name, PREVIOUS)}
     if current != expected_champion:
         raise ChampionChanged(
             f"the champion of {name} is version {current} now, not version "
             f"{expected_champion} that the gate compared against: run the pipeline again",
             field="registry.champion")
-    moves = []
-    if current is not None:
-        moves.append((name, PREVIOUS, current))
-    moves.append((name, CHAMPION, version))
+    moves = _champion_moves(name, version, current)
     if reward is not None:
         reward_name, reward_version = reward
-        old = alias_version(mlflow_client, reward_name, CHAMPION)
-        old = str(old.version) if old is not None else None
-        if old is not None and old != str(reward_version):
-            moves.append((reward_name, PREVIOUS, old))
-        moves.append((reward_name, CHAMPION, str(reward_version)))
+        moves += _champion_moves(reward_name, str(reward_version),
+                                 _alias(mlflow_client, reward_name, CHAMPION))
     move_aliases(cfg, moves)
     mlflow_client.set_model_version_tag(name, version, "gate.decision", "promote")
     return {"champion": version, "previous": current}

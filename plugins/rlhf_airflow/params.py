@@ -168,9 +168,7 @@ def admin_config_source(requested: str | None) -> str | None:
     if requested is None or requested == base:
         return base
 
-    def canonical(uri: str) -> str:
-        return Storage.normalise(uri) if is_s3(uri) else str(Path(uri).expanduser().resolve())
-
+    canonical = Storage.normalise  # s3 keys tidied; local paths resolved, links followed
     if base and canonical(requested) == canonical(base):
         return base
     if folder:

@@ -21,7 +21,10 @@ import functools
 URL_PREFIX = "/rlhf-review"
 
 
+@functools.cache
 def _panel_config():
+    """The base config, read once per process (on first use, not when plugins load), as
+    the store is: reviewer roles are not re-read from disk on every request."""
     from rlhf_airflow.scheduling import base_config
     from rlhf_tasks.config import PipelineConfig
 

@@ -19,7 +19,7 @@ A rejection skips the promotion, whatever the downstream trigger rules.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Sequence
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
@@ -55,14 +55,10 @@ class SignOffOperator(ApprovalOperator):
         return super().execute(context)
 
     def execute_complete(self, context, event: dict[str, Any]) -> Any:
-        timed_out = event.get("timedout") or event.get("error_type") == "timeout" or (
-            "chosen_options" in event and not event.get("responded_by_user"))
-        if "error" in event and event.get("error_type") == "timeout":
-            # older Airflow: the trigger reports a timeout as an error; the default applies
-            event = {"chosen_options": list(self.defaults or [self.REJECT]),
-                     "params_input": {}, "responded_at": datetime.now(timezone.utc),
-                     "responded_by_user": None}
-        self._record(event, bool(timed_out))
+        # Airflow 3.3 resumes a timed-out request with the default option, "timedout" set
+        # and no responder; an error event is the parent's to raise, and is not recorded
+        if "error" not in event:
+            self._record(event, bool(event.get("timedout")) or not event.get("responded_by_user"))
         return super().execute_complete(context, event)
 
     def _record(self, event: dict[str, Any], timed_out: bool) -> None:

@@ -147,6 +147,8 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, load_tokenizer, 
     frame["_row"] = range(len(frame))
     if tokenizer is not None:
         frame["_prompt_tokens"] = count_tokens(tokenizer, frame["prompt"].tolist())
+        for column in formats.TARGET_COLUMNS.get(kind, ()):
+            frame[f"_{column}_tokens"] = count_tokens(tokenizer, frame[column].tolist())
     keys = frame["prompt"].map(prompt_key)
     dup_cols = [keys] + [frame[c].str.strip() for c in formats.TARGET_COLUMNS.get(kind, ())]
     dup_key = pd.Series(list(zip(*dup_cols)), index=frame.index)
@@ -157,8 +159,6 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, load_tokenizer, 
     frame["_in_eval"] = keys.isin(eval_keys or set()) if kind != "eval" else False
     if kind == "preference":
         frame["_chosen_equals_rejected"] = frame["chosen"].str.strip() == frame["rejected"].str.strip()
-    for column in formats.TARGET_COLUMNS.get(kind, ()) if tokenizer is not None else ():
-        frame[f"_{column}_tokens"] = count_tokens(tokenizer, frame[column].tolist())
 
     runner = ExpectationRunner(docs_dir)
     rules = row_rules(kind, *((data_cfg.max_prompt_tokens, data_cfg.max_target_tokens)

@@ -320,10 +320,7 @@ class PanelStore:
         given = (select(Verdict.item_id, func.count().label("n"))
                  .group_by(Verdict.item_id).subquery())
         held = (select(Assignment.item_id, func.count().label("n"))
-                .where(Assignment.reviewer != reviewer, Assignment.assigned_at > cutoff,
-                       ~select(Verdict.id).where(Verdict.item_id == Assignment.item_id,
-                                                 Verdict.reviewer == Assignment.reviewer)
-                       .exists())
+                .where(*_live_holds_by_others(reviewer, cutoff))
                 .group_by(Assignment.item_id).subquery())
         mine = select(Verdict.item_id).where(Verdict.reviewer == reviewer)
         load = func.coalesce(given.c.n, 0) + func.coalesce(held.c.n, 0)
@@ -351,10 +348,7 @@ class PanelStore:
         verdicts = s.scalar(select(func.count()).select_from(Verdict)
                             .where(Verdict.item_id == item_id))
         holds = s.scalar(select(func.count()).select_from(Assignment).where(
-            Assignment.item_id == item_id, Assignment.reviewer != reviewer,
-            Assignment.assigned_at > cutoff,
-            ~select(Verdict.id).where(Verdict.item_id == Assignment.item_id,
-                                      Verdict.reviewer == Assignment.reviewer).exists()))
+            Assignment.item_id == item_id, *_live_holds_by_others(reviewer, cutoff)))
         return int(verdicts) + int(holds)
 
     def record_verdict(self, item_id: str, reviewer: str, passed: bool, comment: str = "",
@@ -426,6 +420,14 @@ class PanelStore:
                              .order_by(ReviewItem.position)).all()
         keys = ["id", "prompt", "response"] + (["model", "prompt_index"] if with_model else [])
         return [{k: getattr(r, k) for k in keys} for r in rows]
+
+
+def _live_holds_by_others(reviewer: str, cutoff: datetime) -> tuple:
+    """Conditions on Assignment: another reviewer holds the item, served after ``cutoff``
+    (the lease is live), and has not judged it yet."""
+    return (Assignment.reviewer != reviewer, Assignment.assigned_at > cutoff,
+            ~select(Verdict.id).where(Verdict.item_id == Assignment.item_id,
+                                      Verdict.reviewer == Assignment.reviewer).exists())
 
 
 def _add_missing_columns(engine) -> None:

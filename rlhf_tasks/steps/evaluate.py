@@ -29,24 +29,29 @@ REFERENCE = "reference"
 
 
 def _reference_rows(frame, prompts, encoded, renderer, reward_model, norm, tokenizer,
-                    device) -> list[dict]:
+                    device) -> tuple[list[dict], dict | None]:
     """Review rows of the experts' reference answers, scored as the models' are (the
-    answer's tokens after the prompt's, the end-of-turn token included)."""
+    answer's tokens after the prompt's, the end-of-turn token included), and their
+    metrics (None when the eval data carry no reference answer)."""
     from rlhf_tasks.reward_model import score_sequences
 
     if "reference" not in frame.columns:
-        return []
+        return [], None
     found = [(i, text) for i, text in enumerate(frame["reference"])
              if isinstance(text, str) and text.strip()]
     if not found:
-        return []
+        return [], None
     answers = [renderer.response_ids(text) for _, text in found]
     scores = score_sequences(reward_model, [encoded[i] + a for (i, _), a in zip(found, answers)],
                              tokenizer.pad_token_id, device=device)
-    return [{"prompt_index": i, "prompt": prompts[i], "response": text, "model": REFERENCE,
-             "reward": round((s - norm["mean"]) / norm["std"], 4), "ended": True,
-             "_tokens": len(a)}
-            for (i, text), a, s in zip(found, answers, scores)]
+    scores = [(s - norm["mean"]) / norm["std"] for s in scores]
+    rows = [{"prompt_index": i, "prompt": prompts[i], "response": text, "model": REFERENCE,
+             "reward": round(s, 4), "ended": True}
+            for (i, text), s in zip(found, scores)]
+    metrics = {"reward_mean": sum(scores) / len(scores),
+               "length_mean": sum(map(len, answers)) / len(answers),
+               "missing_eos_rate": 0.0, "empty_rate": 0.0}
+    return rows, metrics
 
 
 def models_under_comparison(cfg, storage: Storage):
@@ -153,14 +158,11 @@ def evaluate(cfg) -> dict:
                      for i, (p, t, s, e) in enumerate(zip(prompts, texts, scores, ended))]
 
         with training.autocast(cfg, device):
-            reference = _reference_rows(frame, prompts, encoded, renderer, reward_model, norm,
-                                        tokenizer, device)
+            reference, reference_metrics = _reference_rows(
+                frame, prompts, encoded, renderer, reward_model, norm, tokenizer, device)
         if reference:
             rows += reference
-            metrics[REFERENCE] = {
-                "reward_mean": sum(r["reward"] for r in reference) / len(reference),
-                "length_mean": sum(r.pop("_tokens") for r in reference) / len(reference),
-                "missing_eos_rate": 0.0, "empty_rate": 0.0}
+            metrics[REFERENCE] = reference_metrics
             tracking.log_metrics("eval", {f"{REFERENCE}/{k}": v
                                           for k, v in metrics[REFERENCE].items()})
             compared[REFERENCE] = "expert-written reference answers (eval data)"
