@@ -48,14 +48,17 @@ def score_sequences(model, rows: list[list[int]], pad_token_id: int, batch_size:
 
 def pairwise_accuracy(model, chosen: list[list[int]], rejected: list[list[int]],
                       pad_token_id: int, device: str = "cpu") -> dict:
-    """Share of held-out pairs where the chosen response scores higher (ties count half)."""
+    """Share of held-out pairs where the chosen response scores higher (ties count half),
+    the mean margin, and the raw scores (``chosen_scores``, ``rejected_scores``)."""
     if not chosen:
-        return {"accuracy": float("nan"), "pairs": 0, "margin": float("nan")}
+        return {"accuracy": float("nan"), "pairs": 0, "margin": float("nan"),
+                "chosen_scores": [], "rejected_scores": []}
     a = score_sequences(model, chosen, pad_token_id, device=device)
     b = score_sequences(model, rejected, pad_token_id, device=device)
     wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
     return {"accuracy": wins / len(a), "pairs": len(a),
-            "margin": sum(x - y for x, y in zip(a, b)) / len(a)}
+            "margin": sum(x - y for x, y in zip(a, b)) / len(a),
+            "chosen_scores": a, "rejected_scores": b}
 
 
 def load_reward_model(folder: str | Path, *, base_model_dir: Path, trust_remote_code: bool = False,

@@ -3,6 +3,10 @@
 * The parent run is tagged with the Airflow dag_id and run_id, base model and backend,
   and is found again by those tags, so a retried ``start`` step does not make a second one.
 * Each step runs in a child run (``mlflow.parentRunId``) named after the step.
+* Each child run logs the resolved config sections its step reads as params
+  (``ppo.kl_coef``, ``reward.lora_rank``, ``model.base_model`` ...); the parent logs the
+  whole config, as params and as ``config.json``, so runs compare and search by any
+  setting.  Credentials inside URLs are masked; the run's own plumbing is left out.
 * Metric names are namespaced (``data/``, ``reward/``, ``ppo/``, ``eval/``, ``panel/``) so
   runs compare side by side; ``log_metrics`` refuses a name outside those namespaces.
 * Default tracking URI: ``sqlite:///.rlhf/mlflow.db``; artifacts under ``.rlhf/mlartifacts``.
@@ -11,11 +15,27 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
 NAMESPACES = ("data", "reward", "sft", "ppo", "eval", "panel", "system")
+# which config sections a step's run records as params (the parent records them all)
+STEP_SECTIONS: dict[str, tuple[str, ...]] = {
+    "validate": ("data", "model"),
+    "reward": ("reward", "model", "data", "compute"),
+    "sft": ("sft", "model", "data", "compute"),
+    "ppo": ("ppo", "model", "data", "compute"),
+    "evaluate": ("evaluation", "model", "compute"),
+    "panel_simulate": ("panel",),
+    "gate": ("panel", "registry"),
+}
+# not settings of the run: where it lives and who it is
+_NOT_PARAMS = ("tracking.parent_run_id", "run.run_id", "run.triggered_by")
+_PARAM_MAX = 6000  # MLflow's limit on a param value
+_CREDENTIALS = re.compile(r"(://[^/:@\s]+):[^/@\s]*@")
 PIPELINE_TAG = "rlhf.pipeline"
 RUN_TAG = "rlhf.pipeline_run_id"
 
@@ -70,7 +90,8 @@ def start_pipeline_run(cfg, tags: dict[str, str] | None = None) -> str:
                        f"tags.`{RUN_TAG}` = '{cfg.run.run_id}'"),
         max_results=1,
     )
-    if found:
+    if found:  # a retried start: the params are the same, logging them again is a no-op
+        log_params(config_params(cfg), found[0].info.run_id)
         return found[0].info.run_id
     all_tags = {
         PIPELINE_TAG: cfg.run.pipeline,
@@ -82,8 +103,14 @@ def start_pipeline_run(cfg, tags: dict[str, str] | None = None) -> str:
         "panel.mode": cfg.panel.mode,
         **(tags or {}),
     }
+    if cfg.run.triggered_by:
+        all_tags["airflow.triggered_by"] = cfg.run.triggered_by
     run = client.create_run(experiment_id, run_name=f"{cfg.run.pipeline}:{cfg.run.run_id}",
                             tags=all_tags)
+    log_params(config_params(cfg), run.info.run_id)
+    masked = json.loads(_CREDENTIALS.sub(r"\1:***@", json.dumps(cfg.dump())))
+    masked["tracking"].pop("parent_run_id", None)
+    client.log_dict(run.info.run_id, masked, "config.json")
     return run.info.run_id
 
 
@@ -95,18 +122,67 @@ def end_pipeline_run(cfg, status: str = "FINISHED") -> None:
         mlflow.MlflowClient().set_terminated(cfg.tracking.parent_run_id, status=status)
 
 
+def _param_value(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    text = _CREDENTIALS.sub(r"\1:***@", text)
+    return text if len(text) <= _PARAM_MAX else text[:_PARAM_MAX - 1] + "…"
+
+
+def config_params(cfg, sections: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The config as flat MLflow params: ``section.field`` (nested sections dotted further),
+    lists and None as JSON, credentials in URLs masked, the run's own plumbing left out."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node) -> None:
+        for key, value in node.items():
+            name = f"{prefix}.{key}"
+            if isinstance(value, dict):
+                walk(name, value)
+            elif name not in _NOT_PARAMS:
+                out[name] = _param_value(value)
+
+    for section, values in cfg.dump().items():
+        if sections is None or section in sections:
+            walk(section, values)
+    return out
+
+
+def log_params(params: dict[str, str], run_id: str | None = None) -> None:
+    """Log params in MLflow's batches of 100 (to the active run, or ``run_id``)."""
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
+
+
+def step_sections(step: str) -> tuple[str, ...]:
+    return STEP_SECTIONS.get(step.split("_")[0] if step.startswith("validate_") else step, ())
+
+
 @contextlib.contextmanager
-def step_run(cfg, step: str, tags: dict[str, str] | None = None) -> Iterator[str]:
-    """A child run for ``step`` under the pipeline's parent run; yields its run id."""
+def step_run(cfg, step: str, tags: dict[str, str] | None = None, *,
+             system_metrics: bool = False) -> Iterator[str]:
+    """A child run for ``step`` under the pipeline's parent run; yields its run id.  The
+    run records the config sections the step reads as params, and with ``system_metrics``
+    (training steps) CPU, memory and GPU use as ``system/*``."""
     import mlflow
 
     experiment_id = setup(cfg)
     parent = cfg.tracking.parent_run_id
     if not parent:
         parent = start_pipeline_run(cfg)
+    if system_metrics:
+        mlflow.set_system_metrics_sampling_interval(
+            float(os.environ.get("RLHF_SYSTEM_METRICS_SECONDS", "10")))
     with mlflow.start_run(experiment_id=experiment_id, run_name=step, parent_run_id=parent,
+                          log_system_metrics=system_metrics,
                           tags={"rlhf.step": step, PIPELINE_TAG: cfg.run.pipeline,
                                 RUN_TAG: cfg.run.run_id, **(tags or {})}) as run:
+        log_params(config_params(cfg, step_sections(step)))
         yield run.info.run_id
 
 
@@ -124,3 +200,58 @@ def log_dataset(df, *, name: str, source: str, digest: str, context: str) -> Non
 
     dataset = from_pandas(df, source=source, name=name, digest=digest[:36])
     mlflow.log_input(dataset, context=context)
+
+
+ANSWERS_TABLE = "eval/answers.json"
+JUDGED_TABLE = "panel/answers.json"
+ANSWER_COLUMNS = ("prompt_index", "prompt", "model", "response", "reward", "ended")
+
+
+def log_answers(rows: list[dict], artifact_file: str = ANSWERS_TABLE,
+                verdicts: list[dict] | None = None) -> None:
+    """The models' answers as an MLflow table (the run's Evaluation/Artifacts view; read
+    back with ``mlflow.load_table``).  With ``verdicts`` (the store's verdict rows), each
+    answer also carries the panel's passes, fails and comments."""
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame([{k: row.get(k) for k in ANSWER_COLUMNS} for row in rows],
+                         columns=list(ANSWER_COLUMNS))
+    if verdicts is not None:
+        judged: dict[tuple[str, int], list[dict]] = {}
+        for v in verdicts:
+            judged.setdefault((v["model"], int(v["prompt_index"])), []).append(v)
+        found = [judged.get((m, int(i)), []) for m, i in zip(frame["model"],
+                                                             frame["prompt_index"])]
+        frame["passes"] = [sum(bool(v["passed"]) for v in vs) for vs in found]
+        frame["fails"] = [sum(not v["passed"] for v in vs) for vs in found]
+        frame["comments"] = [" | ".join(v["comment"] for v in vs if v.get("comment"))
+                             for vs in found]
+    mlflow.log_table(frame, artifact_file=artifact_file)
+
+
+def log_histograms(groups: dict[str, list[float]], artifact_file: str, *, title: str,
+                   xlabel: str) -> None:
+    """Overlaid histograms of ``groups`` (label -> values) as a PNG in the active run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    values = [v for vs in groups.values() for v in vs]
+    if not values:
+        return
+    low, high = min(values), max(values)
+    bins = [low + (high - low) * i / 20 for i in range(21)] if high > low else 10
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for label, vs in groups.items():
+        if vs:
+            ax.hist(vs, bins=bins, alpha=0.5, label=f"{label} (n={len(vs)})")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.legend()
+    fig.tight_layout()
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)

@@ -64,15 +64,25 @@ def encode_prompts(renderer, frame) -> list[list[int]]:
 
 
 # -- data -----------------------------------------------------------------------------------
-def read_canonical(cfg, storage: Storage, kind: str):
-    """The validated data of ``kind`` (from its validate step), as a DataFrame."""
+def read_canonical(cfg, storage: Storage, kind: str, *, mlflow_context: str | None = None):
+    """The validated data of ``kind`` (from its validate step), as a DataFrame.  With
+    ``mlflow_context`` the active MLflow run logs it as an input dataset (its validate
+    step's digest, its source, its row count)."""
     import pandas as pd
 
-    uri = cfg.step_uri(f"validate_{kind}", "canonical.parquet")
+    folder = cfg.step_uri(f"validate_{kind}")
+    uri = join(folder, "canonical.parquet")
     if not storage.exists(uri):
         raise BadInput(f"no validated {kind} data: run validate_{kind} first", file=uri)
     with storage.local_copy(uri) as path:
-        return pd.read_parquet(path)
+        frame = pd.read_parquet(path)
+    if mlflow_context:
+        manifest = storage.read_json(join(folder, MANIFEST))
+        tracking.log_dataset(frame, name=kind, source=uri,
+                             digest=manifest.get("digest")
+                             or manifest["files"]["canonical.parquet"]["sha256"],
+                             context=mlflow_context)
+    return frame
 
 
 def split_by_prompt(frame, fraction: float, seed: int):

@@ -119,3 +119,23 @@ def test_unreadable_configs_exit_2_with_one_line(tmp_path, name, content, reason
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "rlhf: error:" in lines[0] and reason in lines[0], proc.stderr
+
+
+def test_config_params_are_flat_masked_and_leave_out_the_runs_plumbing():
+    from rlhf_tasks import tracking
+
+    cfg = config.validate({"panel": {"store_url": "postgresql://rlhf:s3cret@db:5432/panel"},
+                           "tracking": {"parent_run_id": "abc"},
+                           "ppo": {"lora_target_modules": ["q_proj", "v_proj"]},
+                           "run": {"triggered_by": "ann"}})
+    params = tracking.config_params(cfg)
+    assert params["panel.store_url"] == "postgresql://rlhf:***@db:5432/panel"
+    assert params["ppo.kl_coef"] == "0.05" and params["model.revision"] == "null"
+    assert params["ppo.lora_target_modules"] == '["q_proj", "v_proj"]'
+    assert params["compute.kubernetes.cpu"] == "4"  # nested sections dotted further
+    assert not {"tracking.parent_run_id", "run.run_id", "run.triggered_by"} & set(params)
+    assert not any("s3cret" in v for v in params.values())
+    ppo = tracking.config_params(cfg, tracking.step_sections("ppo"))
+    assert {k.split(".")[0] for k in ppo} == {"ppo", "model", "data", "compute"}
+    assert {k.split(".")[0] for k in tracking.config_params(
+        cfg, tracking.step_sections("validate_eval"))} == {"data", "model"}

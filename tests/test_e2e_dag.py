@@ -20,7 +20,8 @@ def airflow_env(home: Path) -> dict:
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-            "RLHF_WORKDIR": str(home), "GX_ANALYTICS_ENABLED": "False"}
+            "RLHF_WORKDIR": str(home), "GX_ANALYTICS_ENABLED": "False",
+            "RLHF_SYSTEM_METRICS_SECONDS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,62 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     assert 0.0 <= children["metrics.reward/heldout/accuracy"].max() <= 1.0
     assert (children["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]).all()
     assert children["metrics.data/preference/rows_quarantined"].max() == 10
+    check_runs_compare(children, parent.iloc[0], runs[0])
+
+
+def check_runs_compare(children, parent, run_dir: Path) -> None:
+    """What a user comparing runs in MLflow relies on: settings as params, inputs,
+    system metrics, phase timings, the answers as tables, score histograms."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    step = {s: children[children["tags.rlhf.step"] == s].iloc[0] for s in
+            ("reward", "ppo", "evaluate", "gate", "validate_eval")}
+    # each step's run: its own config sections as params; the parent: all of them
+    assert step["ppo"]["params.ppo.kl_coef"] == "0.05"
+    assert step["ppo"]["params.ppo.train_steps"] == "2"
+    assert step["reward"]["params.reward.lora_rank"] == "8"
+    assert step["reward"]["params.model.base_model"] == parent["params.model.base_model"]
+    assert step["evaluate"]["params.evaluation.max_new_tokens"] == "16"
+    assert step["gate"]["params.panel.pass_rate_threshold"] == "1.0"
+    assert step["validate_eval"]["params.data.eval_uri"] == parent["params.data.eval_uri"]
+    assert "params.ppo.kl_coef" not in step["reward"] or pd_isna(step["reward"]["params.ppo.kl_coef"])
+    for name in ("ppo.kl_coef", "reward.lora_rank", "panel.mode", "compute.dtype"):
+        assert isinstance(parent[f"params.{name}"], str), name
+    assert "params.tracking.parent_run_id" not in parent.index
+    config = mlflow.artifacts.load_dict(f"runs:/{parent['run_id']}/config.json")
+    assert config["ppo"]["kl_coef"] == 0.05 and "parent_run_id" not in config["tracking"]
+    # training runs name their inputs: the validated data, digest and source
+    inputs = client.get_run(step["reward"]["run_id"]).inputs.dataset_inputs
+    by_name = {d.dataset.name: d for d in inputs}
+    assert by_name["preference"].dataset.source and by_name["preference"].dataset.digest
+    assert json.loads(by_name["preference"].dataset.profile)["num_rows"] == 4000
+    assert {t.value for t in by_name["preference"].tags if t.key == "mlflow.data.context"} \
+        == {"training"}
+    assert "prompt" in {d.dataset.name for d in
+                        client.get_run(step["ppo"]["run_id"]).inputs.dataset_inputs}
+    # system metrics on training steps; where PPO's time goes
+    assert step["ppo"]["metrics.system/cpu_utilization_percentage"] >= 0
+    assert step["reward"]["metrics.system/system_memory_usage_megabytes"] > 0
+    for phase in ("rollout", "scoring", "advantages", "training"):
+        assert step["ppo"][f"metrics.ppo/time/{phase}"] > 0, phase
+    # the answers read back as tables: 40 prompts x (foundation, rlhf); after the gate
+    # with the panel's verdicts (k = 3 per item)
+    mlflow.set_experiment("rlhf-tuning")
+    answers = mlflow.load_table("eval/answers.json", run_ids=[step["evaluate"]["run_id"]])
+    assert len(answers) == 80 and set(answers["model"]) == {"foundation", "rlhf"}
+    assert {"prompt", "response", "reward"} <= set(answers.columns)
+    judged = mlflow.load_table("panel/answers.json", run_ids=[step["gate"]["run_id"]])
+    assert len(judged) == 80 and (judged["passes"] + judged["fails"] == 3).all()
+    for run, image in ((step["reward"], "reward/heldout_scores.png"),
+                       (step["evaluate"], "eval/reward_scores.png")):
+        assert image in {f.path for f in client.list_artifacts(run["run_id"], image.split("/")[0])}
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
 
 
 def test_dag_fails_on_bad_data_without_retrying(airflow_home, demo_dir, tmp_path):

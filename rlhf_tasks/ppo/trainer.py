@@ -363,6 +363,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         with autocast(s, device):
             responses, logprobs = rollout(unwrapped.policy, query_ids, query_mask, s,
                                           stop_ids, pad_token_id)
+        t_rollout = _clock(device)
         # [N+ "Truncate at EOS"]: tokens after the first stop token are padding; a
         # response that never stops keeps all its tokens and is penalised below.
         mask, has_eos = core.response_mask(responses, stop_ids)
@@ -396,6 +397,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
                     raw_scores.append(sequence_scores(models.reward, *args, last_index[rows]))
         ref_logprobs, values, raw_scores = (torch.cat(t).clone() for t in
                                             (ref_logprobs, values, raw_scores))
+        t_scoring = _clock(device)
         with torch.no_grad():
             # reward normalisation: the reward step measured mean/std of the score on the
             # reference policy's samples, so rewards start near mean 0, std 1
@@ -414,6 +416,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
             # [N+ "Advantage whitening"] over the batch's response tokens
             advantages = core.masked_whiten(advantages, mask)
 
+        t_advantages = _clock(device)
         # 5. PPO epochs over the batch: a fresh permutation each epoch, minibatches
         # (one optimizer step each), microbatches (gradient accumulation)
         unwrapped.train()
@@ -465,7 +468,8 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         scheduler.step()
 
         # 6. metrics for this update
-        seconds = time.perf_counter() - tick
+        t_training = _clock(device)
+        seconds = t_training - tick
         mean_kl = (kl.sum(1)).mean().item()
         lengths = mask.sum(1).float()
         metrics = {
@@ -483,6 +487,11 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
             "tokens_per_s": lengths.sum().item() / seconds,
             "episodes_per_s": local / seconds,
             "learning_rate": scheduler.get_last_lr()[0],
+            # where the update's time went (seconds): generation, the reference / value /
+            # reward forwards, rewards + GAE + whitening, the PPO epochs
+            "time/rollout": t_rollout - tick, "time/scoring": t_scoring - t_rollout,
+            "time/advantages": t_advantages - t_scoring, "time/training": t_training - t_advantages,
+            "time/update": seconds,
         }
         kl_ctl.update(mean_kl, s.batch_size * world)
         history.append({"update": update, **{k: round(v, 6) for k, v in metrics.items()}})
@@ -502,6 +511,13 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
                 on_checkpoint(update, folder)
     return TrainResult(updates=update, history=history, resumed_from=start_update,
                        seconds=time.perf_counter() - started)
+
+
+def _clock(device) -> float:
+    """``perf_counter`` after the device's queued work is done (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _adamw(params, s: PPOSettings):

@@ -118,7 +118,7 @@ def evaluate(cfg) -> dict:
         renderer = models.renderer(cfg, tokenizer, storage)
         decoding = decoding_from_config(cfg, renderer)
         mlflow.log_params({f"decoding.{k}": v for k, v in decoding.items()})
-        frame = training.read_canonical(cfg, storage, "eval")
+        frame = training.read_canonical(cfg, storage, "eval", mlflow_context="eval")
         if ev.max_prompts:
             frame = frame.iloc[:ev.max_prompts]
         prompts = list(frame["prompt"])
@@ -167,6 +167,11 @@ def evaluate(cfg) -> dict:
                                           for k, v in metrics[REFERENCE].items()})
             compared[REFERENCE] = "expert-written reference answers (eval data)"
 
+        tracking.log_answers(rows)
+        tracking.log_histograms(
+            {label: [r["reward"] for r in rows if r["model"] == label] for label in compared},
+            "eval/reward_scores.png", title="Reward scores on the eval prompts",
+            xlabel="normalised reward score")
         store = PanelStore(panel_store_url(cfg))
         batch_id = store.create_batch(
             pipeline=cfg.run.pipeline, run_id=cfg.run.run_id, items=rows,

@@ -141,6 +141,11 @@ def gate(cfg) -> dict:
                                  batch_id=batch_id, run=f"{cfg.run.pipeline}/{cfg.run.run_id}")
         mlflow.log_artifact(str(png), artifact_path="panel")
         mlflow.log_artifact(str(page), artifact_path="panel")
+        # every answer beside the panel's verdicts on it, readable in MLflow
+        with storage.local_copy(join(cfg.step_uri("evaluate"), "responses.jsonl")) as path:
+            answers = [json.loads(line) for line in path.read_text("utf-8").splitlines()
+                       if line.strip()]
+        tracking.log_answers(answers, tracking.JUDGED_TABLE, verdicts=rows)
 
         cand = result.scores.get("rlhf")
         # registered versions are MLflow models (MLmodel, signature, input example), linked

@@ -75,7 +75,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
     # under `accelerate launch` every process trains; only the first tracks and saves
     main = accelerator is None or accelerator.is_main_process
     run = (tracking.step_run(cfg, "ppo", tags={"ppo.model_layout": cfg.ppo.model_layout,
-                                               "ppo.lora_rank": str(cfg.ppo.lora_rank)})
+                                               "ppo.lora_rank": str(cfg.ppo.lora_rank)},
+                               system_metrics=True)
            if main else contextlib.nullcontext(None))
     with run as run_id, tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
         tmp = Path(tmp)
@@ -91,7 +92,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
         norm = info["normalisation"]
         settings = ppo_settings(cfg, norm["mean"], norm["std"])
         prompts = training.encode_prompts(renderer,
-                                          training.read_canonical(cfg, storage, "prompt"))
+                                          training.read_canonical(cfg, storage, "prompt",
+                                                                  mlflow_context="training" if main else None))
         torch.manual_seed(cfg.run.seed)  # LoRA initialisation: the same on every rerun
         policy = models.load_causal_lm(cfg, storage, **models.load_kwargs(
             cfg, device, trainable=cfg.ppo.lora_rank == 0))

@@ -82,13 +82,14 @@ def reward(cfg) -> dict:
     key = training.resume_key(cfg, storage, "reward", ("validate_preference",))
     device = training.resolve_device(cfg)
     torch.manual_seed(cfg.run.seed)
-    with tracking.step_run(cfg, "reward", tags={"reward.lora_rank": str(rc.lora_rank)}) as run_id, \
+    with tracking.step_run(cfg, "reward", tags={"reward.lora_rank": str(rc.lora_rank)},
+                           system_metrics=True) as run_id, \
             tempfile.TemporaryDirectory(prefix="rlhf-reward-") as tmp:
         started = time.perf_counter()
         described = training.log_model_reference(cfg, storage)
         tokenizer = models.load_tokenizer(cfg, storage)
         renderer = models.renderer(cfg, tokenizer, storage)
-        pairs = training.read_canonical(cfg, storage, "preference")
+        pairs = training.read_canonical(cfg, storage, "preference", mlflow_context="training")
         train_df, eval_df = training.split_by_prompt(pairs, rc.eval_fraction, cfg.run.seed)
         if train_df.empty:
             raise BadInput("no preference pairs left to train on after the held-out split",
@@ -125,9 +126,14 @@ def reward(cfg) -> dict:
                                          device=device)
         log.info("held-out pairwise accuracy %.3f on %d pairs", accuracy["accuracy"],
                  accuracy["pairs"])
+        scores_by_side = {"chosen": accuracy.pop("chosen_scores"),
+                          "rejected": accuracy.pop("rejected_scores")}
+        tracking.log_histograms(scores_by_side, "reward/heldout_scores.png",
+                                title="Reward scores on held-out pairs",
+                                xlabel="reward score (before normalisation)")
 
         # normalisation statistics on reference-policy samples
-        prompt_frame = training.read_canonical(cfg, storage, "prompt")
+        prompt_frame = training.read_canonical(cfg, storage, "prompt", mlflow_context="scoring")
         picks = torch.randperm(len(prompt_frame),
                                generator=torch.Generator().manual_seed(cfg.run.seed))
         picks = picks[: rc.norm_samples].tolist()

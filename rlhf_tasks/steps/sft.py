@@ -31,13 +31,14 @@ def sft(cfg) -> dict:
     checkpoints_uri = join(out_uri, "checkpoints")
     key = training.resume_key(cfg, storage, "sft", ("validate_sft",))
     torch.manual_seed(cfg.run.seed)
-    with tracking.step_run(cfg, "sft", tags={"sft.lora_rank": str(sc.lora_rank)}) as run_id, \
+    with tracking.step_run(cfg, "sft", tags={"sft.lora_rank": str(sc.lora_rank)},
+                           system_metrics=True) as run_id, \
             tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp:
         started = time.perf_counter()
         training.log_model_reference(cfg, storage)
         tokenizer = models.load_tokenizer(cfg, storage)
         renderer = models.renderer(cfg, tokenizer, storage)
-        frame = training.read_canonical(cfg, storage, "sft")
+        frame = training.read_canonical(cfg, storage, "sft", mlflow_context="training")
         rows: dict[str, list] = {"input_ids": [], "completion_mask": []}
         for prompt, text in zip(training.encode_prompts(renderer, frame), frame["completion"]):
             completion = renderer.response_ids(text)
