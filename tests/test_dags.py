@@ -105,20 +105,41 @@ def test_param_bounds_match_config_bounds():
 
 
 def test_build_config_layers_form_over_file(tmp_path, monkeypatch):
-    from rlhf_airflow.params import build_config
+    from rlhf_airflow.params import build_config, trigger_params
 
     base = tmp_path / "base.yaml"
     base.write_text("ppo: {kl_coef: 0.2}\ndata: {eval_uri: /data/eval.jsonl}\n")
     monkeypatch.setenv("RLHF_BASE_CONFIG", str(base))
-    cfg = build_config({"config_file": str(base), "kl_coeff": 0.05, "lora_rank": 4,
-                        "eval_dataset": None}, "rlhf_tuning", "manual__2026-01-01T00:00:00+00:00",
-                       triggered_by="ann")
-    assert cfg.ppo.kl_coef == 0.2, "a form value left at its default keeps the file's value"
+    form = trigger_params()
+    assert form["kl_coeff"].value == 0.2, "the form shows the base config's values"
+    assert form["eval_dataset"].value == "/data/eval.jsonl"
+    assert form["kl_coeff"].schema["section"] == "Reinforcement learning (PPO)"
+    assert form["kl_coeff"].schema["title"] == "KL coefficient"
+    params = {"config_file": str(base), "kl_coeff": 0.05, "lora_rank": 4, "eval_dataset": None}
+    cfg = build_config(params, "rlhf_tuning", "manual__2026-01-01T00:00:00+00:00",
+                       conf=params, triggered_by="ann")
+    assert cfg.ppo.kl_coef == 0.05, "a value set for the run wins, even the default's value"
     assert cfg.reward.lora_rank == cfg.ppo.lora_rank == cfg.sft.lora_rank == 4
-    assert cfg.data.eval_uri == "/data/eval.jsonl"
+    assert cfg.data.eval_uri == "/data/eval.jsonl", "an emptied field keeps the file's value"
     assert cfg.run.run_id == "manual____2026-01-01T00_3a00_3a00_2b00_3a00"
     assert cfg.run.triggered_by == "ann"
     assert cfg.storage.artifact_root.startswith("/")
+    # a key absent from the run's conf is not set for the run (REST API, schedules)
+    assert build_config({**params, "kl_coeff": 0.9}, "d", "r", conf={}).ppo.kl_coef == 0.2
+
+
+def test_another_admin_file_decides_the_fields_nobody_edited(tmp_path, monkeypatch):
+    """The UI sends every field; on a run of another admin file, the fields still showing
+    the base config's values are that file's to decide, the edited ones win."""
+    from rlhf_airflow.params import build_config, trigger_params
+
+    base, folder = _admin(tmp_path, monkeypatch)
+    (folder / "team.yaml").write_text("ppo: {kl_coef: 0.3, train_steps: 7}\n")
+    sent = {name: p.value for name, p in trigger_params().items()}
+    sent.update(config_file="team.yaml", reinforcement_learning_train_steps=12)
+    cfg = build_config(sent, "d", "r", conf=sent)
+    assert cfg.ppo.kl_coef == 0.3, "unedited: the chosen file's value"
+    assert cfg.ppo.train_steps == 12, "edited: the form's value"
 
 
 def _admin(tmp_path, monkeypatch):

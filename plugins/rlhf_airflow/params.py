@@ -47,6 +47,8 @@ PARAM_TO_CONFIG: dict[str, list[str]] = {
     "kl_coeff": ["ppo.kl_coef"],
     "lora_rank": ["reward.lora_rank", "sft.lora_rank", "ppo.lora_rank"],
     "run_sft_baseline": ["sft.enabled"],
+    "eval_max_new_tokens": ["evaluation.max_new_tokens"],
+    "eval_temperature": ["evaluation.temperature"],
     "dtype": ["compute.dtype"],
     "gradient_checkpointing": ["compute.gradient_checkpointing"],
 }
@@ -57,13 +59,10 @@ LOCATION_PARAMS = ("preference_dataset", "prompt_dataset", "eval_dataset", "sft_
 FORM_FIELDS = frozenset(PARAM_TO_CONFIG) | {"config_file"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-_NULLABLE_URI = {"type": ["null", "string"], "maxLength": 2048}
-
 
 def _bounds(path: str) -> dict[str, Any]:
     """JSON-schema bounds read off the pydantic field, so form and config agree."""
-    section, name = path.split(".")
-    field = rlhf_config.PipelineConfig.model_fields[section].annotation.model_fields[name]
+    field = _field(path)
     out: dict[str, Any] = {}
     for meta in field.metadata:
         for attr, key in (("ge", "minimum"), ("le", "maximum"), ("gt", "exclusiveMinimum"),
@@ -73,74 +72,119 @@ def _bounds(path: str) -> dict[str, Any]:
     return out
 
 
-def _num(path: str, default, kind: str, description: str) -> Param:
-    return Param(default, type=kind, description=description, **_bounds(path))
+# the form's sections, in order (the panel's settings are governance: no form field)
+SECTIONS = {
+    "config": "Pipeline config",
+    "data": "Data",
+    "model": "Foundation model and prompt format",
+    "reward": "Reward model",
+    "ppo": "Reinforcement learning (PPO)",
+    "evaluation": "Evaluation",
+    "compute": "Compute",
+}
+
+# name -> (section, title, description); each maps onto PARAM_TO_CONFIG[name]
+FORM: dict[str, tuple[str, str, str]] = {
+    "preference_dataset": ("data", "Preference dataset",
+                           "Human preference data: JSONL, CSV or Parquet (pairs, ranked lists, "
+                           "Vertex style or chat). Must lie inside the admin's allowed roots."),
+    "prompt_dataset": ("data", "Prompt dataset", "Unlabelled prompts for the RL stage."),
+    "eval_dataset": ("data", "Evaluation dataset",
+                     "Held-out prompts for evaluation and the expert panel; must not overlap "
+                     "the training prompts. Rows may carry an expert-written `reference`."),
+    "sft_dataset": ("data", "SFT dataset",
+                    "Prompt + reference response pairs for the supervised baseline."),
+    "prompt_sequence_length": ("data", "Prompt sequence length",
+                               "Longest prompt in tokens; longer rows are quarantined."),
+    "target_sequence_length": ("data", "Target sequence length", "Longest response in tokens."),
+    "base_model": ("model", "Foundation model",
+                   "A Hugging Face checkpoint folder (local or s3://) or a hub id in the "
+                   "workers' Hugging Face cache."),
+    "model_revision": ("model", "Model revision",
+                       "Hub revision (commit, tag or branch) of a hub id."),
+    "prompt_format": ("model", "Prompt format",
+                      "chat: the tokenizer's chat template; template: the config's "
+                      "model.prompt_template; auto: chat when the tokenizer has one."),
+    "instruction": ("model", "Instruction",
+                    "Instruction for every prompt: the system message in chat format."),
+    "reward_model_train_steps": ("reward", "Reward model train steps",
+                                 "Optimizer steps of the reward model."),
+    "reward_model_learning_rate_multiplier": (
+        "reward", "Reward model learning-rate multiplier",
+        "Times the reward model's base learning rate."),
+    "lora_rank": ("reward", "LoRA rank",
+                  "LoRA rank for reward model, SFT and policy (0 = full tuning)."),
+    "reinforcement_learning_train_steps": ("ppo", "PPO updates", "PPO updates (RL steps)."),
+    "reinforcement_learning_rate_multiplier": ("ppo", "Policy learning-rate multiplier",
+                                               "Times the policy's base learning rate."),
+    "kl_coeff": ("ppo", "KL coefficient",
+                 "KL penalty keeping the tuned model near the foundation model."),
+    "run_sft_baseline": ("ppo", "Train the SFT baseline",
+                         "Also train the supervised baseline the panel compares against."),
+    "eval_max_new_tokens": ("evaluation", "Max new tokens",
+                            "Longest answer each model gives to an eval prompt."),
+    "eval_temperature": ("evaluation", "Temperature",
+                         "Sampling temperature of every model under comparison (0: greedy)."),
+    "dtype": ("compute", "Precision",
+              "Weights and autocast precision (trainable weights keep fp32 master copies); "
+              "auto: bf16 on a GPU that has it."),
+    "gradient_checkpointing": ("compute", "Gradient checkpointing",
+                               "Recompute activations in the backward pass: less memory, "
+                               "more compute."),
+}
+_NULLABLE = {"preference_dataset", "prompt_dataset", "eval_dataset", "sft_dataset",
+             "base_model", "model_revision", "instruction"}
+_ENUMS = {"prompt_format": ["auto", "chat", "template"],
+          "dtype": ["auto", "bf16", "fp16", "fp32"]}
 
 
-def trigger_params() -> dict[str, Param]:
-    defaults = rlhf_config.PipelineConfig()
-    return {
-        "config_file": Param(
-            os.environ.get("RLHF_BASE_CONFIG", ""), type="string", maxLength=2048,
-            description="Pipeline config: the admin's base config, or a file in the "
-                        "admin's config folder ($RLHF_CONFIG_DIR). Form values below "
-                        "override it; empty fields keep its value."),
-        "preference_dataset": Param(None, **_NULLABLE_URI,
-                                    description="Human preference data: JSONL, CSV or Parquet "
-                                                "(pairs, ranked lists, Vertex style or chat)."),
-        "prompt_dataset": Param(None, **_NULLABLE_URI,
-                                description="Unlabelled prompts for the RL stage."),
-        "eval_dataset": Param(None, **_NULLABLE_URI,
-                              description="Held-out prompts for evaluation and the expert "
-                                          "panel; must not overlap the training prompts."),
-        "sft_dataset": Param(None, **_NULLABLE_URI,
-                             description="Prompt + reference response pairs for the "
-                                         "supervised baseline."),
-        "base_model": Param(None, **_NULLABLE_URI,
-                            description="Foundation model: a Hugging Face checkpoint folder "
-                                        "(local or s3://) or a hub id in the workers' "
-                                        "Hugging Face cache."),
-        "model_revision": Param(None, type=["null", "string"], maxLength=200,
-                                pattern=r"^[\w./-]+$",
-                                description="Hub revision (commit, tag or branch) of a hub id."),
-        "prompt_format": Param(defaults.model.prompt_format, type="string",
-                               enum=["auto", "chat", "template"],
-                               description="chat: the tokenizer's chat template; template: "
-                                           "model.prompt_template of the base config; auto: "
-                                           "chat when the tokenizer has one."),
-        "instruction": Param(None, type=["null", "string"], maxLength=2000,
-                             description="Instruction for every prompt: the system message "
-                                         "in chat format."),
-        "prompt_sequence_length": _num("data.max_prompt_tokens",
-                                       defaults.data.max_prompt_tokens, "integer",
-                                       "Longest prompt in tokens; longer rows are quarantined."),
-        "target_sequence_length": _num("data.max_target_tokens",
-                                       defaults.data.max_target_tokens, "integer",
-                                       "Longest response in tokens."),
-        "reward_model_train_steps": _num("reward.train_steps", defaults.reward.train_steps,
-                                         "integer", "Reward-model training steps."),
-        "reward_model_learning_rate_multiplier": _num(
-            "reward.learning_rate_multiplier", defaults.reward.learning_rate_multiplier,
-            "number", "Multiplier on the reward model's default learning rate."),
-        "reinforcement_learning_train_steps": _num(
-            "ppo.train_steps", defaults.ppo.train_steps, "integer", "PPO updates."),
-        "reinforcement_learning_rate_multiplier": _num(
-            "ppo.learning_rate_multiplier", defaults.ppo.learning_rate_multiplier, "number",
-            "Multiplier on the policy's default learning rate."),
-        "kl_coeff": _num("ppo.kl_coef", defaults.ppo.kl_coef, "number",
-                         "KL penalty keeping the tuned model near the foundation model."),
-        "lora_rank": _num("ppo.lora_rank", defaults.ppo.lora_rank, "integer",
-                          "LoRA rank for reward model, SFT and policy (0 = full tuning)."),
-        "run_sft_baseline": Param(defaults.sft.enabled, type="boolean",
-                                  description="Also train the supervised baseline."),
-        "dtype": Param(defaults.compute.dtype, type="string",
-                       enum=["auto", "bf16", "fp16", "fp32"],
-                       description="Weights and autocast precision (trainable weights keep "
-                                   "fp32 master copies); auto: bf16 on a GPU that has it."),
-        "gradient_checkpointing": Param(defaults.compute.gradient_checkpointing, type="boolean",
-                                        description="Recompute activations in the backward "
-                                                    "pass: less memory, more compute."),
-    }
+def _field(path: str):
+    section, name = path.split(".")
+    return rlhf_config.PipelineConfig.model_fields[section].annotation.model_fields[name]
+
+
+def _schema(name: str, value: Any) -> dict[str, Any]:
+    """The JSON schema of a form field, read off its config field: type, bounds, enum."""
+    if name in _ENUMS:
+        return {"type": "string", "enum": _ENUMS[name]}
+    if name in _NULLABLE:
+        extra = ({"pattern": r"^[\w./-]+$", "maxLength": 200} if name == "model_revision"
+                 else {"maxLength": 2000} if name == "instruction" else {"maxLength": 2048})
+        return {"type": ["null", "string"], **extra}
+    annotation = _field(PARAM_TO_CONFIG[name][0]).annotation
+    kind = {bool: "boolean", int: "integer", float: "number"}[annotation]
+    return {"type": kind, **_bounds(PARAM_TO_CONFIG[name][0])}
+
+
+def form_defaults(base: rlhf_config.PipelineConfig | None = None) -> dict[str, Any]:
+    """What the form shows before anyone edits it: the base config's values."""
+    base = base or rlhf_config.PipelineConfig()
+    out: dict[str, Any] = {}
+    for name, paths in PARAM_TO_CONFIG.items():
+        section, field = paths[-1].split(".")
+        value = getattr(getattr(base, section), field)
+        out[name] = None if value == "" and name in _NULLABLE else value
+    return out
+
+
+def trigger_params(base: rlhf_config.PipelineConfig | None = None) -> dict[str, Param]:
+    """The trigger form: one titled, described field per ``FORM`` entry, in sections,
+    each showing the base config's value (``$RLHF_BASE_CONFIG``, read at parse time)."""
+    if base is None:
+        from rlhf_airflow.scheduling import base_config
+
+        base = base_config()
+    defaults = form_defaults(base)
+    params = {"config_file": Param(
+        os.environ.get("RLHF_BASE_CONFIG", ""), type="string", maxLength=2048,
+        title="Config file", section=SECTIONS["config"],
+        description="The admin's base config, or a file in the admin's config folder "
+                    "($RLHF_CONFIG_DIR). The fields below show the base config's values; "
+                    "what you change wins over the file, even a value equal to a default.")}
+    for name, (section, title, description) in FORM.items():
+        params[name] = Param(defaults[name], title=title, description=description,
+                             section=SECTIONS[section], **_schema(name, defaults[name]))
+    return params
 
 
 def safe_run_id(run_id: str) -> str:
@@ -221,25 +265,38 @@ def check_location(name: str, value: str, storage) -> None:
 def build_config(params: dict[str, Any], dag_id: str, run_id: str, *,
                  conf: dict[str, Any] | None = None,
                  triggered_by: str | None = None) -> rlhf_config.PipelineConfig:
-    """Admin config file < form values (non-empty) < run identity. Raises BadInput, with
-    one line naming the field, for a key outside the form, a config file the admin did
-    not provide, a location outside the allowed roots, or an invalid value."""
+    """Admin config file < form values set for this run < run identity.
+
+    A value is set for this run when its key is in the run's ``conf`` (every non-empty
+    value of ``params`` when ``conf`` is None), and then it wins, even when it equals a
+    default.  One exception keeps the UI honest: the form shows the base config's values,
+    and the UI sends every field, so when the run picked another admin file
+    (``config_file``), a field still showing the base config's value is one nobody
+    edited, and that file decides it.
+
+    Raises BadInput, with one line naming the field, for a key outside the form, a config
+    file the admin did not provide, a location outside the allowed roots, or an invalid
+    value."""
     check_form_keys(conf or {})
     source = admin_config_source(params.get("config_file"))
     base = rlhf_config.load(source) if source else rlhf_config.PipelineConfig()
     raw = base.dump()
-    defaults = trigger_params()
+    explicit = set(conf) if conf is not None else set(params)
+    shown: dict[str, Any] = {}
+    if source and source != os.environ.get("RLHF_BASE_CONFIG", "").strip():
+        from rlhf_airflow.scheduling import base_config
+
+        shown = form_defaults(base_config())
     from rlhf_tasks.storage import Storage
     from rlhf_tasks.tracking import resolve_uri
 
     storage = Storage.from_config(base)
     for name, paths in PARAM_TO_CONFIG.items():
         value = params.get(name)
-        if value is None or value == "":
-            continue
-        # a form value left at its default does not override the base config
-        if source and name in defaults and value == defaults[name].value:
-            continue
+        if name not in explicit or value is None or value == "":
+            continue  # not set for this run: the config file decides
+        if name in shown and value == shown[name]:
+            continue  # the base config's value, unedited, on a run of another file
         if name in LOCATION_PARAMS:
             check_location(name, str(value), storage)
         for path in paths:
