@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
+from rlhf_airflow.links import MlflowRunLink
 from rlhf_airflow.review_app import URL_PREFIX, build_app
 
 
 class RlhfReviewPlugin(AirflowPlugin):
     name = "rlhf_review"
+    operator_extra_links = [MlflowRunLink()]
     fastapi_apps = [{"app": build_app(), "url_prefix": URL_PREFIX, "name": "Expert review"}]
     external_views = [{"name": "Expert review", "href": f"{URL_PREFIX}/", "destination": "nav",
                        "category": "browse", "url_route": "rlhf-review"}]

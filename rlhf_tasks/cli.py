@@ -60,6 +60,11 @@ def cmd_run(args) -> int:
     log.info("step %s starting (pipeline %s, run %s)", args.step, cfg.run.pipeline, cfg.run.run_id)
     result = fn(cfg)
     result = {"step": args.step, "seconds": round(time.perf_counter() - started, 3), **result}
+    run_id = result.get("mlflow_run_id") or result.get("parent_run_id")
+    if run_id:  # the task's "MLflow run" link
+        from rlhf_tasks import tracking
+
+        result["mlflow_run_url"] = tracking.run_url(cfg, run_id)
     _write_result(args.result, result)
     log.info("step %s done in %.1f s", args.step, result["seconds"])
     return 0

@@ -276,6 +276,10 @@ class TrackingSection(Section):
     tracking_uri: str = "sqlite:///.rlhf/mlflow.db"
     experiment: str = "rlhf-tuning"
     artifact_location: str | None = Field(None, description="Default: .rlhf/mlartifacts.")
+    ui_url: str | None = Field(None, pattern=r"^https?://", max_length=2048,
+                               description="The MLflow UI that task links point at; default: "
+                                           "the tracking URI when it is a server, else "
+                                           "$RLHF_MLFLOW_UI_URL.")
     parent_run_id: str | None = None
 
 

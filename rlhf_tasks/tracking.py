@@ -114,6 +114,26 @@ def start_pipeline_run(cfg, tags: dict[str, str] | None = None) -> str:
     return run.info.run_id
 
 
+def ui_url(cfg) -> str | None:
+    """The MLflow UI's address, if there is one to link to."""
+    uri = cfg.tracking.tracking_uri
+    found = (cfg.tracking.ui_url or (uri if uri.startswith(("http://", "https://")) else None)
+             or os.environ.get("RLHF_MLFLOW_UI_URL") or None)
+    return found.rstrip("/") if found else None
+
+
+def run_url(cfg, run_id: str) -> str | None:
+    """The MLflow UI page of ``run_id`` (None without a UI to link to)."""
+    import mlflow
+
+    base = ui_url(cfg)
+    if not base or not run_id:
+        return None
+    setup(cfg)
+    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def end_pipeline_run(cfg, status: str = "FINISHED") -> None:
     import mlflow
 

@@ -58,6 +58,24 @@ def task_states(home: Path, log: str, **env) -> dict[str, str]:
     return {row["task_id"]: row["state"] for row in rows}
 
 
+def task_links(home: Path, log: str, db_url: str | None = None) -> dict[str, str]:
+    """The "MLflow run" extra link of each task of the run ``airflow dags test`` logged, as
+    Airflow stored it (XCom, key ``_link_MlflowRunLink``)."""
+    import re
+
+    import sqlalchemy
+
+    run_id = re.search(r"DagRun Finished: .*?run_id=([^,\s]+)", log).group(1)
+    engine = sqlalchemy.create_engine(db_url or f"sqlite:///{home / 'airflow.db'}")
+    with engine.connect() as conn:
+        rows = conn.execute(sqlalchemy.text(
+            "select task_id, value from xcom where key = '_link_MlflowRunLink' and "
+            "run_id = :run"), {"run": run_id}).all()
+    engine.dispose()
+    return {task: json.loads(value) if isinstance(value, str) else value
+            for task, value in rows}
+
+
 @contextlib.contextmanager
 def api_server(home: Path, tmp_path: Path, users: str, **env):
     """A real Airflow API server on ``home``'s metadata DB, simple auth manager users
@@ -113,7 +131,8 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     import mlflow
 
     demo_dir = demo_model_dir
-    proc = dags_test(airflow_home, {"config_file": str(run_config(tmp_path, demo_dir))})
+    proc = dags_test(airflow_home, {"config_file": str(run_config(tmp_path, demo_dir))},
+                     RLHF_MLFLOW_UI_URL="http://mlflow.example:5000/")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     # the SFT baseline is off: its two tasks are skipped, and the run still finishes
@@ -170,6 +189,15 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     assert (children["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]).all()
     assert children["metrics.data/preference/rows_quarantined"].max() == 10
     check_runs_compare(children, parent.iloc[0], runs[0])
+    # every step task links to its own MLflow run (bookkeeping tasks to the parent run)
+    links = task_links(airflow_home, log)
+    run_of = dict(zip(children["tags.rlhf.step"], children["run_id"]))
+    experiment = parent.iloc[0]["experiment_id"]
+    for task, step in (("validate.preference", "validate_preference"), ("reward", "reward"),
+                       ("ppo", "ppo"), ("evaluate", "evaluate"), ("gate", "gate")):
+        assert links[task] == (f"http://mlflow.example:5000/#/experiments/{experiment}"
+                               f"/runs/{run_of[step]}"), task
+    assert links["start_tracking"].endswith(f"/runs/{parent.iloc[0]['run_id']}")
 
 
 def check_runs_compare(children, parent, run_dir: Path) -> None:

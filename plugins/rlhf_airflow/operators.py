@@ -19,12 +19,15 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.sdk.exceptions import AirflowFailException
 
 from rlhf_airflow.backends import StepFailed, get_backend, step_argv
+from rlhf_airflow.links import MlflowRunLink
 
 
 class RlhfStepOperator(KubernetesPodOperator):
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "config_uri",
                                       "overrides", "backend")
     ui_color = "#e8d5f5"
+    operator_extra_links = (MlflowRunLink(),)
+    mlflow_run_url: str | None = None
 
     def __init__(self, *, step: str, config_uri: str, overrides: list[str] | None = None,
                  backend: str = "local", **kwargs):
@@ -77,17 +80,24 @@ class RlhfStepOperator(KubernetesPodOperator):
                                            f"{exc}") from None
             raise
 
+    def _finished(self, result):
+        """The step's result, its MLflow page kept for the task's link."""
+        if isinstance(result, dict):
+            self.mlflow_run_url = result.get("mlflow_run_url")
+        return result
+
     def execute(self, context):
         if self.backend == "local":
-            return self._run_local()
+            return self._finished(self._run_local())
         if self.backend != "kubernetes":
             raise AirflowFailException(f"unknown backend {self.backend!r}; "
                                        "use 'local' or 'kubernetes'")
         self.configure_pod()
-        return self._fail_fast_on_bad_input(lambda: super(RlhfStepOperator, self).execute(context))
+        return self._finished(self._fail_fast_on_bad_input(
+            lambda: super(RlhfStepOperator, self).execute(context)))
 
     def trigger_reentry(self, context, event):
         # a resumed task is a fresh operator: set the pod settings again first
         self.configure_pod()
-        return self._fail_fast_on_bad_input(
-            lambda: super(RlhfStepOperator, self).trigger_reentry(context, event))
+        return self._finished(self._fail_fast_on_bad_input(
+            lambda: super(RlhfStepOperator, self).trigger_reentry(context, event)))
