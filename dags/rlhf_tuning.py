@@ -17,6 +17,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 
+from rlhf_airflow.notify import gate_decision as gate_decided
+from rlhf_airflow.notify import run_failed, sign_off_waiting
 from rlhf_airflow.operators import RlhfStepOperator
 from rlhf_airflow.panel_wait import PanelQuorumSensor
 from rlhf_airflow.params import trigger_params
@@ -39,7 +41,9 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     params=trigger_params(),
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
+    # a task's final failure is the run's: notify (the rlhf_notifications connection)
+    default_args={"retries": 1, "retry_delay": timedelta(seconds=30),
+                  "on_failure_callback": [run_failed()]},
     tags=["rlhf", "llm"],
     doc_md=__doc__,
 ) as dag:
@@ -98,7 +102,7 @@ with DAG(
         trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
         doc_md="Deferred until every item has its k verdicts, or the deadline.")
     gate = RlhfStepOperator(task_id="gate", step="gate", config_uri=CONFIG, overrides=[PARENT],
-                            backend=BACKEND,
+                            backend=BACKEND, on_success_callback=[gate_decided()],
                             doc_md="Aggregate, report, register, and decide by the policy.")
 
     @task.branch
@@ -112,7 +116,7 @@ with DAG(
         subject="Promote RLHF version {{ ti.xcom_pull(task_ids='gate')['version'] }}?",
         body="Expert pass rates: {{ ti.xcom_pull(task_ids='gate')['pass_rates'] }}. "
              "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}",
-        retries=0)
+        notifiers=[sign_off_waiting()], retries=0)
     promote = RlhfStepOperator(task_id="promote", step="promote", config_uri=CONFIG,
                                overrides=[PARENT], retries=0,
                                trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,

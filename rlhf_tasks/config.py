@@ -239,6 +239,10 @@ class PanelSection(Section):
         None, ge=0.0, le=1.0, description="With expert-written reference answers in the eval "
                                           "data: the candidate's pass rate may trail theirs "
                                           "by at most this (None: no such rule).")
+    review_url: str | None = Field(None, pattern=r"^https?://", max_length=2048,
+                                   description="The review page the notifications link to "
+                                               "(the standalone app); default: the page "
+                                               "inside Airflow.")
     simulated: SimulatedRaters = SimulatedRaters()
     store_url: str = Field("sqlite:///.rlhf/panel.db", description="SQLAlchemy URL of the "
                                                                    "verdict store.")

@@ -187,3 +187,77 @@ def review_server(store):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def webhook_receiver():
+    """A real HTTP server that records JSON POSTs; yields (base URL, received list)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                             **json.loads(body)})
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def smtp_server():
+    """A real SMTP server (aiosmtpd) that records messages; yields (port, messages)."""
+    from email import message_from_bytes
+    from email.policy import default
+
+    from aiosmtpd.controller import Controller
+
+    messages: list = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd API
+            message = message_from_bytes(envelope.content, policy=default)
+            messages.append({"to": list(envelope.rcpt_tos), "from": envelope.mail_from,
+                             "subject": str(message["Subject"]),
+                             "body": message.get_body(("html", "plain")).get_content()})
+            return "250 OK"
+
+    port = free_port()
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield port, messages
+    finally:
+        controller.stop()
+
+
+def smtp_connection(port: int) -> str:
+    """An Airflow connection (JSON, for AIRFLOW_CONN_*) to the test's SMTP server."""
+    return json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port,
+                       "login": "rlhf@example.org",
+                       "extra": {"disable_tls": True, "disable_ssl": True,
+                                 "to": ["panel@example.org", "ml-team@example.org"],
+                                 "from_email": "rlhf@example.org"}})
+
+
+def webhook_connection(base: str, token: str | None = None) -> str:
+    host, port = base.removeprefix("http://").split(":")
+    conn = {"conn_type": "http", "host": host, "port": int(port),
+            "extra": {"endpoint": "hooks/rlhf"}}
+    if token:
+        conn["password"] = token
+    return json.dumps(conn)

@@ -258,11 +258,20 @@ def pd_isna(value) -> bool:
 def test_dag_fails_on_bad_data_without_retrying(airflow_home, demo_dir, tmp_path):
     import mlflow
 
+    from conftest import webhook_connection, webhook_receiver
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n' * 3)
-    proc = dags_test(airflow_home, {"config_file": str(run_config(tmp_path, demo_dir,
-                                                                  preference_uri=str(bad)))})
+    with webhook_receiver() as (hook, received):  # the admin's notification connection
+        proc = dags_test(airflow_home, {"config_file": str(run_config(
+            tmp_path, demo_dir, preference_uri=str(bad)))},
+            AIRFLOW_CONN_RLHF_NOTIFICATIONS=webhook_connection(hook))
     log = proc.stdout + proc.stderr
+    # the failure reached the team: one notification, naming the task and the reason
+    failed = [r for r in received if r["event"] == "run_failed"]
+    assert len(failed) == 1, received
+    assert failed[0]["task_id"] == "validate.preference"
+    assert "chosen equals rejected" in failed[0]["text"] or "exit 2" in failed[0]["text"]
     assert "chosen equals rejected" in log
     assert "exited with code 2" in log and "DagRun failed" in log
     assert proc.returncode != 0

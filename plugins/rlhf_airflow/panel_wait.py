@@ -91,6 +91,18 @@ class PanelQuorumTrigger(BaseTrigger):
                 store.dispose()
 
 
+def review_url(cfg) -> str:
+    """Where reviewers judge: ``panel.review_url``, else the page inside Airflow."""
+    if cfg.panel.review_url:
+        return cfg.panel.review_url
+    from airflow.sdk import conf
+
+    from rlhf_airflow.review_app import URL_PREFIX
+
+    base = conf.get("api", "base_url", fallback="") or "http://localhost:8080"
+    return base.rstrip("/") + URL_PREFIX + "/"
+
+
 class PanelQuorumSensor(BaseOperator):
     """Wait for the panel's verdicts on the run's review batch (deferrable)."""
 
@@ -120,6 +132,13 @@ class PanelQuorumSensor(BaseOperator):
         deadline = created + timedelta(hours=cfg.panel.deadline_hours)
         self.log.info("waiting for the panel: %d of %d verdicts; deadline %s",
                       progress["verdicts_given"], progress["verdicts_needed"], deadline)
+        if progress["verdicts_given"] == 0:  # the wait starts: tell the panel
+            from rlhf_airflow.notify import review_waiting
+
+            review_waiting(context, batch_id=self.batch_id, items=progress["items"],
+                           verdicts_needed=progress["verdicts_needed"],
+                           k=batch.verdicts_per_item, review_url=review_url(cfg),
+                           deadline_hours=cfg.panel.deadline_hours)
         self.defer(trigger=PanelQuorumTrigger(url, self.batch_id, deadline.isoformat(),
                                               cfg.panel.poll_seconds),
                    method_name="execute_complete")

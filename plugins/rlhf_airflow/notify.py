@@ -1,0 +1,156 @@
+"""Notifications through Airflow's notifier mechanism, configured by one connection.
+
+``RlhfNotifier`` is a ``BaseNotifier``: its ``subject`` and ``text`` are templates
+rendered with the task's context, and it is used where Airflow takes notifiers (task
+callbacks, the HITL operator's ``notifiers``) or called from an operator.  Where it sends
+is the admin's choice, an Airflow connection (``$RLHF_NOTIFY_CONN_ID``, default
+``rlhf_notifications``), never the trigger form's:
+
+* ``smtp`` (or ``email``): an e-mail through the SMTP provider's ``SmtpNotifier`` on that
+  connection; recipients in the connection's extra ``to`` (a list or a comma-separated
+  string), the sender in ``from_email``;
+* ``http`` / ``https``: a JSON POST to the connection's URL (host, port and
+  ``extra.endpoint``); a password, if set, is sent as a bearer token.  Slack, Teams and
+  most chat tools take such webhooks.
+
+No such connection: nothing is sent (logged once per task).  A notification that cannot
+be delivered is logged and never fails the task or the run.
+
+Events: ``run_failed`` (a task's final failure), ``review_waiting`` (a human panel's
+batch is open: the review page and the quorum it needs), ``sign_off_waiting`` (the
+approver's request), ``gate_decision`` (promote, reject or report, with pass rates).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from typing import Any
+
+from airflow.sdk import BaseNotifier
+
+log = logging.getLogger(__name__)
+DEFAULT_CONN_ID = "rlhf_notifications"
+
+
+def conn_id() -> str:
+    return os.environ.get("RLHF_NOTIFY_CONN_ID", "").strip() or DEFAULT_CONN_ID
+
+
+def _connection(name: str):
+    from airflow.sdk import Connection
+
+    try:
+        return Connection.get(name)
+    except Exception:  # noqa: BLE001 - AirflowNotFoundException and friends: not configured
+        return None
+
+
+def webhook_url(conn) -> str:
+    scheme = conn.schema if conn.schema in ("http", "https") else (
+        "https" if conn.conn_type == "https" else "http")
+    port = f":{conn.port}" if conn.port else ""
+    endpoint = (conn.extra_dejson.get("endpoint") or "").lstrip("/")
+    host = conn.host or ""
+    if "://" in host:
+        return host.rstrip("/") + ("/" + endpoint if endpoint else "")
+    return f"{scheme}://{host}{port}/{endpoint}"
+
+
+class RlhfNotifier(BaseNotifier):
+    template_fields = ("subject", "text")
+
+    def __init__(self, event: str, subject: str, text: str, **kwargs):
+        super().__init__(**kwargs)
+        self.event, self.subject, self.text = event, subject, text
+
+    def payload(self, context: dict[str, Any]) -> dict[str, Any]:
+        """What a webhook receives: the event, the rendered subject and text, the run."""
+        ti = context.get("ti") or context.get("task_instance")
+        dag_run = context.get("dag_run")
+        return {"event": self.event, "subject": self.subject, "text": self.text,
+                "dag_id": getattr(dag_run, "dag_id", None) or getattr(ti, "dag_id", None),
+                "run_id": getattr(dag_run, "run_id", None) or getattr(ti, "run_id", None),
+                "task_id": getattr(ti, "task_id", None)}
+
+    def notify(self, context: dict[str, Any]) -> None:
+        name = conn_id()
+        conn = _connection(name)
+        if conn is None:
+            log.info("notification %s not sent: no Airflow connection %r", self.event, name)
+            return
+        try:
+            if conn.conn_type in ("smtp", "email"):
+                self._mail(conn, name, context)
+            else:
+                self._post(conn, context)
+            log.info("notification %s sent through %s", self.event, name)
+        except Exception as exc:  # noqa: BLE001 - a notification never fails the run
+            log.warning("notification %s through %s failed: %s", self.event, name, exc)
+
+    def _mail(self, conn, name: str, context) -> None:
+        from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+        to = conn.extra_dejson.get("to") or []
+        if isinstance(to, str):
+            to = [a.strip() for a in to.split(",") if a.strip()]
+        if not to:
+            raise ValueError(f"connection {name!r} has no recipients (extra 'to')")
+        body = f"<pre>{html.escape(self.text)}</pre>"
+        SmtpNotifier(to=to, from_email=conn.extra_dejson.get("from_email") or conn.login,
+                     subject=self.subject, html_content=body,
+                     smtp_conn_id=name).notify(context)
+
+    def _post(self, conn, context) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {conn.password}"} if conn.password else {}
+        response = httpx.post(webhook_url(conn), json=self.payload(context), headers=headers,
+                              timeout=10)
+        response.raise_for_status()
+
+
+def run_failed() -> RlhfNotifier:
+    """A task's final failure (the run fails with it)."""
+    return RlhfNotifier(
+        "run_failed",
+        subject="[rlhf] {{ dag.dag_id }} run {{ run_id }} failed at {{ ti.task_id }}",
+        text="Task {{ ti.task_id }} of {{ dag.dag_id }} run {{ run_id }} failed "
+             "(try {{ ti.try_number }}).\nError: {{ exception }}\n"
+             "Log: {{ ti.log_url }}")
+
+
+def gate_decision() -> RlhfNotifier:
+    return RlhfNotifier(
+        "gate_decision",
+        subject="[rlhf] {{ dag.dag_id }} run {{ run_id }}: gate decided "
+                "{{ ti.xcom_pull(task_ids='gate')['decision'] }}",
+        text="Decision: {{ ti.xcom_pull(task_ids='gate')['decision'] }} "
+             "(version {{ ti.xcom_pull(task_ids='gate')['version'] }}).\n"
+             "Expert pass rates: {{ ti.xcom_pull(task_ids='gate')['pass_rates'] }}\n"
+             "Reasons: {{ ti.xcom_pull(task_ids='gate')['reasons'] | join('; ') }}\n"
+             "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}")
+
+
+def sign_off_waiting() -> RlhfNotifier:
+    return RlhfNotifier(
+        "sign_off_waiting",
+        subject="[rlhf] sign-off waiting: promote {{ dag.dag_id }} version "
+                "{{ ti.xcom_pull(task_ids='gate')['version'] }}?",
+        text="The gate decided to promote version {{ ti.xcom_pull(task_ids='gate')['version'] }}"
+             " of {{ dag.dag_id }} run {{ run_id }}; your sign-off is required.\n"
+             "Expert pass rates: {{ ti.xcom_pull(task_ids='gate')['pass_rates'] }}\n"
+             "Answer in Airflow (Required actions), or it counts as Reject when the wait ends.")
+
+
+def review_waiting(context, *, batch_id: str, items: int, verdicts_needed: int, k: int,
+                   review_url: str, deadline_hours: float) -> None:
+    """Tell the panel a batch waits for them (called by the panel wait when it starts)."""
+    RlhfNotifier(
+        "review_waiting",
+        subject=f"[rlhf] review batch waiting: {items} answers, {k} verdicts each",
+        text=f"A blinded review batch of {{{{ dag.dag_id }}}} run {{{{ run_id }}}} waits for "
+             f"the expert panel: {items} answers, {k} verdicts each ({verdicts_needed} in "
+             f"all), within {deadline_hours:g} h.\nReview page: {review_url}\n"
+             f"Batch: {batch_id}")(context)

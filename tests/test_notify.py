@@ -1,0 +1,80 @@
+"""Notifications through Airflow's notifier mechanism, against real servers: an SMTP
+server (aiosmtpd) and a webhook receiver, both started here; the connection is an
+Airflow connection from the environment, as an admin would set it."""
+
+from types import SimpleNamespace
+
+import pytest
+from conftest import smtp_connection, smtp_server, webhook_connection, webhook_receiver
+
+
+def _context():
+    from airflow.sdk import DAG
+
+    ti = SimpleNamespace(task_id="reward", dag_id="rlhf_tuning", run_id="manual__1",
+                         try_number=2, log_url="http://airflow/log",
+                         xcom_pull=lambda task_ids: {"decision": "promote", "version": "3",
+                                                     "pass_rates": {"rlhf": 0.87},
+                                                     "reasons": ["lift 0.11"],
+                                                     "report_uri": "s3://r/report.html"})
+    return {"ti": ti, "task_instance": ti, "run_id": "manual__1",
+            "dag": DAG("rlhf_tuning", schedule=None),
+            "dag_run": SimpleNamespace(dag_id="rlhf_tuning", run_id="manual__1"),
+            "exception": "step reward exited with code 1"}
+
+
+def test_failure_is_posted_to_the_webhook_with_its_token(monkeypatch):
+    from rlhf_airflow.notify import run_failed
+
+    with webhook_receiver() as (base, received):
+        monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", webhook_connection(base, "tok3n"))
+        run_failed()(_context())
+    assert len(received) == 1
+    got = received[0]
+    assert got["path"] == "/hooks/rlhf" and got["auth"] == "Bearer tok3n"
+    assert got["event"] == "run_failed" and got["task_id"] == "reward"
+    assert got["subject"] == "[rlhf] rlhf_tuning run manual__1 failed at reward"
+    assert "exited with code 1" in got["text"] and "http://airflow/log" in got["text"]
+
+
+def test_gate_decision_and_review_batch_are_mailed(monkeypatch):
+    from rlhf_airflow.notify import gate_decision, review_waiting
+
+    with smtp_server() as (port, messages):
+        monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", smtp_connection(port))
+        gate_decision()(_context())
+        review_waiting(_context(), batch_id="b-1", items=80, verdicts_needed=240, k=3,
+                       review_url="http://airflow/rlhf-review/", deadline_hours=72)
+    assert [m["subject"] for m in messages] == [
+        "[rlhf] rlhf_tuning run manual__1: gate decided promote",
+        "[rlhf] review batch waiting: 80 answers, 3 verdicts each"]
+    assert messages[0]["to"] == ["panel@example.org", "ml-team@example.org"]
+    assert "{'rlhf': 0.87}" in messages[0]["body"].replace("&#x27;", "'")
+    assert "http://airflow/rlhf-review/" in messages[1]["body"]
+    assert "240 in all" in messages[1]["body"]
+
+
+def test_no_connection_sends_nothing_and_a_dead_receiver_never_fails(monkeypatch, caplog):
+    from conftest import free_port
+
+    from rlhf_airflow.notify import run_failed
+
+    monkeypatch.delenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", raising=False)
+    run_failed()(_context())  # not configured: logged, nothing raised
+    monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS",
+                       webhook_connection(f"http://127.0.0.1:{free_port()}"))
+    run_failed()(_context())  # nobody listening: logged, nothing raised
+    assert "failed" in caplog.text
+
+
+@pytest.mark.parametrize("extra", [{}, {"to": ""}])
+def test_a_mail_connection_without_recipients_is_reported(monkeypatch, caplog, extra):
+    import json
+
+    from rlhf_airflow.notify import run_failed
+
+    conn = json.loads(smtp_connection(1))
+    conn["extra"] = {**conn["extra"], "to": extra.get("to")} if extra else {"disable_tls": True}
+    monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", json.dumps(conn))
+    run_failed()(_context())
+    assert "has no recipients" in caplog.text
