@@ -22,13 +22,17 @@ from rlhf_airflow.notify import run_failed, sign_off_waiting
 from rlhf_airflow.operators import RlhfStepOperator
 from rlhf_airflow.panel_wait import PanelQuorumSensor
 from rlhf_airflow.params import trigger_params
-from rlhf_airflow.scheduling import base_config, retraining_schedule
+from rlhf_airflow.scheduling import CHAMPION_ASSET, base_config, limits, retraining_schedule
 from rlhf_airflow.sign_off import SignOffOperator
 
 CONFIG = "{{ ti.xcom_pull(task_ids='prepare_run')['config_uri'] }}"
 BACKEND = "{{ ti.xcom_pull(task_ids='prepare_run')['backend'] }}"
-# GPU steps queue in this pool (create it: `airflow pools set gpu 4 "GPU pods"`)
+# GPU steps queue in this pool (create it: `airflow pools set gpu 4 "GPU pods"`), each
+# taking compute.num_gpus slots of it; limits come from the base config (parse time)
 GPU_POOL = os.environ.get("RLHF_GPU_POOL", "default_pool")
+BASE = base_config()
+LIMITS = limits(BASE)
+GPU = {"pool": GPU_POOL, "pool_slots": LIMITS["gpu_slots"]}
 PARENT = ("tracking.parent_run_id="
           "{{ (ti.xcom_pull(task_ids='start_tracking') or {}).get('parent_run_id', '') }}")
 
@@ -36,7 +40,8 @@ with DAG(
     dag_id="rlhf_tuning",
     description="Validate data, train a reward model, tune with PPO, gate on an expert panel.",
     # retraining: schedule.cron and/or new preference data (see rlhf_airflow/scheduling.py)
-    schedule=retraining_schedule(base_config()),
+    schedule=retraining_schedule(BASE),
+    deadline=LIMITS["deadline"],
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -65,10 +70,10 @@ with DAG(
                              overrides=[PARENT], backend=BACKEND)
 
     reward = RlhfStepOperator(task_id="reward", step="reward", config_uri=CONFIG,
-                              overrides=[PARENT], backend=BACKEND, pool=GPU_POOL,
+                              overrides=[PARENT], backend=BACKEND, **GPU,
                               doc_md="TRL RewardTrainer + LoRA on the validated preferences.")
     ppo = RlhfStepOperator(task_id="ppo", step="ppo", config_uri=CONFIG, overrides=[PARENT],
-                           backend=BACKEND, pool=GPU_POOL,
+                           backend=BACKEND, **GPU,
                            doc_md="The project's PPO against the reward model.")
 
     # the supervised baseline runs only when the form (or the base config) asks for it;
@@ -80,12 +85,12 @@ with DAG(
     validate_sft = RlhfStepOperator(task_id="validate_sft", step="validate_sft",
                                     config_uri=CONFIG, overrides=[PARENT], backend=BACKEND)
     sft = RlhfStepOperator(task_id="sft", step="sft", config_uri=CONFIG, overrides=[PARENT],
-                           backend=BACKEND, pool=GPU_POOL,
+                           backend=BACKEND, **GPU,
                            doc_md="TRL SFTTrainer + LoRA: the baseline.")
 
     # evaluation waits for the SFT baseline when it runs (and not when it is skipped)
     evaluate = RlhfStepOperator(task_id="evaluate", step="evaluate", config_uri=CONFIG,
-                                overrides=[PARENT], backend=BACKEND, pool=GPU_POOL,
+                                overrides=[PARENT], backend=BACKEND, **GPU,
                                 trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
                                 doc_md="Every model answers the eval prompts; blinded batch.")
 
@@ -118,7 +123,7 @@ with DAG(
              "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}",
         notifiers=[sign_off_waiting()], retries=0)
     promote = RlhfStepOperator(task_id="promote", step="promote", config_uri=CONFIG,
-                               overrides=[PARENT], retries=0,
+                               overrides=[PARENT], retries=0, outlets=[CHAMPION_ASSET],
                                trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
                                doc_md="Alias champion moves here; the old one keeps previous.")
 

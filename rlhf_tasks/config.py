@@ -102,6 +102,10 @@ class DataSection(Section):
     min_sft_rows: int = Field(10, ge=1)
     max_file_mb: int = Field(1024, ge=1, description="Refuse input files larger than this "
                                                      "(rows are held in memory).")
+    expectations_dir: str | None = Field(
+        None, description="A data team's own Great Expectations suites (GX suite JSON) in "
+                          "<dir>/<kind>/*.json, run after the built-in rules: failing rows "
+                          "are quarantined, a failing table expectation fails the table.")
 
 
 class RewardSection(LoraFields):
@@ -191,6 +195,9 @@ class EvaluationSection(Section):
     max_prompts: int | None = Field(None, ge=1, description="Use the first N eval prompts "
                                                              "(None: all).")
     baselines: list[Literal["foundation", "sft"]] = ["foundation", "sft"]
+    smoke_prompts: int = Field(5, ge=1, le=1000, description="Eval prompts the deployment "
+                                                             "template's smoke test asks the "
+                                                             "new champion.")
 
 
 class SimulatedRaters(Section):
@@ -334,7 +341,17 @@ class ComputeSection(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto: flash_attention_2 on a GPU where flash-attn is installed, "
                             "else sdpa.")
+    step_timeout_hours: float = Field(24.0, gt=0.0, le=24 * 30,
+                                      description="execution_timeout of every step task "
+                                                  "(read from the base config when the DAG "
+                                                  "is parsed).")
+    step_timeouts_hours: dict[str, float] = Field(
+        default_factory=dict, description="Per step, e.g. {ppo: 72}: overrides "
+                                          "step_timeout_hours.")
     kubernetes: KubernetesSection = KubernetesSection()
+
+    def step_timeout(self, step: str) -> float:
+        return self.step_timeouts_hours.get(step, self.step_timeout_hours)
 
 
 class ScheduleSection(Section):
@@ -344,6 +361,10 @@ class ScheduleSection(Section):
                                                "e.g. '0 3 * * 1' for Mondays at 03:00.")
     on_new_preferences: bool = Field(False, description="Also retrain when the preference "
                                                         "dataset's Asset gets a new event.")
+    run_deadline_hours: float | None = Field(None, gt=0.0, le=24 * 90,
+                                             description="Alert (a notification) when a run "
+                                                         "is still going this long after it "
+                                                         "was queued; None: no alert.")
 
     @model_validator(mode="after")
     def _cron_is_valid(self):

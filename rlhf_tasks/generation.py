@@ -52,11 +52,15 @@ def checkpoint_defaults_off(model):
 
 
 def generate(model, tokenizer, renderer, prompts: list[list[int]], *, temperature: float,
-             max_new_tokens: int, device: str, seed: int | None = None, batch_size: int = 16):
+             max_new_tokens: int, device: str, seed: int | None = None, batch_size: int = 16,
+             progress: str | None = None):
     """Responses to token-id ``prompts`` (ids up to and including the first stop token)
     and whether each ended, decoded with explicit settings only; seeded when ``seed`` is
-    given (evaluation), from the process's random state otherwise (serving)."""
+    given (evaluation), from the process's random state otherwise (serving).  With
+    ``progress`` (a label), logs count, rate and ETA as it goes."""
     import torch
+
+    from rlhf_tasks.progress import Progress
 
     from rlhf_tasks.ppo.trainer import collate_prompts
 
@@ -66,6 +70,7 @@ def generate(model, tokenizer, renderer, prompts: list[list[int]], *, temperatur
     config = decoding_config(max_new_tokens=max_new_tokens, temperature=temperature,
                              stop_ids=renderer.stop_ids, pad_token_id=tokenizer.pad_token_id)
     out, ended = [], []
+    meter = Progress(len(prompts), progress, unit="prompts") if progress else None
     with torch.inference_mode(), checkpoint_defaults_off(model):
         for start in range(0, len(prompts), batch_size):
             ids, mask = collate_prompts(prompts[start:start + batch_size],
@@ -75,4 +80,8 @@ def generate(model, tokenizer, renderer, prompts: list[list[int]], *, temperatur
                 kept, stopped = renderer.split_response(row)
                 out.append(kept)
                 ended.append(stopped)
+            if meter is not None:
+                meter.update(len(gen))
+    if meter is not None:
+        meter.close()
     return out, ended

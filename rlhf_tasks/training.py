@@ -23,6 +23,7 @@ from pathlib import Path
 
 from rlhf_tasks import tracking
 from rlhf_tasks.errors import BadInput
+from rlhf_tasks.progress import Progress
 from rlhf_tasks.storage import MANIFEST, Storage, join
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,24 @@ def trainer_callbacks(namespace: str, storage: Storage, checkpoints_uri: str, ke
             if metrics:
                 tracking.log_metrics(namespace, metrics, step=state.global_step)
 
+    class ProgressLog(TrainerCallback):
+        """Steps, rate and ETA in the task log (the Trainer's own bar needs a terminal)."""
+
+        meter = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.meter = Progress(state.max_steps - state.global_step,
+                                      f"{namespace} training", unit="steps")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.meter is not None:
+                self.meter.update(1)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.meter is not None:
+                self.meter.close()
+
     class CheckpointSync(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
@@ -182,7 +201,7 @@ def trainer_callbacks(namespace: str, storage: Storage, checkpoints_uri: str, ke
                 if folder.is_dir():
                     upload_checkpoint(storage, folder, checkpoints_uri, state.global_step, key)
 
-    return [MlflowMetrics(), CheckpointSync()]
+    return [MlflowMetrics(), ProgressLog(), CheckpointSync()]
 
 
 def trainer_common_args(cfg, *, output_dir: Path, steps: int, batch_size: int,

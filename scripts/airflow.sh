@@ -21,6 +21,10 @@ PY
 # the Airflow user "reviewer" is on the panel (the review page refuses everyone else)
 rlhf review add-reviewer reviewer --airflow-user --config "$RLHF_BASE_CONFIG" > /dev/null
 export AIRFLOW__API__PORT="$AIRFLOW_PORT"
+# tasks reach the execution API, and links point, at this port (not Airflow's 8080 default)
+export AIRFLOW__API__BASE_URL="http://localhost:$AIRFLOW_PORT"
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://localhost:$AIRFLOW_PORT/execution/"
+export RLHF_MLFLOW_UI_URL="http://localhost:$MLFLOW_PORT"   # the tasks' "MLflow run" links
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin,reviewer:viewer}"
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$AIRFLOW_HOME/passwords.json"
 export AIRFLOW__LOGGING__LOGGING_LEVEL=INFO

@@ -347,3 +347,29 @@ def test_run_folders_are_one_to_one_with_run_ids():
         assert unescape(name) == run_id
 
     round_trip()
+
+
+def test_limits_come_from_the_base_config(tmp_path, monkeypatch):
+    """Step timeouts, GPU pool slots and the run's deadline alert: the admin's base config,
+    read when the DAG is parsed."""
+    from datetime import timedelta
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    base = tmp_path / "base.yaml"
+    base.write_text("compute: {num_gpus: 4, step_timeout_hours: 2, "
+                    "step_timeouts_hours: {ppo: 30}}\nschedule: {run_deadline_hours: 96}\n")
+    monkeypatch.setenv("RLHF_BASE_CONFIG", str(base))
+    dag = DagBag(dag_folder=str(ROOT / "dags"), bundle_path=ROOT / "dags").dags["rlhf_tuning"]
+    tasks = dag.task_dict
+    assert tasks["ppo"].execution_timeout == timedelta(hours=30)
+    assert tasks["reward"].execution_timeout == timedelta(hours=2)
+    assert tasks["gate"].execution_timeout == timedelta(hours=2)
+    for gpu_step in ("reward", "ppo", "sft", "evaluate"):
+        assert tasks[gpu_step].pool_slots == 4, gpu_step
+    assert tasks["gate"].pool_slots == 1 and tasks["validate.eval"].pool_slots == 1
+    alert = dag.deadline[0] if isinstance(dag.deadline, list) else dag.deadline
+    assert alert.interval == timedelta(hours=96)
+    assert alert.callback.path == "rlhf_airflow.notify.run_overdue"
+    # the champion Asset: promote announces it, the deployment template follows it
+    assert [a.name for a in tasks["promote"].outlets] == ["rlhf-champion"]

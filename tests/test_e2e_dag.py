@@ -255,33 +255,6 @@ def pd_isna(value) -> bool:
     return bool(pd.isna(value))
 
 
-def test_dag_fails_on_bad_data_without_retrying(airflow_home, demo_dir, tmp_path):
-    import mlflow
-
-    from conftest import webhook_connection, webhook_receiver
-
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n' * 3)
-    with webhook_receiver() as (hook, received):  # the admin's notification connection
-        proc = dags_test(airflow_home, {"config_file": str(run_config(
-            tmp_path, demo_dir, preference_uri=str(bad)))},
-            AIRFLOW_CONN_RLHF_NOTIFICATIONS=webhook_connection(hook))
-    log = proc.stdout + proc.stderr
-    # the failure reached the team: one notification, naming the task and the reason
-    failed = [r for r in received if r["event"] == "run_failed"]
-    assert len(failed) == 1, received
-    assert failed[0]["task_id"] == "validate.preference"
-    assert "chosen equals rejected" in failed[0]["text"] or "exit 2" in failed[0]["text"]
-    assert "chosen equals rejected" in log
-    assert "exited with code 2" in log and "DagRun failed" in log
-    assert proc.returncode != 0
-    assert log.count("rlhf_tasks.cli run validate_preference") == 1, "bad input must not be retried"
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs_df = mlflow.search_runs(experiment_names=["rlhf-tuning"])
-    parent = runs_df[runs_df["tags.mlflow.parentRunId"].isna()]
-    assert parent.iloc[0]["status"] == "FAILED"
-
-
 def airflow_python(home: Path, code: str, **env) -> str:
     proc = subprocess.run([sys.executable, "-c", code], env={**airflow_env(home), **env},
                           capture_output=True, text=True, timeout=300)

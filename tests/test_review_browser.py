@@ -1,5 +1,6 @@
-"""The review page in a real headless browser (Debian's chromium, driven by selenium):
-sign in with a reviewer token, judge by keyboard and by click, with a comment."""
+"""Pages in a real headless browser (Debian's chromium, driven by selenium): the review
+page (sign in with a reviewer token, judge by keyboard and by click, with a comment) and
+the Data Docs of a validate step, with the network off."""
 
 from __future__ import annotations
 
@@ -97,3 +98,42 @@ def test_reviewer_signs_in_and_judges_by_keyboard_and_click(served, browser):
         ("ann", True, "web"), ("ann", False, "web"), ("ann", False, "web")]
     assert rows[1]["comment"] == "number looks invented"
     assert store.progress(batch)["complete"]
+
+
+def test_data_docs_render_with_the_network_off(tmp_path, browser):
+    """Great Expectations' Data Docs, as a validate step writes them, in Chromium with the
+    network off: styled by Bootstrap, tables drawn by bootstrap-table, icons from Font
+    Awesome, all from the pinned npm packages served with the docs."""
+    from rlhf_tasks import config
+    from rlhf_tasks.data import validation
+    from rlhf_tasks.storage import Storage
+
+    rows = [{"prompt": f"worked on payroll {i}"} for i in range(5)] + [{"prompt": " "}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    validation.validate_dataset(
+        storage=Storage(str(tmp_path / "art"), [str(tmp_path)]), uri=str(data), kind="prompt",
+        fmt="auto", load_tokenizer=None, data_cfg=config.PipelineConfig().data,
+        eval_keys=None, docs_dir=tmp_path / "docs")
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0})
+    page = next((tmp_path / "docs" / "validations").rglob("*rows.html"))
+    browser.get(page.as_uri())
+    state = """return {
+        jquery: typeof window.jQuery === 'function',
+        table: !!(window.jQuery && jQuery.fn.bootstrapTable),
+        bootstrapCss: getComputedStyle(document.body).fontFamily.includes('-apple-system'),
+        drawn: document.querySelectorAll('.bootstrap-table').length,
+        icons: document.fonts.check('16px "Font Awesome 6 Free"'),
+        failed: performance.getEntriesByType('resource')
+                  .filter(e => e.name.startsWith('http')).map(e => e.name)}"""
+    _wait_for(lambda: browser.execute_script(state)["drawn"] > 0)
+    got = browser.execute_script(state)
+    assert got["jquery"] and got["table"] and got["bootstrapCss"], got
+    assert got["failed"] == [], got
+    text = browser.execute_script("return document.body.innerText")
+    assert "≈16.667% unexpected" in text, text[-2000:]  # 1 of 6 prompts is blank
+    browser.get((tmp_path / "docs" / "index.html").as_uri())
+    _wait_for(lambda: browser.execute_script(state)["drawn"] > 0)
+    assert browser.execute_script(state)["failed"] == []

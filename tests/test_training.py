@@ -221,3 +221,23 @@ def test_resume_refuses_a_checkpoint_from_another_config_or_data(make_config, tm
     assert changed != key
     with pytest.raises(BadInput, match="made from another config or other data"):
         training.fetch_latest_checkpoint(storage, checkpoints, tmp_path / "r2", changed)
+
+
+def test_progress_lines_give_count_rate_and_eta(caplog, monkeypatch):
+    import logging
+
+    from rlhf_tasks import progress
+
+    clock = iter([0.0, 2.0, 4.0, 10.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    meter = progress.Progress(10, "evaluate: rlhf answers", every_s=1.0, unit="prompts")
+    with caplog.at_level(logging.INFO, logger="rlhf.progress"):
+        meter.update(4)            # t=2: 4 in 2 s -> 2/s, 6 left -> 3 s
+        meter.update(1, loss=0.5)  # t=4: 5 in 4 s -> 1.25/s, 5 left -> 4 s
+        meter.update(5)            # t=10: done
+    assert caplog.messages == [
+        "evaluate: rlhf answers: 4/10 prompts (2.00/s, ETA 0m03s)",
+        "evaluate: rlhf answers: 5/10 prompts (1.25/s, ETA 0m04s) loss=0.5",
+        "evaluate: rlhf answers: 10/10 prompts (1.00/s, ETA 0m00s)"]
+    assert progress.eta_text(3725) == "1h02m"

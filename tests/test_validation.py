@@ -144,6 +144,11 @@ def test_validate_step_writes_artifacts_and_mlflow(make_config, demo_dir):
     assert run.data.metrics["data/preference/rows_kept"] == 4000
     assert run.data.tags["mlflow.parentRunId"]
     assert run.inputs.dataset_inputs[0].dataset.digest == result["digest"][:36]
+    # the Data Docs and the suites (GX JSON) are linked from the run and stored with it
+    assert run.data.tags["data_docs"].endswith("validate_preference/data_docs/index.html")
+    assert "Data Docs" in run.data.tags["mlflow.note.content"]
+    assert {"expectations/preference-rows.json", "expectations/preference-table.json",
+            "data_docs/static/vendor/jquery/dist/jquery.min.js"} <= set(manifest["files"])
 
 
 def test_validate_step_rejects_and_writes_no_canonical(make_config, tmp_path):
@@ -174,3 +179,76 @@ def test_sft_kind_quarantines_empty_long_and_leaked_rows(tmp_path, tokenizer):
     assert out.frame.columns.tolist() == ["prompt", "completion", "messages", "source_line"]
     chat = run(tmp_path, tokenizer, rows[4:], kind="sft")
     assert chat.frame.iloc[0][["prompt", "completion"]].tolist() == ["fixed bugs", "Fixed 20 bugs"]
+
+
+def _team_suites(folder, kind, suite):
+    (folder / kind).mkdir(parents=True, exist_ok=True)
+    (folder / kind / "team.json").write_text(json.dumps(suite))
+    return str(folder)
+
+
+def test_a_data_teams_suites_quarantine_rows_and_fail_tables(tmp_path, tokenizer):
+    """``data.expectations_dir``: the team's row expectation quarantines by its name; its
+    table expectation fails the table, named; every suite that ran is written as GX JSON."""
+    import great_expectations as gx
+
+    rows = [{"prompt": "worked on the help desk"}, {"prompt": "x" * 45},
+            {"prompt": "helped with payroll"}]
+    suites = _team_suites(tmp_path / "team", "prompt", {"name": "hr", "expectations": [
+        {"type": "expect_column_value_lengths_to_be_between",
+         "kwargs": {"column": "prompt", "max_value": 40},
+         "meta": {"reason": "prompt over 40 characters"}},
+        {"type": "expect_column_values_to_match_regex",
+         "kwargs": {"column": "prompt", "regex": "^[a-z]"}}]})
+    out = run(tmp_path, tokenizer, rows, kind="prompt", expectations_dir=suites)
+    assert reasons(out) == {(2, "prompt over 40 characters")}
+    assert out.quarantine[0]["field"] == "prompt" and out.rows_kept == 2
+    validation.check_outcome(out, 0.5)  # the rows rule quarantines; the table is fine
+    written = sorted(p.name for p in (tmp_path / "expectations").iterdir())
+    assert written == ["prompt-rows.json", "prompt-table.json", "team-prompt-hr.json"]
+    for path in (tmp_path / "expectations").iterdir():  # GX reads its own format back
+        suite = json.loads(path.read_text())
+        assert gx.ExpectationSuite(name=suite["name"], expectations=[
+            gx.expectations.ExpectColumnValuesToNotBeNull(column="prompt")]).name
+
+    # a table expectation: too many rows for the team's taste fails the table, named
+    suites = _team_suites(tmp_path / "team2", "prompt", {"expectations": [
+        {"type": "expect_table_row_count_to_be_between", "kwargs": {"max_value": 1}}]})
+    out = run(tmp_path, tokenizer, rows, kind="prompt", expectations_dir=suites)
+    assert out.quarantine == [] and out.table_failures == [
+        "team-prompt-team: expect_table_row_count_to_be_between (observed 3)"]
+    with pytest.raises(BadInput, match="failed table expectations: team-prompt-team: "
+                                       "expect_table_row_count_to_be_between"):
+        validation.check_outcome(out, 1.0)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("{not json", r"not a GX suite \(JSON\)"),
+    ('{"expectations": {}}', "field 'expectations'"),
+    ('{"expectations": [{"kwargs": {}}]}', r"field 'expectations\[0\]'"),
+    ('{"expectations": [{"type": "expect_the_moon", "kwargs": {}}]}',
+     r"field 'expectations\[0\]'.*expect_the_moon"),
+    ('{"expectations": [{"type": "expect_column_values_to_be_between", '
+     '"kwargs": {"column": "prompt", "min_value": "a", "max_value": 1, "mostly": 7}}]}',
+     r"field 'expectations\[0\]'"),
+])
+def test_a_broken_team_suite_is_named(tmp_path, tokenizer, text, where):
+    (tmp_path / "team" / "prompt").mkdir(parents=True)
+    (tmp_path / "team" / "prompt" / "bad.json").write_text(text)
+    with pytest.raises(BadInput, match=f"bad.json.*{where}"):
+        run(tmp_path, tokenizer, [{"prompt": "p"}], kind="prompt",
+            expectations_dir=str(tmp_path / "team"))
+
+
+def test_data_docs_load_nothing_from_the_network(tmp_path, tokenizer):
+    from rlhf_tasks.data.expectations import EXTERNAL_LOAD
+
+    run(tmp_path, tokenizer, [GOOD, {**GOOD, "prompt": "  "}])
+    pages = list((tmp_path / "docs").rglob("*.html"))
+    assert len(pages) >= 3
+    for page in pages:
+        text = page.read_text()
+        assert not [m.group(0) for m in EXTERNAL_LOAD.finditer(text)
+                    if m.group(1) or "stylesheet" in m.group(0)], page
+        for ref in __import__("re").findall(r'(?:src|href)="([^"#]*static/vendor/[^"]+)"', text):
+            assert (page.parent / ref).resolve().is_file(), (page, ref)

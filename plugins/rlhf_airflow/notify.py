@@ -144,6 +144,20 @@ def sign_off_waiting() -> RlhfNotifier:
              "Answer in Airflow (Required actions), or it counts as Reject when the wait ends.")
 
 
+async def run_overdue(context=None, **kwargs) -> None:
+    """The DAG's deadline alert (runs in the triggerer): a run is taking too long."""
+    import asyncio
+
+    dag_run = (context or {}).get("dag_run")
+    dag_id = getattr(dag_run, "dag_id", None) or kwargs.get("dag_id", "rlhf_tuning")
+    run_id = getattr(dag_run, "run_id", None) or "?"
+    notifier = RlhfNotifier(
+        "run_overdue", subject=f"[rlhf] {dag_id} run {run_id} is past its deadline",
+        text=f"{dag_id} run {run_id} has been going for more than "
+             f"{kwargs.get('hours', '?')} h since it was queued (schedule.run_deadline_hours).")
+    await asyncio.to_thread(notifier.notify, {"dag_run": dag_run})
+
+
 def review_waiting(context, *, batch_id: str, items: int, verdicts_needed: int, k: int,
                    review_url: str, deadline_hours: float) -> None:
     """Tell the panel a batch waits for them (called by the panel wait when it starts)."""

@@ -22,6 +22,17 @@ from rlhf_airflow.backends import StepFailed, get_backend, step_argv
 from rlhf_airflow.links import MlflowRunLink
 
 
+def step_timeout(step: str):
+    """``compute.step_timeout(step)`` of the base config (parse time) as a timedelta."""
+    from datetime import timedelta
+
+    from rlhf_airflow.scheduling import base_config
+    from rlhf_tasks.config import PipelineConfig
+
+    cfg = base_config() or PipelineConfig()
+    return timedelta(hours=cfg.compute.step_timeout(step))
+
+
 class RlhfStepOperator(KubernetesPodOperator):
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "config_uri",
                                       "overrides", "backend")
@@ -35,6 +46,7 @@ class RlhfStepOperator(KubernetesPodOperator):
         kwargs.setdefault("get_logs", True)
         kwargs.setdefault("do_xcom_push", True)
         kwargs.setdefault("reattach_on_restart", True)
+        kwargs.setdefault("execution_timeout", step_timeout(step))
         super().__init__(**kwargs)
         self.step, self.config_uri = step, config_uri
         self.overrides, self.backend = list(overrides or []), backend
@@ -80,24 +92,30 @@ class RlhfStepOperator(KubernetesPodOperator):
                                            f"{exc}") from None
             raise
 
-    def _finished(self, result):
-        """The step's result, its MLflow page kept for the task's link."""
+    def _finished(self, context, result):
+        """The step's result; its MLflow page kept for the task's link; what it produced
+        announced on the task's Assets (promote: the new champion's model and version)."""
         if isinstance(result, dict):
             self.mlflow_run_url = result.get("mlflow_run_url")
+            for asset in self.outlets or ():
+                context["outlet_events"][asset].extra = {
+                    k: result[k] for k in ("model_name", "version", "champion")
+                    if k in result} | {"dag_id": context["dag"].dag_id,
+                                       "run_id": context["run_id"]}
         return result
 
     def execute(self, context):
         if self.backend == "local":
-            return self._finished(self._run_local())
+            return self._finished(context, self._run_local())
         if self.backend != "kubernetes":
             raise AirflowFailException(f"unknown backend {self.backend!r}; "
                                        "use 'local' or 'kubernetes'")
         self.configure_pod()
-        return self._finished(self._fail_fast_on_bad_input(
+        return self._finished(context, self._fail_fast_on_bad_input(
             lambda: super(RlhfStepOperator, self).execute(context)))
 
     def trigger_reentry(self, context, event):
         # a resumed task is a fresh operator: set the pod settings again first
         self.configure_pod()
-        return self._finished(self._fail_fast_on_bad_input(
+        return self._finished(context, self._fail_fast_on_bad_input(
             lambda: super(RlhfStepOperator, self).trigger_reentry(context, event)))

@@ -24,6 +24,25 @@ from rlhf_tasks.errors import BadInput
 
 log = logging.getLogger(__name__)
 PREFERENCES_ASSET = "rlhf-preferences"
+# updated by rlhf_tuning's promote task (extra: model_name, version, run); deployment DAGs
+# such as rlhf_deploy_champion are scheduled on it
+CHAMPION_ASSET = Asset(name="rlhf-champion")
+
+
+def limits(cfg: rlhf_config.PipelineConfig | None) -> dict:
+    """The DAG's limits from the base config: the pool slots of a GPU step
+    (``compute.num_gpus``) and the run's deadline alert (``schedule.run_deadline_hours``).
+    Step timeouts are the operator's (``compute.step_timeout``)."""
+    from datetime import timedelta
+
+    from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    cfg = cfg or rlhf_config.PipelineConfig()
+    hours = cfg.schedule.run_deadline_hours
+    deadline = None if hours is None else DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(hours=hours),
+        callback=AsyncCallback("rlhf_airflow.notify.run_overdue", kwargs={"hours": hours}))
+    return {"gpu_slots": max(1, cfg.compute.num_gpus), "deadline": deadline}
 
 
 def base_config(path: str | None = None) -> rlhf_config.PipelineConfig | None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_tasks.data import formats
@@ -40,6 +40,7 @@ class Validated:
     quarantine: list[dict]
     digest: str
     min_rows_message: str = ""
+    table_failures: list[str] = field(default_factory=list)  # a team's table expectations
 
     @property
     def rows_kept(self) -> int:
@@ -59,7 +60,7 @@ class Validated:
                 "rows_quarantined": len(self.quarantine),
                 "bad_fraction": round(self.bad_fraction, 6),
                 "quarantined_by_reason": dict(self.reasons().most_common()),
-                "digest": self.digest}
+                "failed_table_expectations": self.table_failures, "digest": self.digest}
 
 
 def count_tokens(tokenizer, texts: list[str]) -> list[int]:
@@ -105,7 +106,8 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, load_tokenizer, 
                      eval_keys: set[str] | None, docs_dir: Path) -> Validated:
     import pandas as pd
 
-    from rlhf_tasks.data.expectations import ExpectationRunner, row_rules
+    from rlhf_tasks.data.expectations import (ExpectationRunner, load_team_suites,
+                                              make_offline, row_rules)
 
     records = _read(storage, uri, data_cfg.max_file_mb)
     fields = formats.records_fields(records)
@@ -175,15 +177,28 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, load_tokenizer, 
         quarantine.append({"line": line, "field": broken[0].field, "reasons": reasons,
                            "raw": json.dumps(raw, ensure_ascii=False, default=str)})
     kept = frame.drop(index=list(failures)).reset_index(drop=True)
+    # the data team's own suites, on the rows the built-in rules kept
+    team_failures: list[str] = []
+    for name, expectations in load_team_suites(storage, data_cfg.expectations_dir, kind):
+        kept["_row"] = range(len(kept))
+        bad_rows, failed = runner.team_suite(name, kept, expectations)
+        team_failures += failed
+        for row_index, broken in sorted(bad_rows.items()):
+            raw = {c: kept.at[row_index, c] for c in columns}
+            quarantine.append({"line": int(kept.at[row_index, "_line"]),
+                               "field": broken[0][1], "reasons": [r for r, _ in broken],
+                               "raw": json.dumps(raw, ensure_ascii=False, default=str)})
+        kept = kept.drop(index=list(bad_rows)).reset_index(drop=True)
     table_ok, table_message = runner.table_suite(
         f"{kind}-table", kept[columns + ["_line"]].assign(_row=range(len(kept))),
         getattr(data_cfg, MIN_ROWS_FIELD[kind]))
+    make_offline(docs_dir)
 
     kept = kept[columns + ["_line"]].rename(columns={"_line": "source_line"})
     quarantine.sort(key=lambda q: q["line"])
     outcome = Validated(kind, uri, fmt, rows_read, kept, quarantine,
                         _content_digest(kept, columns),
-                        "" if table_ok else table_message)
+                        "" if table_ok else table_message, team_failures)
     return outcome
 
 
@@ -202,6 +217,9 @@ def check_outcome(outcome: Validated, max_bad_fraction: float) -> None:
             f"first problems: {_first(outcome.quarantine, outcome.source)}", file=outcome.source)
     if outcome.min_rows_message:
         raise BadInput(f"too few rows: {outcome.min_rows_message}", file=outcome.source)
+    if outcome.table_failures:
+        raise BadInput("failed table expectations: " + "; ".join(outcome.table_failures),
+                       file=outcome.source)
 
 
 def write_outputs(outcome: Validated, out_dir: Path) -> None:

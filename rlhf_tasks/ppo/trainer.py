@@ -33,6 +33,7 @@ from torch import nn
 
 from rlhf_tasks.config import check_batch_split
 from rlhf_tasks.ppo import core
+from rlhf_tasks.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +348,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
     started = time.perf_counter()
     last_update = min(s.total_updates, start_update + stop_after) if stop_after else s.total_updates
     update = start_update
+    meter = Progress(last_update - start_update, "ppo updates", every_s=0.0)
     for update in range(start_update + 1, last_update + 1):
         tick = time.perf_counter()
         # sampling randomness per (seed, update, rank): the same after a resume, and
@@ -497,9 +499,10 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         history.append({"update": update, **{k: round(v, 6) for k, v in metrics.items()}})
         if on_metrics is not None:
             on_metrics(update, metrics)
-        log.info("ppo update %d/%d: reward %.3f kl %.3f entropy %.3f len %.1f (%.1fs)", update,
-                 s.total_updates, metrics["reward_mean"], mean_kl, metrics["entropy"],
-                 metrics["response_length"], seconds)
+        meter.update(1, update=f"{update}/{s.total_updates}",
+                     reward=f"{metrics['reward_mean']:.3f}", kl=f"{mean_kl:.3f}",
+                     entropy=f"{metrics['entropy']:.3f}",
+                     length=f"{metrics['response_length']:.1f}")
 
         due = s.checkpoint_every and update % s.checkpoint_every == 0
         if checkpoint_dir is not None and rank == 0 and (due or update == last_update):
@@ -509,6 +512,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
                                      history=history)
             if on_checkpoint is not None:
                 on_checkpoint(update, folder)
+    meter.close()
     return TrainResult(updates=update, history=history, resumed_from=start_update,
                        seconds=time.perf_counter() - started)
 

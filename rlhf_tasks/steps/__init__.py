@@ -24,6 +24,7 @@ STEPS: dict[str, str] = {
     "panel_simulate": "rlhf_tasks.steps.panel:panel_simulate",
     "gate": "rlhf_tasks.steps.panel:gate",
     "promote": "rlhf_tasks.steps.panel:promote",
+    "smoke_test": "rlhf_tasks.steps.deploy:smoke_test",
 }
 
 

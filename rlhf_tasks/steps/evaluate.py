@@ -140,7 +140,8 @@ def evaluate(cfg) -> dict:
                 responses, ended = generate(policy, tokenizer, renderer, encoded, device=device,
                                             temperature=ev.temperature,
                                             max_new_tokens=ev.max_new_tokens,
-                                            seed=cfg.run.seed, batch_size=64)
+                                            seed=cfg.run.seed, batch_size=64,
+                                            progress=f"evaluate: {label} answers")
                 del policy
                 # exactly the tokens generated (the stop token included), as PPO scores them
                 scores = score_sequences(reward_model, [p + r for p, r in zip(encoded, responses)],

@@ -52,8 +52,11 @@ def sample_reference(policy, prompts: list[list[int]], tokenizer, renderer, cfg,
     from rlhf_tasks.ppo.trainer import collate_prompts, rollout
     from rlhf_tasks.steps.ppo import ppo_settings
 
+    from rlhf_tasks.progress import Progress
+
     settings = ppo_settings(cfg)
     sequences = []
+    meter = Progress(len(prompts), "reward normalisation: reference samples", unit="prompts")
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
         ids, mask = collate_prompts(chunk, tokenizer.pad_token_id, device)
@@ -64,6 +67,8 @@ def sample_reference(policy, prompts: list[list[int]], tokenizer, renderer, cfg,
         for prompt, response, n in zip(chunk, responses.tolist(), keep.sum(1).tolist()):
             sequences.append(prompt + response[:n])
         del responses
+        meter.update(len(chunk))
+    meter.close()
     if device == "cuda":
         torch.cuda.empty_cache()
     return sequences

@@ -65,6 +65,15 @@ def validate_kind(cfg, kind: str, uri: str | None = None, fmt: str | None = None
         mlflow.set_tags({f"data.{kind}.format": outcome.fmt, f"data.{kind}.digest": outcome.digest,
                          f"data.{kind}.status": "rejected" if problem else "ok"})
         mlflow.log_artifacts(str(out_dir), artifact_path=step)
+        # the Data Docs, linked from the run: its tags and its description
+        docs = mlflow.get_artifact_uri(f"{step}/data_docs/index.html")
+        stored = join(out_uri, "data_docs", "index.html")
+        mlflow.set_tags({"data_docs": docs, "data_docs.stored": stored,
+                         "mlflow.note.content": (
+                             f"Great Expectations Data Docs of the {kind} data: "
+                             f"artifact `{step}/data_docs/index.html` ({docs}); with the run's "
+                             f"outputs at {stored}. The pages render offline. Suites as GX "
+                             f"JSON: `{step}/expectations/`.")})
         if problem is None:
             tracking.log_dataset(outcome.frame, name=f"{kind}-canonical",
                                  source=join(out_uri, "canonical.parquet"),
