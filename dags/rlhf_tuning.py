@@ -22,6 +22,7 @@ from rlhf_airflow.notify import run_failed, sign_off_waiting
 from rlhf_airflow.operators import RlhfStepOperator
 from rlhf_airflow.panel_wait import PanelQuorumSensor
 from rlhf_airflow.params import trigger_params
+from rlhf_airflow.run_note import write_gate_headline
 from rlhf_airflow.scheduling import CHAMPION_ASSET, base_config, limits, retraining_schedule
 from rlhf_airflow.sign_off import SignOffOperator
 
@@ -107,7 +108,8 @@ with DAG(
         trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
         doc_md="Deferred until every item has its k verdicts, or the deadline.")
     gate = RlhfStepOperator(task_id="gate", step="gate", config_uri=CONFIG, overrides=[PARENT],
-                            backend=BACKEND, on_success_callback=[gate_decided()],
+                            backend=BACKEND,
+                            on_success_callback=[gate_decided(), write_gate_headline],
                             doc_md="Aggregate, report, register, and decide by the policy.")
 
     @task.branch

@@ -2,8 +2,10 @@
 
 Run while `make airflow` is up, after at least two `make demo` runs:
     .venv/bin/python scripts/screenshots.py [--out docs/img]
-Takes: the DAG's trigger form, a run's graph, the review page in the Airflow UI, and
-MLflow's comparison of the last two PPO runs.
+Takes: the DAG's sectioned trigger form, a run's graph, the review page in the Airflow
+UI, MLflow's comparison of the last two PPO runs (their params) and gates, the answers
+table of the last evaluation, and a notification mail as a mail client shows it (sent
+through the notifier to a local SMTP server).
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ def main() -> None:
                 button.click()
                 break
         time.sleep(3)
+        # the form's sections: open the first few so the titles and fields show
+        for header in driver.find_elements(By.XPATH, "//button[contains(., 'Data') or "
+                                           "contains(., 'Reinforcement learning')]")[:2]:
+            driver.execute_script("arguments[0].click();", header)
+        time.sleep(1)
         driver.save_screenshot(str(out / "airflow-trigger-form.png"))
         driver.get(f"{args.airflow}/rlhf-review/")
         time.sleep(3)
@@ -86,9 +93,70 @@ def main() -> None:
             driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", element)
         time.sleep(1)
         driver.save_screenshot(str(out / "mlflow-compare-gates.png"))
+
+        # two PPO runs' settings side by side (params ppo.*)
+        frame = mlflow.search_runs(experiment_names=["rlhf-tuning"],
+                                   filter_string="tags.`rlhf.step` = 'ppo'",
+                                   order_by=["start_time DESC"], max_results=2)
+        ids = json.dumps(list(frame["run_id"]))
+        driver.get(f"{args.mlflow}/#/compare-runs?runs={ids}&experiments={experiment}")
+        time.sleep(6)
+        for element in driver.find_elements(By.XPATH,
+                                            "//*[normalize-space(text())='Parameters']"):
+            driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", element)
+        time.sleep(1)
+        driver.save_screenshot(str(out / "mlflow-compare-params.png"))
+
+        # the answers table of the last evaluation
+        evaluation = mlflow.search_runs(experiment_names=["rlhf-tuning"],
+                                        filter_string="tags.`rlhf.step` = 'gate'",
+                                        order_by=["start_time DESC"], max_results=1).iloc[0]
+        driver.get(f"{args.mlflow}/#/experiments/{evaluation['experiment_id']}/runs/"
+                   f"{evaluation['run_id']}/artifacts/panel/answers.json")
+        time.sleep(6)
+        driver.save_screenshot(str(out / "mlflow-answers-table.png"))
     finally:
         driver.quit()
+    notification(out)
     print("\n".join(str(p) for p in sorted(out.glob("*.png"))))
+
+
+def notification(out: Path) -> None:
+    """The gate's decision as a mail: the real notifier, a real SMTP server (aiosmtpd)
+    on this machine, the message rendered as a mail client would."""
+    import sys
+    from types import SimpleNamespace
+
+    sys.path[:0] = [str(ROOT / "plugins"), str(ROOT / "tests")]
+    from airflow.sdk import DAG
+    from conftest import smtp_connection, smtp_server
+
+    from rlhf_airflow.notify import gate_decision
+
+    result = {"decision": "promote", "version": "2",
+              "pass_rates": {"rlhf": 0.885, "champion": 0.57},
+              "reasons": ["pass rate 0.885 >= 0.600", "lift +0.315 over champion (p=1.8e-14)"],
+              "report_uri": "s3://rlhf-artifacts/runs/rlhf_tuning/.../gate/report.html"}
+    ti = SimpleNamespace(task_id="gate", xcom_pull=lambda task_ids: result)
+    context = {"ti": ti, "run_id": "manual__2026-11-30T03:01:49", "dag": DAG(
+        "rlhf_tuning", schedule=None)}
+    with smtp_server() as (port, mails):
+        os.environ["AIRFLOW_CONN_RLHF_NOTIFICATIONS"] = smtp_connection(port)
+        gate_decision()(context)
+    mail = mails[0]
+    page = out / "notification.html"
+    page.write_text(f"""<html><body style="font-family: sans-serif; margin: 24px">
+<div style="border: 1px solid #ccc; border-radius: 6px; padding: 16px; max-width: 900px">
+<div style="color: #555">From: {mail['from']}<br>To: {', '.join(mail['to'])}</div>
+<h3>{mail['subject']}</h3>{mail['body']}</div></body></html>""")
+    driver = browser(1000, 420)
+    try:
+        driver.get(page.as_uri())
+        time.sleep(1)
+        driver.save_screenshot(str(out / "notification-mail.png"))
+    finally:
+        driver.quit()
+        page.unlink()
 
 
 if __name__ == "__main__":

@@ -78,3 +78,27 @@ def test_a_mail_connection_without_recipients_is_reported(monkeypatch, caplog, e
     monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", json.dumps(conn))
     run_failed()(_context())
     assert "has no recipients" in caplog.text
+
+
+def test_the_run_note_headline():
+    from rlhf_airflow.run_note import headline
+
+    assert headline({"decision": "promote", "version": "3",
+                     "pass_rates": {"rlhf": 0.87, "champion": 0.7612}, "reasons": [],
+                     "simulated": False}) == \
+        "promote: version 3; expert pass rates rlhf 87.0%, champion 76.1%"
+    assert headline({"decision": "reject", "version": "4", "pass_rates": {"rlhf": 0.5},
+                     "reasons": ["below the minimum 0.600"], "simulated": True}) == \
+        ("reject: version 4; expert pass rates rlhf 50.0% (simulated panel). "
+         "below the minimum 0.600")
+
+
+def test_no_api_connection_writes_no_note(monkeypatch, caplog):
+    import logging
+
+    from rlhf_airflow.run_note import set_note
+
+    monkeypatch.delenv("AIRFLOW_CONN_RLHF_AIRFLOW_API", raising=False)
+    with caplog.at_level(logging.INFO):
+        assert set_note("rlhf_tuning", "r1", "x") is False
+    assert "no Airflow connection 'rlhf_airflow_api'" in caplog.text

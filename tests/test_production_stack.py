@@ -82,7 +82,8 @@ def _sign_off(api: str, users: dict, run_id: str, proc_ok, deadline_s: float = 6
 def airflow_services(home: Path, tmp_path: Path, env: dict, users: str):
     """Airflow as it runs in production: api-server, scheduler (LocalExecutor),
     dag-processor and triggerer, on one metadata DB; yields (base URL, {user: headers},
-    a check that every component still runs)."""
+    a check that every component still runs).  The service user ``rlhf-bot`` (role op,
+    a password the admin chose) is the connection that writes run notes."""
     import secrets
 
     import httpx
@@ -90,7 +91,13 @@ def airflow_services(home: Path, tmp_path: Path, env: dict, users: str):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     passwords = tmp_path / "passwords.json"
+    bot_password = secrets.token_urlsafe(12)
+    passwords.write_text(json.dumps({"rlhf-bot": bot_password}))
+    users += ",rlhf-bot:op"
     env = {**airflow_env(home), **env, "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+           "AIRFLOW_CONN_RLHF_AIRFLOW_API": json.dumps({
+               "conn_type": "http", "host": base, "login": "rlhf-bot",
+               "password": bot_password}),
            "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__BASE_URL": base,
            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
@@ -258,6 +265,9 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
             assert tis["panel_simulate"] == "skipped", tis
             for task in ("wait_for_panel", "gate", "sign_off", "promote", "finish_tracking"):
                 assert tis[task] == "success", (task, tis)
+            # the run's note holds the headline
+            note = httpx.get(f"{trigger}/{run_1}", headers=bob).json()["note"]
+            assert note.startswith("promote: version 1; expert pass rates rlhf "), note
             subjects = [m["subject"] for m in mails]
             assert any("gate decided promote" in s for s in subjects), subjects
             assert any("sign-off waiting" in s for s in subjects), subjects
