@@ -255,13 +255,6 @@ def pd_isna(value) -> bool:
     return bool(pd.isna(value))
 
 
-def airflow_python(home: Path, code: str, **env) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], env={**airflow_env(home), **env},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
-
-
 def test_new_preference_data_queues_a_retraining_run(airflow_home, demo_dir, tmp_path):
     """The ingest DAG emits the Asset event only when the data changed, and the event
     queues rlhf_tuning when the base config asks for retraining on new data."""
@@ -276,49 +269,53 @@ def test_new_preference_data_queues_a_retraining_run(airflow_home, demo_dir, tmp
     raw["schedule"] = {"cron": "0 3 * * 1", "on_new_preferences": True}
     config.write_text(yaml.safe_dump(raw))
     env = {"RLHF_BASE_CONFIG": str(config)}
-    airflow = str(Path(sys.executable).parent / "airflow")
-    proc = subprocess.run([airflow, "dags", "reserialize"], env={**airflow_env(airflow_home),
-                          **env}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # a new DAG starts paused; a paused DAG is not queued by asset events
-    proc = subprocess.run([airflow, "dags", "unpause", "rlhf_tuning"],
-                          env={**airflow_env(airflow_home), **env}, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    count = (
+    # the Airflow CLI's own commands, in one process (each start-up costs ~10 s): make
+    # the DAGs known, unpause rlhf_tuning (a paused DAG is not queued by asset events),
+    # then ingest three times (new file, same file, changed file), counting the Asset's
+    # events and queued runs after each
+    script = (
+        "import json, sys\n"
         "from sqlalchemy import select, func\n"
-        "from airflow.utils.session import create_session\n"
+        "from airflow.cli import cli_parser\n"
         "from airflow.models.asset import AssetEvent, AssetModel, AssetDagRunQueue\n"
-        "with create_session() as s:\n"
-        f"    a = s.scalar(select(AssetModel).where(AssetModel.uri == {prefs.as_uri()!r}))\n"
-        "    events = s.scalar(select(func.count()).select_from(AssetEvent)"
+        "from airflow.utils.session import create_session\n"
+        "prefs = sys.argv[1]\n"
+        "def cli(*argv):\n"
+        "    args = cli_parser.get_parser().parse_args(list(argv))\n"
+        "    args.func(args)\n"
+        "def count():\n"
+        "    with create_session() as s:\n"
+        "        a = s.scalar(select(AssetModel).where(AssetModel.uri == prefs))\n"
+        "        events = s.scalar(select(func.count()).select_from(AssetEvent)"
         ".where(AssetEvent.asset_id == a.id))\n"
-        "    queued = s.scalars(select(AssetDagRunQueue.target_dag_id)"
+        "        queued = s.scalars(select(AssetDagRunQueue.target_dag_id)"
         ".where(AssetDagRunQueue.asset_id == a.id)).all()\n"
-        "    print(events, sorted(queued))\n")
-
-    def ingest():
-        run = subprocess.run([airflow, "dags", "test", "rlhf_ingest_preferences"],
-                             env={**airflow_env(airflow_home), **env}, capture_output=True,
-                             text=True, timeout=600, cwd=airflow_home)
-        assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-        return run.stdout + run.stderr
-
-    ingest()
-    assert airflow_python(airflow_home, count, **env) == "1 ['rlhf_tuning']"
-    assert "preference data unchanged" in ingest()
-    assert airflow_python(airflow_home, count, **env).startswith("1 ")
-    with open(prefs, "a") as fh:
-        fh.write('{"prompt": "ran payroll", "chosen": "Cut payroll errors by 20%", '
-                 '"rejected": "Did payroll"}\n')
-    ingest()
-    assert airflow_python(airflow_home, count, **env).startswith("2 ")
-    schedule = airflow_python(airflow_home, (
+        "    print('=== COUNT', json.dumps([events, sorted(queued)]), flush=True)\n"
+        "cli('dags', 'reserialize')\n"
+        "cli('dags', 'unpause', 'rlhf_tuning')\n"
+        "for change in (None, None, sys.argv[2]):\n"
+        "    if change:\n"
+        "        open(sys.argv[3], 'a').write(change)\n"
+        "    print('=== INGEST', flush=True)\n"
+        "    cli('dags', 'test', 'rlhf_ingest_preferences')\n"
+        "    count()\n"
         "from airflow.dag_processing.dagbag import DagBag\n"
         f"d = DagBag(dag_folder={str(ROOT / 'dags')!r}, bundle_path={str(ROOT / 'dags')!r})"
         ".dags['rlhf_tuning']\n"
-        "print(type(d.timetable).__name__)\n"), **env)
-    assert schedule == "AssetOrTimeSchedule", schedule
+        "print('=== SCHEDULE', type(d.timetable).__name__, flush=True)\n")
+    change = ('{"prompt": "ran payroll", "chosen": "Cut payroll errors by 20%", '
+              '"rejected": "Did payroll"}\n')
+    proc = subprocess.run([sys.executable, "-c", script, prefs.as_uri(), change, str(prefs)],
+                          env={**airflow_env(airflow_home), **env}, capture_output=True,
+                          text=True, timeout=900, cwd=airflow_home)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    ingests = log.split("=== INGEST")[1:]
+    counts = [json.loads(part.split("=== COUNT", 1)[1].splitlines()[0]) for part in ingests]
+    assert counts[0] == [1, ["rlhf_tuning"]], counts
+    assert "preference data unchanged" in ingests[1] and counts[1][0] == 1, counts
+    assert counts[2][0] == 2, counts
+    assert "=== SCHEDULE AssetOrTimeSchedule" in log
 
 
 def test_review_page_in_airflow_uses_the_airflow_login(airflow_home, tmp_path):
