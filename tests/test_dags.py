@@ -373,3 +373,14 @@ def test_limits_come_from_the_base_config(tmp_path, monkeypatch):
     assert alert.callback.path == "rlhf_airflow.notify.run_overdue"
     # the champion Asset: promote announces it, the deployment template follows it
     assert [a.name for a in tasks["promote"].outlets] == ["rlhf-champion"]
+
+
+def test_every_form_field_has_a_section_title_and_description():
+    from rlhf_airflow.params import FORM, PARAM_TO_CONFIG, SECTIONS, trigger_params
+
+    assert set(FORM) == set(PARAM_TO_CONFIG)
+    for name, param in trigger_params().items():
+        schema = param.schema
+        assert schema["section"] in SECTIONS.values(), name
+        assert schema["title"] and schema["description"], name
+    assert "Panel" not in " ".join(SECTIONS.values()), "the panel's settings are governance"

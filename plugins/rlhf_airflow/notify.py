@@ -161,6 +161,9 @@ async def run_overdue(context=None, **kwargs) -> None:
 def review_waiting(context, *, batch_id: str, items: int, verdicts_needed: int, k: int,
                    review_url: str, deadline_hours: float) -> None:
     """Tell the panel a batch waits for them (called by the panel wait when it starts)."""
+    # values go into a template: no Jinja syntax may come with them
+    review_url = review_url.replace("{", "%7B").replace("}", "%7D")
+    batch_id = "".join(c for c in batch_id if c.isalnum() or c in "-_")
     RlhfNotifier(
         "review_waiting",
         subject=f"[rlhf] review batch waiting: {items} answers, {k} verdicts each",
