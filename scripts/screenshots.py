@@ -35,6 +35,23 @@ def browser(width: int = 1400, height: int = 900):
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
+def mlflow_page(driver, url: str) -> None:
+    """Open an MLflow UI page afresh (a hash change alone does not refetch its runs) and
+    close the assistant's side panel."""
+    from selenium.webdriver.common.by import By
+
+    driver.get("about:blank")
+    driver.get(url)
+    time.sleep(6)
+    for button in driver.find_elements(By.XPATH, "//button[@aria-label='Close' or "
+                                       "contains(@aria-label, 'lose')]"):
+        try:
+            button.click()
+        except Exception:  # noqa: BLE001 - not every match is the panel's
+            pass
+    time.sleep(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "docs" / "img"))
@@ -69,9 +86,10 @@ def main() -> None:
                 break
         time.sleep(3)
         # the form's sections: open the first few so the titles and fields show
-        for header in driver.find_elements(By.XPATH, "//button[contains(., 'Data') or "
-                                           "contains(., 'Reinforcement learning')]")[:2]:
-            driver.execute_script("arguments[0].click();", header)
+        title = "Reinforcement learning (PPO)"
+        for header in driver.find_elements(By.XPATH, f"//button[normalize-space(.)='{title}']")[:1]:
+            driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", header)
+            header.click()
         time.sleep(1)
         driver.save_screenshot(str(out / "airflow-trigger-form.png"))
         driver.get(f"{args.airflow}/rlhf-review/")
@@ -86,8 +104,7 @@ def main() -> None:
                                    order_by=["start_time DESC"], max_results=2)
         ids = json.dumps(list(frame["run_id"]))
         experiment = json.dumps([frame.iloc[0]["experiment_id"]])
-        driver.get(f"{args.mlflow}/#/compare-runs?runs={ids}&experiments={experiment}")
-        time.sleep(6)
+        mlflow_page(driver, f"{args.mlflow}/#/compare-runs?runs={ids}&experiments={experiment}")
         # down to the metrics table: panel/* side by side for the two gates
         for element in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Metrics']"):
             driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", element)
@@ -99,8 +116,7 @@ def main() -> None:
                                    filter_string="tags.`rlhf.step` = 'ppo'",
                                    order_by=["start_time DESC"], max_results=2)
         ids = json.dumps(list(frame["run_id"]))
-        driver.get(f"{args.mlflow}/#/compare-runs?runs={ids}&experiments={experiment}")
-        time.sleep(6)
+        mlflow_page(driver, f"{args.mlflow}/#/compare-runs?runs={ids}&experiments={experiment}")
         for element in driver.find_elements(By.XPATH,
                                             "//*[normalize-space(text())='Parameters']"):
             driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", element)
@@ -111,9 +127,8 @@ def main() -> None:
         evaluation = mlflow.search_runs(experiment_names=["rlhf-tuning"],
                                         filter_string="tags.`rlhf.step` = 'gate'",
                                         order_by=["start_time DESC"], max_results=1).iloc[0]
-        driver.get(f"{args.mlflow}/#/experiments/{evaluation['experiment_id']}/runs/"
-                   f"{evaluation['run_id']}/artifacts/panel/answers.json")
-        time.sleep(6)
+        mlflow_page(driver, f"{args.mlflow}/#/experiments/{evaluation['experiment_id']}/runs/"
+                            f"{evaluation['run_id']}/artifacts/panel/answers.json")
         driver.save_screenshot(str(out / "mlflow-answers-table.png"))
     finally:
         driver.quit()
@@ -122,8 +137,9 @@ def main() -> None:
 
 
 def notification(out: Path) -> None:
-    """The gate's decision as a mail: the real notifier, a real SMTP server (aiosmtpd)
-    on this machine, the message rendered as a mail client would."""
+    """The last demo run's gate decision as a mail: its gate.json as the gate task's
+    result, the real notifier, a real SMTP server (aiosmtpd) on this machine, the message
+    rendered as a mail client would."""
     import sys
     from types import SimpleNamespace
 
@@ -133,12 +149,15 @@ def notification(out: Path) -> None:
 
     from rlhf_airflow.notify import gate_decision
 
-    result = {"decision": "promote", "version": "2",
-              "pass_rates": {"rlhf": 0.885, "champion": 0.57},
-              "reasons": ["pass rate 0.885 >= 0.600", "lift +0.315 over champion (p=1.8e-14)"],
-              "report_uri": "s3://rlhf-artifacts/runs/rlhf_tuning/.../gate/report.html"}
+    gate_file = max((ROOT / ".rlhf" / "artifacts" / "rlhf_tuning").glob("*/gate/gate.json"),
+                    key=lambda p: p.stat().st_mtime)
+    gate = json.loads(gate_file.read_text())
+    result = {"decision": gate["decision"], "version": gate["version"],
+              "pass_rates": {r["model"]: r["pass_rate"] for r in gate["table"]},
+              "reasons": gate["gate"]["reasons"],
+              "report_uri": str(gate_file.with_name("report.html"))}
     ti = SimpleNamespace(task_id="gate", xcom_pull=lambda task_ids: result)
-    context = {"ti": ti, "run_id": "manual__2026-11-30T03:01:49", "dag": DAG(
+    context = {"ti": ti, "run_id": gate_file.parts[-3], "dag": DAG(
         "rlhf_tuning", schedule=None)}
     with smtp_server() as (port, mails):
         os.environ["AIRFLOW_CONN_RLHF_NOTIFICATIONS"] = smtp_connection(port)

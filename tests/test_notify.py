@@ -49,7 +49,7 @@ def test_gate_decision_and_review_batch_are_mailed(monkeypatch):
         "[rlhf] rlhf_tuning run manual__1: gate decided promote",
         "[rlhf] review batch waiting: 80 answers, 3 verdicts each"]
     assert messages[0]["to"] == ["panel@example.org", "ml-team@example.org"]
-    assert "{'rlhf': 0.87}" in messages[0]["body"].replace("&#x27;", "'")
+    assert "Expert pass rates: rlhf 87.0%\n" in messages[0]["body"]
     assert "http://airflow/rlhf-review/" in messages[1]["body"]
     assert "240 in all" in messages[1]["body"]
 
