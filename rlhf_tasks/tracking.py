@@ -90,9 +90,14 @@ def start_pipeline_run(cfg, tags: dict[str, str] | None = None) -> str:
                        f"tags.`{RUN_TAG}` = '{cfg.run.run_id}'"),
         max_results=1,
     )
-    if found:  # a retried start: the params are the same, logging them again is a no-op
-        log_params(config_params(cfg), found[0].info.run_id)
-        return found[0].info.run_id
+    if found:
+        # a retried start, or a step run by hand with other settings: the parent keeps
+        # the config it started with (MLflow params never change), gaining only params
+        # it lacks (a start that failed half-way)
+        run = found[0]
+        log_params({k: v for k, v in config_params(cfg).items() if k not in run.data.params},
+                   run.info.run_id)
+        return run.info.run_id
     all_tags = {
         PIPELINE_TAG: cfg.run.pipeline,
         RUN_TAG: cfg.run.run_id,
@@ -175,6 +180,8 @@ def log_params(params: dict[str, str], run_id: str | None = None) -> None:
     client = mlflow.MlflowClient()
     run_id = run_id or mlflow.active_run().info.run_id
     items = sorted(params.items())
+    if not items:
+        return
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
 

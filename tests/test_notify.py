@@ -102,3 +102,20 @@ def test_no_api_connection_writes_no_note(monkeypatch, caplog):
     with caplog.at_level(logging.INFO):
         assert set_note("rlhf_tuning", "r1", "x") is False
     assert "no Airflow connection 'rlhf_airflow_api'" in caplog.text
+
+
+def test_the_deadline_alert_callback_notifies(monkeypatch):
+    """What the DAG's DeadlineAlert runs in the triggerer when a run is past its time."""
+    import asyncio
+
+    from rlhf_airflow.notify import run_overdue
+
+    with webhook_receiver() as (base, received):
+        monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", webhook_connection(base))
+        # the context Airflow's deadline handling passes: the run as the REST API's JSON
+        asyncio.run(run_overdue({"dag_run": {"dag_id": "rlhf_tuning",
+                                             "dag_run_id": "scheduled__1"},
+                                 "deadline": {"id": "d1"}}, hours=96))
+    assert [r["event"] for r in received] == ["run_overdue"]
+    assert received[0]["subject"] == "[rlhf] rlhf_tuning run scheduled__1 is past its deadline"
+    assert "more than 96 h" in received[0]["text"]

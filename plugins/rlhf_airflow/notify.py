@@ -150,12 +150,15 @@ def sign_off_waiting() -> RlhfNotifier:
 
 
 async def run_overdue(context=None, **kwargs) -> None:
-    """The DAG's deadline alert (runs in the triggerer): a run is taking too long."""
+    """The DAG's deadline alert (runs in the triggerer): a run is taking too long.
+    Airflow passes ``context["dag_run"]`` as the REST API's JSON of the run."""
     import asyncio
+    from types import SimpleNamespace
 
-    dag_run = (context or {}).get("dag_run")
-    dag_id = getattr(dag_run, "dag_id", None) or kwargs.get("dag_id", "rlhf_tuning")
-    run_id = getattr(dag_run, "run_id", None) or "?"
+    found = (context or {}).get("dag_run") or {}
+    dag_id = str(found.get("dag_id") or "rlhf_tuning")
+    run_id = str(found.get("dag_run_id") or found.get("run_id") or "?")
+    dag_run = SimpleNamespace(dag_id=dag_id, run_id=run_id)
     notifier = RlhfNotifier(
         "run_overdue", subject=f"[rlhf] {dag_id} run {run_id} is past its deadline",
         text=f"{dag_id} run {run_id} has been going for more than "

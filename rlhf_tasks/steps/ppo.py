@@ -91,9 +91,9 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             **models.load_kwargs(cfg, device, trainable=False))
         norm = info["normalisation"]
         settings = ppo_settings(cfg, norm["mean"], norm["std"])
-        prompts = training.encode_prompts(renderer,
-                                          training.read_canonical(cfg, storage, "prompt",
-                                                                  mlflow_context="training" if main else None))
+        prompt_frame = training.read_canonical(cfg, storage, "prompt",
+                                               mlflow_context="training" if main else None)
+        prompts = training.encode_prompts(renderer, prompt_frame)
         torch.manual_seed(cfg.run.seed)  # LoRA initialisation: the same on every rerun
         policy = models.load_causal_lm(cfg, storage, **models.load_kwargs(
             cfg, device, trainable=cfg.ppo.lora_rank == 0))
