@@ -1,4 +1,5 @@
-"""PPO data-parallel through accelerate: two CPU processes (gloo) stay in step.
+"""PPO data-parallel through accelerate: two CPU processes (gloo) stay in step, and the
+batch statistics (KL for the adaptive controller, whitening) are the global batch's.
 
 Launched with ``torchrun`` (what ``accelerate launch --multi_gpu`` runs underneath; on CPU
 this accelerate version starts a single process), the worker uses ``Accelerator`` as the
@@ -31,3 +32,13 @@ def test_two_processes_train_in_sync(tmp_path):
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     # ... while each process rolled out its own prompts
     assert ranks[0]["reward_mean"] != ranks[1]["reward_mean"]
+    # the KL statistic is the global batch's: the adaptive controller moved beta by the
+    # same steps on both processes
+    assert ranks[0]["kls"] == ranks[1]["kls"]
+    assert ranks[0]["betas"] == ranks[1]["betas"]
+    assert len(set(ranks[0]["betas"])) == 3, ranks[0]["betas"]  # beta moved every update
+    # no_sync on every microbatch but a minibatch's last: one all-reduce per optimizer step
+    # (3 updates x 2 epochs x 2 minibatches), not one per microbatch (twice as many)
+    assert ranks[0]["all_reduces"] == 12 * ranks[0]["buckets"], ranks[0]
+    # whitening over the global batch: each process's rows as one process whitens them all
+    assert ranks[0]["whiten_error"] < 1e-6 and ranks[1]["whiten_error"] < 1e-6

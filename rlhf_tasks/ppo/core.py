@@ -17,8 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+# sums a tensor over every process of a data-parallel run (identity in one process)
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -39,14 +47,31 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
+def global_moments(values: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _local,
+                   unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance over the masked entries of the *global* batch: every process's
+    sums are added (``reduce``) before dividing, so each process gets the same moments,
+    those of the concatenated batch (one process: ``masked_mean``, ``masked_var``)."""
+    mask = mask.to(values.dtype)
+    totals = reduce(torch.stack([(values * mask).sum(), mask.sum()]).double())
+    count = totals[1].clamp_min(1.0)
+    mean = totals[0] / count
+    squares = reduce((((values.double() - mean) ** 2) * mask).sum())
+    var = squares / count
+    if unbiased and totals[1] > 1:
+        var = var * totals[1] / (totals[1] - 1)
+    return mean.to(values.dtype), var.to(values.dtype)
+
+
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean (unless ``shift_mean=False``), unit variance over the masked entries.
+                  eps: float = 1e-8, reduce: Reduce = _local) -> torch.Tensor:
+    """Zero mean (unless ``shift_mean=False``), unit variance over the masked entries of
+    the global batch (``reduce``: see :func:`global_moments`).
 
     [N+] "Advantage whitening" (shift_mean=True) and "Reward whitening" (shift_mean=False:
     only the scale changes, so the sign of a reward survives).  Padding stays zero.
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean, var = global_moments(values, mask, reduce)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -335,6 +335,11 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
     rank, world = ((accelerator.process_index, accelerator.num_processes)
                    if accelerator is not None else (0, 1))
 
+    def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+        """[global batch] the sum over every process (whitening, KL): each process then
+        holds the statistics of the whole batch, so beta stays the same everywhere."""
+        return accelerator.reduce(tensor, reduction="sum") if world > 1 else tensor
+
     start_update, data_position, history = 0, 0, []
     if resume_from is not None:
         state = load_checkpoint(resume_from, wrapped=unwrapped, optimizer=optimizer,
@@ -412,11 +417,12 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
             kl = core.kl_penalty(logprobs, ref_logprobs, s.kl_estimator) * maskf
             rewards = core.token_rewards(scores, kl, kl_ctl.value, mask)
             if s.whiten_rewards:  # [N+ "Reward whitening"] (scale only)
-                rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+                rewards = core.masked_whiten(rewards, mask, shift_mean=False,
+                                             reduce=reduce_sum)
             values = values * maskf
             advantages, returns = core.gae(rewards, values, mask, s.gamma, s.lam)
-            # [N+ "Advantage whitening"] over the batch's response tokens
-            advantages = core.masked_whiten(advantages, mask)
+            # [N+ "Advantage whitening"] over the global batch's response tokens
+            advantages = core.masked_whiten(advantages, mask, reduce=reduce_sum)
 
         t_advantages = _clock(device)
         # 5. PPO epochs over the batch: a fresh permutation each epoch, minibatches
@@ -435,19 +441,26 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
                 for m_start in range(0, len(mb_rows), micro):
                     rows = mb_rows[m_start: m_start + micro]
                     m = maskf[rows]
-                    with autocast(s, device):
-                        new_logits, new_values = wrapped(ids[rows], full_mask[rows],
-                                                         positions[rows], width, s.temperature)
-                    new_logprobs = core.selective_logprobs(new_logits, responses[rows])
-                    pg_loss, pg_stats = core.policy_loss(new_logprobs, logprobs[rows],
-                                                         advantages[rows], m, s.clip_range)
-                    vf_loss, vf_stats = core.value_loss(new_values, values[rows], returns[rows],
-                                                        m, s.value_clip_range)
-                    loss = (pg_loss + s.vf_coef * vf_loss) * len(rows) / len(mb_rows)
-                    if accelerator is not None:
-                        accelerator.backward(loss)
-                    else:
-                        loss.backward()
+                    # gradients are all-reduced once per minibatch, on its last microbatch
+                    last = m_start + micro >= len(mb_rows)
+                    sync = (contextlib.nullcontext() if accelerator is None or last
+                            else accelerator.no_sync(wrapped))
+                    with sync:
+                        with autocast(s, device):
+                            new_logits, new_values = wrapped(ids[rows], full_mask[rows],
+                                                             positions[rows], width,
+                                                             s.temperature)
+                        new_logprobs = core.selective_logprobs(new_logits, responses[rows])
+                        pg_loss, pg_stats = core.policy_loss(new_logprobs, logprobs[rows],
+                                                             advantages[rows], m, s.clip_range)
+                        vf_loss, vf_stats = core.value_loss(new_values, values[rows],
+                                                            returns[rows], m,
+                                                            s.value_clip_range)
+                        loss = (pg_loss + s.vf_coef * vf_loss) * len(rows) / len(mb_rows)
+                        if accelerator is not None:
+                            accelerator.backward(loss)
+                        else:
+                            loss.backward()
                     with torch.no_grad():
                         stats["policy_loss"].append(pg_loss.item())
                         stats["value_loss"].append(vf_loss.item())
@@ -472,7 +485,11 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         # 6. metrics for this update
         t_training = _clock(device)
         seconds = t_training - tick
-        mean_kl = (kl.sum(1)).mean().item()
+        # [global batch] the mean KL per response over every process's episodes: the
+        # adaptive controller sees the same value everywhere
+        kl_sum = reduce_sum(torch.stack([kl.sum(1).sum(), torch.tensor(
+            float(len(kl)), device=kl.device)]).double())
+        mean_kl = (kl_sum[0] / kl_sum[1]).item()
         lengths = mask.sum(1).float()
         metrics = {
             "reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
