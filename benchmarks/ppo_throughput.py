@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PAD, BOS, EOS = 0, 1, 2
+PHASES: dict[str, float] = {}  # the project's PPO: share of time per phase
 
 
 def parse_args(argv=None):
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (TRL: through accelerate)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
+                   help="attention kernel of the random models (both sides)")
     p.add_argument("--compare", action="store_true", help="run both, alternating")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--trl-python", default=str(ROOT / ".rlhf" / "bench-trl112" / "bin" / "python"))
@@ -71,7 +74,8 @@ def build(args):
     policy, config = random_llama(args.vocab, args.hidden, args.layers, args.heads,
                                   seed=args.seed, pad_token_id=PAD, bos_token_id=BOS,
                                   eos_token_id=EOS,
-                                  max_positions=args.prompt_length + args.response_length + 8)
+                                  max_positions=args.prompt_length + args.response_length + 8,
+                                  attn_implementation=getattr(args, "attn", "eager"))
     reference = copy.deepcopy(policy)
     reward = sequence_classifier_like(config, seed=args.seed + 1)
     value = copy.deepcopy(reward)
@@ -97,13 +101,19 @@ def run_rlhf(args) -> float:
     for model in (policy, reference, reward, value):
         model.to(args.device)
     started = time.perf_counter()
-    train(Models(policy=policy, critic=value, reference=reference, reward=reward), prompts,
-          settings, eos_token_id=EOS, pad_token_id=PAD, device=args.device)
+    result = train(Models(policy=policy, critic=value, reference=reference, reward=reward),
+                   prompts, settings, eos_token_id=EOS, pad_token_id=PAD, device=args.device)
     if args.device.startswith("cuda"):
         import torch
 
         torch.cuda.synchronize()
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    # where the time went: each phase's share of the updates' time (ppo/time/*)
+    phases = {k.split("/", 1)[1]: sum(h[k] for h in result.history)
+              for k in result.history[0] if k.startswith("time/") and k != "time/update"}
+    total = sum(phases.values()) or 1.0
+    PHASES.update({k: round(v / total, 3) for k, v in phases.items()})
+    return seconds
 
 
 def _word_tokenizer(vocab: int):
@@ -157,8 +167,9 @@ def single(args) -> None:
     seconds = run_rlhf(args) if args.impl == "rlhf" else run_trl(args)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"impl": args.impl, "seconds": round(seconds, 2), "torch_threads":
-                      torch.get_num_threads(), **{k: v for k, v in vars(args).items()
-                                                  if k not in ("compare", "runs", "trl_python")}}))
+                      torch.get_num_threads(), "phases": PHASES,
+                      **{k: v for k, v in vars(args).items()
+                         if k not in ("compare", "runs", "trl_python")}}))
     gpu = (f" peak_gpu_mb={torch.cuda.max_memory_allocated() / 2**20:.0f}"
            if args.device.startswith("cuda") else "")
     print(f"episodes_per_s={args.episodes / seconds:.3f} peak_rss_mb={peak_mb:.0f}{gpu}")

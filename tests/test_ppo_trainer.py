@@ -10,7 +10,7 @@ import torch
 from rlhf_tasks.ppo import core
 from rlhf_tasks.ppo.models import build_models, random_llama, sequence_classifier_like
 from rlhf_tasks.ppo.trainer import (PPOSettings, collate_prompts, position_ids, prompt_batch,
-                                    response_logits, rollout, train)
+                                    response_logits, rollout, token_values, train)
 
 VOCAB, PAD, EOS = 120, 0, 2
 # the same tests on a GPU: RLHF_TEST_DEVICE=cuda (benchmarks/gpu_check.sh)
@@ -58,6 +58,32 @@ def test_rollout_logprobs_equal_a_forward_pass_over_left_padded_prompts():
                                                   PPOSettings(max_new_tokens=6, temperature=0.7),
                                                   EOS)
     assert torch.allclose(recorded, forward, atol=ATOL)
+
+
+def test_a_microbatch_cut_to_its_longest_response_computes_the_same():
+    """[length buckets]: right padding after the longest response changes nothing before
+    it (causal attention), so the trimmed forward equals the full one on every kept
+    token, for the policy's log-probs and the critic's values."""
+    models = tiny(4, "shared")
+    _, _, responses, keep = _rollout_vs_forward(models, PPOSettings(max_new_tokens=8), [EOS, 5])
+    ids, mask = collate_prompts(prompts(8), PAD, DEVICE)
+    lengths = keep.sum(1)
+    assert lengths.min() < lengths.max(), "responses of different lengths"
+    full, full_mask = torch.cat([ids, responses], 1), torch.cat([mask, keep], 1)
+    width = responses.shape[1]
+    rows = torch.argsort(lengths, descending=True)[4:]  # the shorter half
+    w = int(lengths[rows].max())
+    cols = ids.shape[1] + w
+    with torch.no_grad():
+        args = (full[rows], full_mask[rows], position_ids(full_mask)[rows])
+        cut = (full[rows, :cols], full_mask[rows, :cols], position_ids(full_mask)[rows, :cols])
+        logits_full = response_logits(models.policy, *args, width, 0.7)[:, :w]
+        logits_cut = response_logits(models.policy, *cut, w, 0.7)
+        values_full = token_values(models.critic, *args, width)[:, :w]
+        values_cut = token_values(models.critic, *cut, w)
+    kept = keep[rows, :w].bool()
+    assert torch.allclose(logits_full[kept], logits_cut[kept], atol=ATOL)
+    assert torch.allclose(values_full[kept], values_cut[kept], atol=ATOL)
 
 
 def test_rollouts_ignore_the_checkpoints_generation_config(monkeypatch):

@@ -80,7 +80,8 @@ def _build(policy_base, reward_model, lora, layout: str) -> Models:
 
 def random_llama(vocab_size: int, hidden: int, layers: int, heads: int, *, seed: int = 0,
                  intermediate: int | None = None, pad_token_id: int = 0, bos_token_id: int = 1,
-                 eos_token_id: int = 2, max_positions: int = 512):
+                 eos_token_id: int = 2, max_positions: int = 512,
+                 attn_implementation: str = "eager"):
     """A random tiny Llama (causal LM) for tests and benchmarks, and its config."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -91,7 +92,7 @@ def random_llama(vocab_size: int, hidden: int, layers: int, heads: int, *, seed:
                          num_key_value_heads=heads, max_position_embeddings=max_positions,
                          pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, tie_word_embeddings=False, num_labels=1)
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return LlamaForCausalLM(config), config
 

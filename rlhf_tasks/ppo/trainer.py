@@ -1,18 +1,26 @@
 """PPO for causal language models, readable top to bottom (after CleanRL's ``ppo.py``).
 
-One call, :func:`train`, runs ``settings.total_updates`` PPO updates.  Each update:
+One call, :func:`train`, runs ``settings.total_updates`` PPO updates: set-up (optimizer,
+DDP, resume) and bookkeeping (timers, metrics, checkpoints) live there, at the edges;
+each section of the algorithm is one function:
 
-1. take ``batch_size`` prompts (a fixed, seeded order: the data position is one integer);
-2. roll out responses with Hugging Face ``generate`` (KV cache, left-padded prompts) and
-   keep the sampled tokens' log-probs of the *sampling* distribution (logits / T);
-3. score them: the reference policy's log-probs (the same LoRA model with its adapters
-   disabled, or a frozen copy), the value model's values and the reward model's score;
-4. reward = normalised score at the last token - beta * KL per token; GAE; whitening;
-5. ``ppo_epochs`` passes over the batch, reshuffled each pass, in minibatches (one
-   optimizer step each) made of microbatches (gradient accumulation);
-6. log ``ppo/*`` metrics; every ``checkpoint_every`` updates save everything needed to
-   resume exactly (weights, optimizer, scheduler, data position, KL controller; the
-   random state is derived from the seed and the update number).
+1. prompts: ``batch_size`` per process (a fixed, seeded order: the data position is one
+   integer);
+2. :func:`collect_rollouts`: responses from Hugging Face ``generate`` (KV cache,
+   left-padded prompts) with the sampled tokens' log-probs of the *sampling*
+   distribution (logits / T);
+3. :func:`score_rollouts`: the reference policy's log-probs (the same LoRA model with its
+   adapters disabled, or a frozen copy), the value model's values and the reward model's
+   score, in length-bucketed microbatches;
+4. :func:`compute_advantages`: reward = normalised score at the last token - beta * KL per
+   token; GAE; whitening over the global batch;
+5. :func:`ppo_update`: ``ppo_epochs`` passes over the batch, reshuffled each pass, in
+   minibatches (one optimizer step, one gradient all-reduce each) made of microbatches
+   (gradient accumulation, cut to their longest response);
+6. log ``ppo/*`` metrics (with ``ppo/time/*``: where the update's time went); every
+   ``checkpoint_every`` updates save everything needed to resume exactly (weights,
+   optimizer, scheduler, data position, KL controller; the random state is derived from
+   the seed and the update number).
 
 Comments tagged [N+ "name"] name the implementation detail of Huang et al. ("The N
 Implementation Details of RLHF with PPO", and "The N+ Implementation Details ... TL;DR")
@@ -158,25 +166,29 @@ def disable_dropout(model: nn.Module) -> None:
 # -- rollouts --------------------------------------------------------------------------------
 class _SampledLogprobs:
     """A logits processor that turns raw logits into the sampling distribution (logits / T)
-    and records the log-prob of each sampled token, one (batch, vocab) tensor at a time
-    instead of keeping every step's scores (as ``output_scores`` would)."""
+    and records the log-prob of each sampled token: the sampled token's logit minus the
+    row's logsumexp (no (batch, vocab) log-softmax is built; generate samples from the
+    same scores), instead of keeping every step's scores (as ``output_scores`` would)."""
 
     def __init__(self, temperature: float, prompt_width: int):
         self.temperature, self.prompt_width = temperature, prompt_width
         self.logprobs: list[torch.Tensor] = []
         self._last: torch.Tensor | None = None
+        self._lse: torch.Tensor | None = None
+
+    def _record(self, tokens: torch.Tensor) -> None:
+        if self._last is not None:  # the token sampled from the previous step's scores
+            self.logprobs.append(self._last.gather(-1, tokens).squeeze(-1) - self._lse)
 
     def __call__(self, input_ids, scores):
-        if self._last is not None:  # the token sampled from the previous step's scores
-            self.logprobs.append(self._last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self._record(input_ids[:, -1:])
         scores = scores.float() / self.temperature
-        self._last = torch.log_softmax(scores, dim=-1)
+        self._last, self._lse = scores, torch.logsumexp(scores, dim=-1)
         return scores
 
     def finish(self, sequences) -> torch.Tensor:
-        if self._last is not None:
-            self.logprobs.append(self._last.gather(-1, sequences[:, -1:]).squeeze(-1))
-        self._last = None
+        self._record(sequences[:, -1:])
+        self._last = self._lse = None
         return torch.stack(self.logprobs, 1)
 
 
@@ -348,8 +360,6 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
                                                 state["history"])
         log.info("resumed PPO at update %d from %s", start_update, resume_from)
 
-    minibatch = s.batch_size // s.num_minibatches
-    micro = min(s.microbatch_size, minibatch)
     started = time.perf_counter()
     last_update = min(s.total_updates, start_update + stop_after) if stop_after else s.total_updates
     update = start_update
@@ -359,152 +369,43 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         # sampling randomness per (seed, update, rank): the same after a resume, and
         # different on every process of a multi-GPU run
         torch.manual_seed(s.seed * 1_000_003 + update * 1_009 + rank)
-        # 1. prompts: ``batch_size`` per process, each process its own share
+        # prompts: ``batch_size`` per process, each process its own share
         batch_prompts = prompt_batch(prompts, data_position, s.batch_size * world, s.seed)
         data_position += s.batch_size * world
         query_ids, query_mask = collate_prompts(batch_prompts[rank::world], pad_token_id, device)
-        width_q = query_ids.shape[1]
 
-        # 2. rollouts (policy in eval mode: dropout is off anyway)
-        unwrapped.eval()
-        with autocast(s, device):
-            responses, logprobs = rollout(unwrapped.policy, query_ids, query_mask, s,
-                                          stop_ids, pad_token_id)
+        batch = collect_rollouts(unwrapped, query_ids, query_mask, s, stop_ids,
+                                 pad_token_id, device)
         t_rollout = _clock(device)
-        # [N+ "Truncate at EOS"]: tokens after the first stop token are padding; a
-        # response that never stops keeps all its tokens and is penalised below.
-        mask, has_eos = core.response_mask(responses, stop_ids)
-        width = responses.shape[1]
-        responses = responses.masked_fill(mask == 0, pad_token_id)
-        ids = torch.cat([query_ids, responses], 1)
-        full_mask = torch.cat([query_mask, mask], 1)
-        positions = position_ids(full_mask)
-        maskf = mask.float()
-
-        # 3. score the rollouts, a microbatch of rows at a time: the reference's logits for
-        # the whole batch at once would be the largest tensor of the update
-        ref_logprobs, values, raw_scores = [], [], []
-        last_index = width_q + mask.sum(1) - 1
-        with torch.inference_mode(), autocast(s, device):
-            for rows in torch.arange(len(ids)).split(s.microbatch_size):
-                args = (ids[rows], full_mask[rows], positions[rows])
-                if models.reference is None:
-                    with adapters_disabled(unwrapped.policy):
-                        ref_logits = response_logits(unwrapped.policy, *args, width, s.temperature)
-                else:
-                    ref_logits = response_logits(models.reference, *args, width, s.temperature)
-                ref_logprobs.append(core.selective_logprobs(ref_logits, responses[rows]))
-                del ref_logits
-                values.append(token_values(unwrapped.critic, *args, width))
-                if models.reward is None:
-                    with adapters_disabled(unwrapped.critic):
-                        raw_scores.append(sequence_scores(unwrapped.critic, *args,
-                                                          last_index[rows]))
-                else:
-                    raw_scores.append(sequence_scores(models.reward, *args, last_index[rows]))
-        ref_logprobs, values, raw_scores = (torch.cat(t).clone() for t in
-                                            (ref_logprobs, values, raw_scores))
+        scored = score_rollouts(models, unwrapped, batch, s, device)
         t_scoring = _clock(device)
-        with torch.no_grad():
-            # reward normalisation: the reward step measured mean/std of the score on the
-            # reference policy's samples, so rewards start near mean 0, std 1
-            scores = (raw_scores - s.score_mean) / s.score_std
-            # [N+ "EOS trick"]: a fixed penalty for a response that never ended
-            scores = torch.where(has_eos, scores, scores - s.missing_eos_penalty)
-
-            # 4. rewards: [Ziegler] score at the last token minus beta * per-token KL
-            logprobs, ref_logprobs = logprobs * maskf, ref_logprobs * maskf
-            kl = core.kl_penalty(logprobs, ref_logprobs, s.kl_estimator) * maskf
-            rewards = core.token_rewards(scores, kl, kl_ctl.value, mask)
-            if s.whiten_rewards:  # [N+ "Reward whitening"] (scale only)
-                rewards = core.masked_whiten(rewards, mask, shift_mean=False,
-                                             reduce=reduce_sum)
-            values = values * maskf
-            advantages, returns = core.gae(rewards, values, mask, s.gamma, s.lam)
-            # [N+ "Advantage whitening"] over the global batch's response tokens
-            advantages = core.masked_whiten(advantages, mask, reduce=reduce_sum)
-
+        experience = compute_advantages(batch, scored, s, kl_ctl.value, reduce_sum)
         t_advantages = _clock(device)
-        # 5. PPO epochs over the batch: a fresh permutation each epoch, minibatches
-        # (one optimizer step each), microbatches (gradient accumulation)
-        unwrapped.train()
-        stats: dict[str, list[float]] = {k: [] for k in (
-            "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl",
-            "entropy", "ratio")}
-        local = len(query_ids)
-        shuffle = torch.Generator().manual_seed(s.seed * 7919 + update)
-        for _ in range(s.ppo_epochs):
-            order = torch.randperm(local, generator=shuffle)
-            for start in range(0, local, minibatch):
-                mb_rows = order[start: start + minibatch]
-                optimizer.zero_grad(set_to_none=True)
-                for m_start in range(0, len(mb_rows), micro):
-                    rows = mb_rows[m_start: m_start + micro]
-                    m = maskf[rows]
-                    # gradients are all-reduced once per minibatch, on its last microbatch
-                    last = m_start + micro >= len(mb_rows)
-                    sync = (contextlib.nullcontext() if accelerator is None or last
-                            else accelerator.no_sync(wrapped))
-                    with sync:
-                        with autocast(s, device):
-                            new_logits, new_values = wrapped(ids[rows], full_mask[rows],
-                                                             positions[rows], width,
-                                                             s.temperature)
-                        new_logprobs = core.selective_logprobs(new_logits, responses[rows])
-                        pg_loss, pg_stats = core.policy_loss(new_logprobs, logprobs[rows],
-                                                             advantages[rows], m, s.clip_range)
-                        vf_loss, vf_stats = core.value_loss(new_values, values[rows],
-                                                            returns[rows], m,
-                                                            s.value_clip_range)
-                        loss = (pg_loss + s.vf_coef * vf_loss) * len(rows) / len(mb_rows)
-                        if accelerator is not None:
-                            accelerator.backward(loss)
-                        else:
-                            loss.backward()
-                    with torch.no_grad():
-                        stats["policy_loss"].append(pg_loss.item())
-                        stats["value_loss"].append(vf_loss.item())
-                        stats["policy_clipfrac"].append(pg_stats["clipfrac"].item())
-                        stats["value_clipfrac"].append(vf_stats["clipfrac"].item())
-                        stats["approx_kl"].append(pg_stats["approx_kl"].item())
-                        stats["ratio"].append(pg_stats["ratio"].item())
-                        # a few rows at a time: softmax temporaries the size of the logits
-                        entropy = torch.cat([core.entropy_from_logits(chunk)
-                                             for chunk in new_logits.split(2)])
-                        stats["entropy"].append(core.masked_mean(entropy, m).item())
-                    # free this microbatch's logits before the next forward allocates its own
-                    del new_logits, new_values, new_logprobs, loss
-                # gradient clipping (global norm over policy and value parameters)
-                if accelerator is not None:
-                    accelerator.clip_grad_norm_(params, s.max_grad_norm)
-                else:
-                    nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                optimizer.step()
+        stats = ppo_update(wrapped, unwrapped, optimizer, params, batch, experience, s,
+                           accelerator, update, device)
         scheduler.step()
-
-        # 6. metrics for this update
         t_training = _clock(device)
+
         seconds = t_training - tick
         # [global batch] the mean KL per response over every process's episodes: the
         # adaptive controller sees the same value everywhere
+        kl = experience.kl
         kl_sum = reduce_sum(torch.stack([kl.sum(1).sum(), torch.tensor(
             float(len(kl)), device=kl.device)]).double())
         mean_kl = (kl_sum[0] / kl_sum[1]).item()
-        lengths = mask.sum(1).float()
+        lengths = batch.lengths.float()
         metrics = {
-            "reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
-            "score_raw_mean": raw_scores.mean().item(),
+            "reward_mean": experience.scores.mean().item(),
+            "reward_std": experience.scores.std().item(),
+            "score_raw_mean": scored.raw_scores.mean().item(),
             "kl": mean_kl, "kl_coef": kl_ctl.value,
-            "entropy": sum(stats["entropy"]) / len(stats["entropy"]),
-            "policy_clipfrac": _avg(stats["policy_clipfrac"]),
-            "value_clipfrac": _avg(stats["value_clipfrac"]),
-            "approx_kl": _avg(stats["approx_kl"]), "policy_loss": _avg(stats["policy_loss"]),
-            "value_loss": _avg(stats["value_loss"]), "ratio": _avg(stats["ratio"]),
-            "explained_variance": core.explained_variance(values, returns, mask),
+            **{k: _avg(v) for k, v in stats.items()},
+            "explained_variance": core.explained_variance(experience.values,
+                                                          experience.returns, batch.mask),
             "response_length": lengths.mean().item(),
-            "eos_rate": has_eos.float().mean().item(),
+            "eos_rate": batch.has_eos.float().mean().item(),
             "tokens_per_s": lengths.sum().item() / seconds,
-            "episodes_per_s": local / seconds,
+            "episodes_per_s": len(query_ids) / seconds,
             "learning_rate": scheduler.get_last_lr()[0],
             # where the update's time went (seconds): generation, the reference / value /
             # reward forwards, rewards + GAE + whitening, the PPO epochs
@@ -532,6 +433,191 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
     meter.close()
     return TrainResult(updates=update, history=history, resumed_from=start_update,
                        seconds=time.perf_counter() - started)
+
+
+# -- the algorithm, one section per function: rollout -> score -> advantages -> update ----
+@dataclass
+class Rollouts:
+    """One update's episodes on this process: prompt + response token ids and masks."""
+
+    ids: torch.Tensor            # (B, width_q + width): prompt (left-padded) + response
+    full_mask: torch.Tensor
+    positions: torch.Tensor
+    responses: torch.Tensor      # (B, width), padded after the first stop token
+    logprobs: torch.Tensor       # (B, width) log-probs the rollout sampled with
+    mask: torch.Tensor           # (B, width) 1 up to and including the stop token
+    has_eos: torch.Tensor        # (B,) the response ended
+    lengths: torch.Tensor        # (B,) response tokens kept
+    width_q: int
+
+    @property
+    def maskf(self) -> torch.Tensor:
+        return self.mask.float()
+
+
+@dataclass
+class Scored:
+    ref_logprobs: torch.Tensor   # (B, width) the reference's log-probs of the sampled tokens
+    values: torch.Tensor         # (B, width) the critic's values before each token
+    raw_scores: torch.Tensor     # (B,) the reward model's score at the last token
+
+
+@dataclass
+class Experience:
+    logprobs: torch.Tensor       # (B, width) the rollout's log-probs, masked
+    scores: torch.Tensor         # (B,) normalised, EOS-penalised scores
+    kl: torch.Tensor             # (B, width) per-token KL to the reference
+    values: torch.Tensor         # (B, width) masked
+    advantages: torch.Tensor     # (B, width) whitened
+    returns: torch.Tensor        # (B, width)
+
+
+def collect_rollouts(unwrapped, query_ids, query_mask, s: PPOSettings, stop_ids,
+                     pad_token_id: int, device) -> Rollouts:
+    """Sample one response per prompt (policy and value model in eval mode until the
+    update: dropout is off anyway).
+
+    [N+ "Truncate at EOS"]: tokens after the first stop token are padding; a response
+    that never stops keeps all its tokens (and is penalised in ``compute_advantages``)."""
+    unwrapped.eval()
+    with autocast(s, device):
+        responses, logprobs = rollout(unwrapped.policy, query_ids, query_mask, s, stop_ids,
+                                      pad_token_id)
+    mask, has_eos = core.response_mask(responses, stop_ids)
+    responses = responses.masked_fill(mask == 0, pad_token_id)
+    full_mask = torch.cat([query_mask, mask], 1)
+    return Rollouts(ids=torch.cat([query_ids, responses], 1), full_mask=full_mask,
+                    positions=position_ids(full_mask), responses=responses,
+                    logprobs=logprobs, mask=mask, has_eos=has_eos, lengths=mask.sum(1),
+                    width_q=query_ids.shape[1])
+
+
+def _cut(batch: Rollouts, rows: torch.Tensor) -> tuple[int, tuple]:
+    """[length buckets] ``rows`` cut to their longest response: (that width, the inputs)."""
+    w = max(int(batch.lengths[rows].max()), 1)
+    cols = batch.width_q + w
+    return w, (batch.ids[rows, :cols], batch.full_mask[rows, :cols],
+               batch.positions[rows, :cols])
+
+
+def score_rollouts(models: Models, unwrapped, batch: Rollouts, s: PPOSettings,
+                   device) -> Scored:
+    """The reference's log-probs, the critic's values and the reward model's scores, a
+    microbatch of rows at a time (the reference's logits for the whole batch at once
+    would be the largest tensor of the update), rows sorted by response length."""
+    ref_logprobs = torch.zeros(batch.mask.shape, device=batch.mask.device)
+    values = torch.zeros(batch.mask.shape, device=batch.mask.device)
+    raw_scores = torch.zeros(len(batch.ids), device=batch.mask.device)
+    last_index = batch.width_q + batch.lengths - 1
+    with torch.inference_mode(), autocast(s, device):
+        for rows in torch.argsort(batch.lengths, descending=True).split(s.microbatch_size):
+            w, args = _cut(batch, rows)
+            if models.reference is None:  # the policy's base weights are the reference
+                with adapters_disabled(unwrapped.policy):
+                    ref_logits = response_logits(unwrapped.policy, *args, w, s.temperature)
+            else:
+                ref_logits = response_logits(models.reference, *args, w, s.temperature)
+            ref_logprobs[rows, :w] = core.selective_logprobs(ref_logits,
+                                                             batch.responses[rows, :w])
+            del ref_logits
+            values[rows, :w] = token_values(unwrapped.critic, *args, w)
+            if models.reward is None:  # the critic's base weights are the reward model
+                with adapters_disabled(unwrapped.critic):
+                    raw_scores[rows] = sequence_scores(unwrapped.critic, *args,
+                                                       last_index[rows])
+            else:
+                raw_scores[rows] = sequence_scores(models.reward, *args, last_index[rows])
+    return Scored(*(t.clone() for t in (ref_logprobs, values, raw_scores)))
+
+
+def compute_advantages(batch: Rollouts, scored: Scored, s: PPOSettings, beta: float,
+                       reduce: core.Reduce) -> Experience:
+    """Rewards, GAE and whitening over the global batch (``reduce`` sums over processes)."""
+    maskf = batch.maskf
+    with torch.no_grad():
+        # reward normalisation: the reward step measured mean/std of the score on the
+        # reference policy's samples, so rewards start near mean 0, std 1
+        scores = (scored.raw_scores - s.score_mean) / s.score_std
+        # [N+ "EOS trick"]: a fixed penalty for a response that never ended
+        scores = torch.where(batch.has_eos, scores, scores - s.missing_eos_penalty)
+        # [Ziegler] score at the last token minus beta * per-token KL
+        logprobs, ref_logprobs = batch.logprobs * maskf, scored.ref_logprobs * maskf
+        kl = core.kl_penalty(logprobs, ref_logprobs, s.kl_estimator) * maskf
+        rewards = core.token_rewards(scores, kl, beta, batch.mask)
+        if s.whiten_rewards:  # [N+ "Reward whitening"] (scale only)
+            rewards = core.masked_whiten(rewards, batch.mask, shift_mean=False, reduce=reduce)
+        values = scored.values * maskf
+        advantages, returns = core.gae(rewards, values, batch.mask, s.gamma, s.lam)
+        # [N+ "Advantage whitening"] over the global batch's response tokens
+        advantages = core.masked_whiten(advantages, batch.mask, reduce=reduce)
+    return Experience(logprobs=logprobs, scores=scores, kl=kl, values=values,
+                      advantages=advantages, returns=returns)
+
+
+def ppo_update(wrapped, unwrapped, optimizer, params, batch: Rollouts, exp: Experience,
+               s: PPOSettings, accelerator, update: int, device) -> dict[str, list[float]]:
+    """``ppo_epochs`` passes over the batch: a fresh permutation each epoch, minibatches
+    (one optimizer step each, global-norm clipping), microbatches (gradient accumulation,
+    [length buckets] longest first, each cut to its longest response: the same gradient).
+    Gradients all-reduce once per minibatch (``no_sync`` on the other microbatches)."""
+    unwrapped.train()
+    stats: dict[str, list[float]] = {k: [] for k in (
+        "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl",
+        "entropy", "ratio")}
+    maskf = batch.maskf
+    local = len(batch.ids)
+    minibatch = s.batch_size // s.num_minibatches
+    micro = min(s.microbatch_size, minibatch)
+    shuffle = torch.Generator().manual_seed(s.seed * 7919 + update)
+    for epoch in range(s.ppo_epochs):
+        order = torch.randperm(local, generator=shuffle)
+        for start in range(0, local, minibatch):
+            mb_rows = order[start: start + minibatch]
+            mb_rows = mb_rows[torch.argsort(batch.lengths[mb_rows].cpu(), descending=True,
+                                            stable=True)]
+            optimizer.zero_grad(set_to_none=True)
+            for m_start in range(0, len(mb_rows), micro):
+                rows = mb_rows[m_start: m_start + micro]
+                w, args = _cut(batch, rows)
+                m = maskf[rows, :w]
+                last = m_start + micro >= len(mb_rows)
+                sync = (contextlib.nullcontext() if accelerator is None or last
+                        else accelerator.no_sync(wrapped))
+                with sync:
+                    with autocast(s, device):
+                        new_logits, new_values = wrapped(*args, w, s.temperature)
+                    new_logprobs = core.selective_logprobs(new_logits, batch.responses[rows, :w])
+                    pg_loss, pg_stats = core.policy_loss(
+                        new_logprobs, exp.logprobs[rows, :w], exp.advantages[rows, :w], m,
+                        s.clip_range)
+                    vf_loss, vf_stats = core.value_loss(
+                        new_values, exp.values[rows, :w], exp.returns[rows, :w], m,
+                        s.value_clip_range)
+                    loss = (pg_loss + s.vf_coef * vf_loss) * len(rows) / len(mb_rows)
+                    if accelerator is not None:
+                        accelerator.backward(loss)
+                    else:
+                        loss.backward()
+                with torch.no_grad():
+                    stats["policy_loss"].append(pg_loss.item())
+                    stats["value_loss"].append(vf_loss.item())
+                    stats["policy_clipfrac"].append(pg_stats["clipfrac"].item())
+                    stats["value_clipfrac"].append(vf_stats["clipfrac"].item())
+                    stats["approx_kl"].append(pg_stats["approx_kl"].item())
+                    stats["ratio"].append(pg_stats["ratio"].item())
+                    if epoch == 0:  # entropy once per update: every row once
+                        # a few rows at a time: softmax temporaries the size of the logits
+                        entropy = torch.cat([core.entropy_from_logits(chunk)
+                                             for chunk in new_logits.split(2)])
+                        stats["entropy"].append(core.masked_mean(entropy, m).item())
+                # free this microbatch's logits before the next forward allocates its own
+                del new_logits, new_values, new_logprobs, loss
+            if accelerator is not None:
+                accelerator.clip_grad_norm_(params, s.max_grad_norm)
+            else:
+                nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            optimizer.step()
+    return stats
 
 
 def _clock(device) -> float:
