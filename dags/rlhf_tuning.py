@@ -17,8 +17,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 
+from rlhf_airflow.notify import PASS_RATES, run_failed, sign_off_waiting
 from rlhf_airflow.notify import gate_decision as gate_decided
-from rlhf_airflow.notify import run_failed, sign_off_waiting
 from rlhf_airflow.operators import RlhfStepOperator
 from rlhf_airflow.panel_wait import PanelQuorumSensor
 from rlhf_airflow.params import trigger_params
@@ -121,7 +121,7 @@ with DAG(
     sign_off = SignOffOperator(
         task_id="sign_off", config_uri=CONFIG,
         subject="Promote RLHF version {{ ti.xcom_pull(task_ids='gate')['version'] }}?",
-        body="Expert pass rates: {{ ti.xcom_pull(task_ids='gate')['pass_rates'] }}. "
+        body="Expert pass rates: " + PASS_RATES + ". "
              "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}",
         notifiers=[sign_off_waiting()], retries=0)
     promote = RlhfStepOperator(task_id="promote", step="promote", config_uri=CONFIG,

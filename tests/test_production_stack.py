@@ -72,6 +72,8 @@ def _sign_off(api: str, users: dict, run_id: str, proc_ok, deadline_s: float = 6
         assert time.time() < deadline, "no sign-off request"
         time.sleep(2)
     assert detail.json()["assigned_users"] == [{"id": "alice", "name": "alice"}]
+    body = detail.json()["body"]  # the request shows the gate's pass rates as percentages
+    assert body.startswith("Expert pass rates: rlhf ") and "%. Report: s3://" in body, body
     answer = {"chosen_options": ["Approve"]}
     assert httpx.patch(hitl, json=answer, headers=users["bob"]).status_code == 403
     approved = httpx.patch(hitl, json=answer, headers=users["alice"])

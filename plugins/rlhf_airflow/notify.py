@@ -122,7 +122,7 @@ def run_failed() -> RlhfNotifier:
 
 
 # the gate's pass rates as "rlhf 87.0%, champion 76.0%" (a Jinja expression)
-_RATES = ("{% for m, r in (ti.xcom_pull(task_ids='gate')['pass_rates'] or {}).items() %}"
+PASS_RATES = ("{% for m, r in (ti.xcom_pull(task_ids='gate')['pass_rates'] or {}).items() %}"
           "{{ m }} {{ '%.1f' | format(r * 100) }}%{{ ', ' if not loop.last }}{% endfor %}")
 
 
@@ -133,7 +133,7 @@ def gate_decision() -> RlhfNotifier:
                 "{{ ti.xcom_pull(task_ids='gate')['decision'] }}",
         text="Decision: {{ ti.xcom_pull(task_ids='gate')['decision'] }} "
              "(version {{ ti.xcom_pull(task_ids='gate')['version'] }}).\n"
-             "Expert pass rates: " + _RATES + "\n"
+             "Expert pass rates: " + PASS_RATES + "\n"
              "Reasons: {{ ti.xcom_pull(task_ids='gate')['reasons'] | join('; ') }}\n"
              "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}")
 
@@ -145,7 +145,7 @@ def sign_off_waiting() -> RlhfNotifier:
                 "{{ ti.xcom_pull(task_ids='gate')['version'] }}?",
         text="The gate decided to promote version {{ ti.xcom_pull(task_ids='gate')['version'] }}"
              " of {{ dag.dag_id }} run {{ run_id }}; your sign-off is required.\n"
-             "Expert pass rates: " + _RATES + "\n"
+             "Expert pass rates: " + PASS_RATES + "\n"
              "Answer in Airflow (Required actions), or it counts as Reject when the wait ends.")
 
 
