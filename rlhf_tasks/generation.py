@@ -60,8 +60,9 @@ def generate(model, tokenizer, renderer, prompts: list[list[int]], *, temperatur
     ``progress`` (a label), logs count, rate and ETA as it goes."""
     import torch
 
-    from rlhf_tasks.ppo.trainer import collate_prompts
     from rlhf_tasks.progress import Progress
+
+    from rlhf_tasks.ppo.trainer import collate_prompts
 
     if seed is not None:
         torch.manual_seed(seed)
