@@ -13,6 +13,7 @@ parser must not reach S3), section ``schedule``:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -47,10 +48,17 @@ def limits(cfg: rlhf_config.PipelineConfig | None) -> dict:
 
 def base_config(path: str | None = None) -> rlhf_config.PipelineConfig | None:
     """The base config if it is a readable local file; None otherwise (logged, not raised:
-    a DAG file that fails to parse would hide the DAG from every user)."""
+    a DAG file that fails to parse would hide the DAG from every user).  Read once per
+    version of the file: a DAG parse asks for it once per step task."""
     path = path if path is not None else os.environ.get("RLHF_BASE_CONFIG", "")
     if not path or path.startswith("s3://") or not Path(path).is_file():
         return None
+    stat = Path(path).stat()
+    return _load_base_config(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_base_config(path: str, mtime_ns: int, size: int) -> rlhf_config.PipelineConfig | None:
     try:
         return rlhf_config.load(path)
     except BadInput as exc:
