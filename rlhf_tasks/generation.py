@@ -60,9 +60,8 @@ def generate(model, tokenizer, renderer, prompts: list[list[int]], *, temperatur
     ``progress`` (a label), logs count, rate and ETA as it goes."""
     import torch
 
-    from rlhf_tasks.progress import Progress
-
     from rlhf_tasks.ppo.trainer import collate_prompts
+    from rlhf_tasks.progress import Progress
 
     if seed is not None:
         torch.manual_seed(seed)

@@ -113,7 +113,7 @@ def start_pipeline_run(cfg, tags: dict[str, str] | None = None) -> str:
     run = client.create_run(experiment_id, run_name=f"{cfg.run.pipeline}:{cfg.run.run_id}",
                             tags=all_tags)
     log_params(config_params(cfg), run.info.run_id)
-    masked = json.loads(_CREDENTIALS.sub(r"\1:***@", json.dumps(cfg.dump())))
+    masked = json.loads(mask_credentials(json.dumps(cfg.dump())))
     masked["tracking"].pop("parent_run_id", None)
     client.log_dict(run.info.run_id, masked, "config.json")
     return run.info.run_id
@@ -147,9 +147,13 @@ def end_pipeline_run(cfg, status: str = "FINISHED") -> None:
         mlflow.MlflowClient().set_terminated(cfg.tracking.parent_run_id, status=status)
 
 
+def mask_credentials(text: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
+    return _CREDENTIALS.sub(r"\1:***@", text)
+
+
 def _param_value(value) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    text = _CREDENTIALS.sub(r"\1:***@", text)
+    text = mask_credentials(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
     return text if len(text) <= _PARAM_MAX else text[:_PARAM_MAX - 1] + "…"
 
 

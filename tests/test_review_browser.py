@@ -4,6 +4,7 @@ the Data Docs of a validate step, with the network off."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -110,7 +111,7 @@ def test_data_docs_render_with_the_network_off(tmp_path, browser):
 
     rows = [{"prompt": f"worked on payroll {i}"} for i in range(5)] + [{"prompt": " "}]
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     validation.validate_dataset(
         storage=Storage(str(tmp_path / "art"), [str(tmp_path)]), uri=str(data), kind="prompt",
         fmt="auto", load_tokenizer=None, data_cfg=config.PipelineConfig().data,

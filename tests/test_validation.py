@@ -1,6 +1,7 @@
 """Every validation rule, with a failing and a passing case; the step end to end."""
 
 import json
+import re
 
 import pytest
 
@@ -250,5 +251,5 @@ def test_data_docs_load_nothing_from_the_network(tmp_path, tokenizer):
         text = page.read_text()
         assert not [m.group(0) for m in EXTERNAL_LOAD.finditer(text)
                     if m.group(1) or "stylesheet" in m.group(0)], page
-        for ref in __import__("re").findall(r'(?:src|href)="([^"#]*static/vendor/[^"]+)"', text):
+        for ref in re.findall(r'(?:src|href)="([^"#]*static/vendor/[^"]+)"', text):
             assert (page.parent / ref).resolve().is_file(), (page, ref)

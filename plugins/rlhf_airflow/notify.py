@@ -38,7 +38,8 @@ def conn_id() -> str:
     return os.environ.get("RLHF_NOTIFY_CONN_ID", "").strip() or DEFAULT_CONN_ID
 
 
-def _connection(name: str):
+def connection(name: str):
+    """The Airflow connection ``name``; None when it is not configured."""
     from airflow.sdk import Connection
 
     try:
@@ -76,7 +77,7 @@ class RlhfNotifier(BaseNotifier):
 
     def notify(self, context: dict[str, Any]) -> None:
         name = conn_id()
-        conn = _connection(name)
+        conn = connection(name)
         if conn is None:
             log.info("notification %s not sent: no Airflow connection %r", self.event, name)
             return

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from airflow.sdk import Param
 
@@ -134,8 +134,6 @@ FORM: dict[str, tuple[str, str, str]] = {
 }
 _NULLABLE = {"preference_dataset", "prompt_dataset", "eval_dataset", "sft_dataset",
              "base_model", "model_revision", "instruction"}
-_ENUMS = {"prompt_format": ["auto", "chat", "template"],
-          "dtype": ["auto", "bf16", "fp16", "fp32"]}
 
 
 def _field(path: str):
@@ -143,15 +141,15 @@ def _field(path: str):
     return rlhf_config.PipelineConfig.model_fields[section].annotation.model_fields[name]
 
 
-def _schema(name: str, value: Any) -> dict[str, Any]:
+def _schema(name: str) -> dict[str, Any]:
     """The JSON schema of a form field, read off its config field: type, bounds, enum."""
-    if name in _ENUMS:
-        return {"type": "string", "enum": _ENUMS[name]}
+    annotation = _field(PARAM_TO_CONFIG[name][0]).annotation
+    if get_origin(annotation) is Literal:
+        return {"type": "string", "enum": list(get_args(annotation))}
     if name in _NULLABLE:
         extra = ({"pattern": r"^[\w./-]+$", "maxLength": 200} if name == "model_revision"
                  else {"maxLength": 2000} if name == "instruction" else {"maxLength": 2048})
         return {"type": ["null", "string"], **extra}
-    annotation = _field(PARAM_TO_CONFIG[name][0]).annotation
     kind = {bool: "boolean", int: "integer", float: "number"}[annotation]
     return {"type": kind, **_bounds(PARAM_TO_CONFIG[name][0])}
 
@@ -183,7 +181,7 @@ def trigger_params(base: rlhf_config.PipelineConfig | None = None) -> dict[str, 
                     "what you change wins over the file, even a value equal to a default.")}
     for name, (section, title, description) in FORM.items():
         params[name] = Param(defaults[name], title=title, description=description,
-                             section=SECTIONS[section], **_schema(name, defaults[name]))
+                             section=SECTIONS[section], **_schema(name))
     return params
 
 

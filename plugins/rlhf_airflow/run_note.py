@@ -32,10 +32,10 @@ def headline(result: dict) -> str:
 def set_note(dag_id: str, run_id: str, note: str) -> bool:
     import httpx
 
-    from rlhf_airflow.notify import _connection
+    from rlhf_airflow.notify import connection
 
     name = os.environ.get("RLHF_AIRFLOW_API_CONN_ID", "").strip() or DEFAULT_CONN_ID
-    conn = _connection(name)
+    conn = connection(name)
     if conn is None or not conn.host:
         log.info("run note not written: no Airflow connection %r", name)
         return False

@@ -167,15 +167,12 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, load_tokenizer, 
                               if tokenizer is not None else (None, None)))
     failures = runner.row_suite(f"{kind}-rows", frame, rules)
     for row_index, broken in sorted(failures.items()):
-        line = int(frame.at[row_index, "_line"])
         reasons = [r.reason for r in broken]
         dup = frame.at[row_index, "_duplicate_of_line"]
         if dup is not None:
             reasons = [f"{r} (first seen on line {dup})" if r == "duplicate row" else r
                        for r in reasons]
-        raw = {c: frame.at[row_index, c] for c in columns}
-        quarantine.append({"line": line, "field": broken[0].field, "reasons": reasons,
-                           "raw": json.dumps(raw, ensure_ascii=False, default=str)})
+        quarantine.append(_quarantined(frame, row_index, columns, broken[0].field, reasons))
     kept = frame.drop(index=list(failures)).reset_index(drop=True)
     # the data team's own suites, on the rows the built-in rules kept
     team_failures: list[str] = []
@@ -184,10 +181,8 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, load_tokenizer, 
         bad_rows, failed = runner.team_suite(name, kept, expectations)
         team_failures += failed
         for row_index, broken in sorted(bad_rows.items()):
-            raw = {c: kept.at[row_index, c] for c in columns}
-            quarantine.append({"line": int(kept.at[row_index, "_line"]),
-                               "field": broken[0][1], "reasons": [r for r, _ in broken],
-                               "raw": json.dumps(raw, ensure_ascii=False, default=str)})
+            quarantine.append(_quarantined(kept, row_index, columns, broken[0][1],
+                                           [r for r, _ in broken]))
         kept = kept.drop(index=list(bad_rows)).reset_index(drop=True)
     table_ok, table_message = runner.table_suite(
         f"{kind}-table", kept[columns + ["_line"]].assign(_row=range(len(kept))),
@@ -200,6 +195,15 @@ def validate_dataset(*, storage, uri: str, kind: str, fmt: str, load_tokenizer, 
                         _content_digest(kept, columns),
                         "" if table_ok else table_message, team_failures)
     return outcome
+
+
+def _quarantined(frame, row_index: int, columns: list[str], column: str,
+                 reasons: list[str]) -> dict:
+    """The quarantine entry of a row an expectation failed: its source line, the field,
+    the reasons, the row as it was read."""
+    raw = {c: frame.at[row_index, c] for c in columns}
+    return {"line": int(frame.at[row_index, "_line"]), "field": column, "reasons": reasons,
+            "raw": json.dumps(raw, ensure_ascii=False, default=str)}
 
 
 def _first(quarantine: list[dict], uri: str, n: int = 3) -> str:

@@ -37,21 +37,16 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance over the masked entries (Bessel-corrected by default, as TRL and [N+] do)."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    if unbiased:
-        count = mask.sum()
-        if count > 1:
-            var = var * count / (count - 1)
-    return var
+    """Variance over the masked entries (Bessel-corrected by default, as TRL and [N+] do);
+    one process's case of :func:`global_moments`."""
+    return global_moments(values, mask, unbiased=unbiased)[1]
 
 
 def global_moments(values: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _local,
                    unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance over the masked entries of the *global* batch: every process's
     sums are added (``reduce``) before dividing, so each process gets the same moments,
-    those of the concatenated batch (one process: ``masked_mean``, ``masked_var``)."""
+    those of the concatenated batch (in one process, ``masked_mean`` and ``masked_var``)."""
     mask = mask.to(values.dtype)
     totals = reduce(torch.stack([(values * mask).sum(), mask.sum()]).double())
     count = totals[1].clamp_min(1.0)

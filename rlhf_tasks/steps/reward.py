@@ -50,9 +50,8 @@ def sample_reference(policy, prompts: list[list[int]], tokenizer, renderer, cfg,
 
     from rlhf_tasks.ppo import core
     from rlhf_tasks.ppo.trainer import collate_prompts, rollout
-    from rlhf_tasks.steps.ppo import ppo_settings
-
     from rlhf_tasks.progress import Progress
+    from rlhf_tasks.steps.ppo import ppo_settings
 
     settings = ppo_settings(cfg)
     sequences = []
