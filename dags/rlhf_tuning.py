@@ -123,7 +123,7 @@ with DAG(
         subject="Promote RLHF version {{ ti.xcom_pull(task_ids='gate')['version'] }}?",
         body="Expert pass rates: " + PASS_RATES + ". "
              "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}",
-        notifiers=[sign_off_waiting()], retries=0)
+        notifiers=[sign_off_waiting()], retries=1)  # a lost answer is asked for again
     promote = RlhfStepOperator(task_id="promote", step="promote", config_uri=CONFIG,
                                overrides=[PARENT], retries=0, outlets=[CHAMPION_ASSET],
                                trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,

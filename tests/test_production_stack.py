@@ -61,7 +61,8 @@ def _review(http, tokens: dict[str, str], batch_id: str, per_reviewer: int) -> i
     return given
 
 
-def _sign_off(api: str, users: dict, run_id: str, proc_ok, deadline_s: float = 600) -> None:
+def _sign_off(api: str, users: dict, run_id: str, proc_ok, scheduler_log: Path,
+              deadline_s: float = 600) -> None:
     """alice answers the sign-off request; bob (an admin, not the approver) may not."""
     import httpx
 
@@ -71,6 +72,16 @@ def _sign_off(api: str, users: dict, run_id: str, proc_ok, deadline_s: float = 6
         proc_ok()
         assert time.time() < deadline, "no sign-off request"
         time.sleep(2)
+    # a person answers a request that waits, seconds or hours after it was made. Airflow 3.3.2
+    # loses the resumed task when the answer comes before the scheduler has taken in the exit
+    # of the worker that parked it (that exit then reads as a task killed externally; see
+    # docs/ARCHITECTURE.md), so alice answers once the scheduler logged that exit
+    parked = f"task_id=sign_off, run_id={run_id},"
+    while not any(parked in line and "TaskInstance Finished" in line
+                  for line in scheduler_log.read_text().splitlines()):
+        proc_ok()
+        assert time.time() < deadline, "the sign-off request never waited"
+        time.sleep(1)
     assert detail.json()["assigned_users"] == [{"id": "alice", "name": "alice"}]
     body = detail.json()["body"]  # the request shows the gate's pass rates as percentages
     assert body.startswith("Expert pass rates: rlhf ") and "%. Report: s3://" in body, body
@@ -106,8 +117,8 @@ def airflow_services(home: Path, tmp_path: Path, env: dict, users: str):
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords)}
     procs = {name: subprocess.Popen([str(BIN / "airflow"), *argv], env=env, cwd=home,
-                                    stdout=subprocess.DEVNULL,
-                                    stderr=open(tmp_path / f"{name}.log", "w"))
+                                    stdout=open(tmp_path / f"{name}.log", "w"),
+                                    stderr=subprocess.STDOUT)
              for name, argv in (("api-server", ["api-server", "--port", str(port)]),
                                 ("scheduler", ["scheduler"]),
                                 ("dag-processor", ["dag-processor"]),
@@ -148,6 +159,19 @@ def _wait_run(api: str, headers: dict, dag_id: str, run_id: str, running,
         running()
         assert time.monotonic() < deadline, f"{dag_id} {run_id} still {state}"
         time.sleep(2)
+
+
+def _failure_report(home: Path, tmp_path: Path, dag_id: str, run_id: str) -> str:
+    """What a failed run left behind: the tail of every task log of the run and the
+    scheduler's lines about task states, so that a failure on CI explains itself."""
+    parts = []
+    for log in sorted((home / "logs" / f"dag_id={dag_id}").glob(f"run_id={run_id}/*/*.log")):
+        parts.append(f"--- {log.parent.name}/{log.name}\n" + log.read_text()[-1500:])
+    scheduler = (tmp_path / "scheduler.log").read_text().splitlines()
+    keys = ("state mismatch", "reported that", "ERROR", "Marking task")
+    notable = [line for line in scheduler if any(k in line for k in keys)]
+    parts.append("--- scheduler\n" + "\n".join(notable[-40:]))
+    return "\n".join(parts)[-12000:]
 
 
 def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoint,
@@ -258,8 +282,9 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
                 assert state == "running", "the run must wait for the panel"
                 assert http.get(f"api/batches/{batch['id']}/next").status_code == 401
                 assert _review(http, tokens, batch["id"], per_reviewer=4) == 12
-            _sign_off(api, users, run_1, running)
-            assert _wait_run(api, bob, "rlhf_tuning", run_1, running) == "success"
+            _sign_off(api, users, run_1, running, tmp_path / "scheduler.log")
+            state = _wait_run(api, bob, "rlhf_tuning", run_1, running)
+            assert state == "success", _failure_report(home, tmp_path, "rlhf_tuning", run_1)
             print(f"\nproduction-mode run with a human panel (REST API, scheduler): "
                   f"{time.perf_counter() - started:.0f} s")
             tis = {t["task_id"]: t["state"] for t in httpx.get(

@@ -15,6 +15,11 @@ Only the assigned user can answer (Airflow refuses anyone else).  On top of that
 * a rejection (or a timeout) is written into the candidate version's tags.
 
 A rejection skips the promotion, whatever the downstream trigger rules.
+
+The DAG gives this task one retry: Airflow 3.3.2 can lose a task resumed by an answer that
+comes within a scheduler loop or two of the task parking (the parking worker's exit is then
+taken for a task killed externally).  The retry asks the approver again (Airflow clears the
+lost answer), where the run would otherwise fail after its whole training.
 """
 
 from __future__ import annotations
