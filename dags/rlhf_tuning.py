@@ -29,11 +29,13 @@ from rlhf_airflow.sign_off import SignOffOperator
 CONFIG = "{{ ti.xcom_pull(task_ids='prepare_run')['config_uri'] }}"
 BACKEND = "{{ ti.xcom_pull(task_ids='prepare_run')['backend'] }}"
 # GPU steps queue in this pool (create it: `airflow pools set gpu 4 "GPU pods"`), each
-# taking compute.num_gpus slots of it; limits come from the base config (parse time)
+# taking a slot per GPU it holds (training steps on several nodes: every node's GPUs);
+# limits come from the base config (parse time)
 GPU_POOL = os.environ.get("RLHF_GPU_POOL", "default_pool")
 BASE = base_config()
 LIMITS = limits(BASE)
 GPU = {"pool": GPU_POOL, "pool_slots": LIMITS["gpu_slots"]}
+TRAINING = {"pool": GPU_POOL, "pool_slots": LIMITS["training_gpu_slots"]}
 PARENT = ("tracking.parent_run_id="
           "{{ (ti.xcom_pull(task_ids='start_tracking') or {}).get('parent_run_id', '') }}")
 
@@ -71,10 +73,10 @@ with DAG(
                              overrides=[PARENT], backend=BACKEND)
 
     reward = RlhfStepOperator(task_id="reward", step="reward", config_uri=CONFIG,
-                              overrides=[PARENT], backend=BACKEND, **GPU,
+                              overrides=[PARENT], backend=BACKEND, **TRAINING,
                               doc_md="TRL RewardTrainer + LoRA on the validated preferences.")
     ppo = RlhfStepOperator(task_id="ppo", step="ppo", config_uri=CONFIG, overrides=[PARENT],
-                           backend=BACKEND, **GPU,
+                           backend=BACKEND, **TRAINING,
                            doc_md="The project's PPO against the reward model.")
 
     # the supervised baseline runs only when the form (or the base config) asks for it;
@@ -86,7 +88,7 @@ with DAG(
     validate_sft = RlhfStepOperator(task_id="validate_sft", step="validate_sft",
                                     config_uri=CONFIG, overrides=[PARENT], backend=BACKEND)
     sft = RlhfStepOperator(task_id="sft", step="sft", config_uri=CONFIG, overrides=[PARENT],
-                           backend=BACKEND, **GPU,
+                           backend=BACKEND, **TRAINING,
                            doc_md="TRL SFTTrainer + LoRA: the baseline.")
 
     # evaluation waits for the SFT baseline when it runs (and not when it is skipped)

@@ -37,12 +37,19 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _write_result(path: str | None, result: dict) -> None:
+def _write_result(path: str | None, result: dict, cfg=None) -> None:
+    """The step's result: to stdout, a local file, or (a URI, as a multi-node TrainJob
+    passes, having no XCom sidecar) the run's artifact store."""
     if int(os.environ.get("RANK", "0")) != 0:
-        return  # under `accelerate launch`, the first process reports for all
+        return  # under `accelerate launch` / torchrun, the first process reports for all
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
     if not path:
         print(text)
+        return
+    if "://" in path and cfg is not None:
+        from rlhf_tasks.storage import Storage
+
+        Storage.from_config(cfg).write_json(path, json.loads(text))
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +72,7 @@ def cmd_run(args) -> int:
         from rlhf_tasks import tracking
 
         result["mlflow_run_url"] = tracking.run_url(cfg, run_id)
-    _write_result(args.result, result)
+    _write_result(args.result, result, cfg)
     log.info("step %s done in %.1f s", args.step, result["seconds"])
     return 0
 

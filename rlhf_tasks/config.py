@@ -325,6 +325,10 @@ class KubernetesSection(Section):
                                                                   "to scale up counts here.")
     logging_interval: int = Field(60, ge=5, description="Seconds between log fetches while "
                                                         "the task is deferred.")
+    training_runtime: str = Field(
+        "rlhf-torch-distributed", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Kubeflow Trainer ClusterTrainingRuntime of multi-node steps "
+                    "(docker/k8s/trainingruntime.yaml: torch, the env_secrets, /dev/shm).")
 
 
 class ComputeSection(Section):
@@ -332,6 +336,10 @@ class ComputeSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs per training pod; more than one "
                                                       "runs `accelerate launch` data-parallel.")
+    num_nodes: int = Field(1, ge=1, le=128, description="Machines per training step (reward, "
+                                                        "sft, ppo); more than one runs the "
+                                                        "step as a Kubeflow Trainer TrainJob "
+                                                        "(compute.backend: kubernetes).")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Weights and autocast precision; trainable weights keep fp32 "
                             "master copies. auto: bf16 on a GPU that has it, else fp32.")
@@ -352,6 +360,13 @@ class ComputeSection(Section):
 
     def step_timeout(self, step: str) -> float:
         return self.step_timeouts_hours.get(step, self.step_timeout_hours)
+
+    @model_validator(mode="after")
+    def _nodes_need_kubernetes(self):
+        if self.num_nodes > 1 and self.backend != "kubernetes":
+            raise ValueError("num_nodes > 1 runs the training steps as Kubeflow TrainJobs: "
+                             "set compute.backend: kubernetes")
+        return self
 
 
 class ScheduleSection(Section):

@@ -357,16 +357,18 @@ def test_limits_come_from_the_base_config(tmp_path, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
 
     base = tmp_path / "base.yaml"
-    base.write_text("compute: {num_gpus: 4, step_timeout_hours: 2, "
-                    "step_timeouts_hours: {ppo: 30}}\nschedule: {run_deadline_hours: 96}\n")
+    base.write_text("compute: {num_gpus: 4, num_nodes: 2, backend: kubernetes, "
+                    "step_timeout_hours: 2, step_timeouts_hours: {ppo: 30}}\n"
+                    "schedule: {run_deadline_hours: 96}\n")
     monkeypatch.setenv("RLHF_BASE_CONFIG", str(base))
     dag = DagBag(dag_folder=str(ROOT / "dags"), bundle_path=ROOT / "dags").dags["rlhf_tuning"]
     tasks = dag.task_dict
     assert tasks["ppo"].execution_timeout == timedelta(hours=30)
     assert tasks["reward"].execution_timeout == timedelta(hours=2)
     assert tasks["gate"].execution_timeout == timedelta(hours=2)
-    for gpu_step in ("reward", "ppo", "sft", "evaluate"):
-        assert tasks[gpu_step].pool_slots == 4, gpu_step
+    for training_step in ("reward", "ppo", "sft"):  # 2 nodes x 4 GPUs
+        assert tasks[training_step].pool_slots == 8, training_step
+    assert tasks["evaluate"].pool_slots == 4  # one pod
     assert tasks["gate"].pool_slots == 1 and tasks["validate.eval"].pool_slots == 1
     alert = dag.deadline[0] if isinstance(dag.deadline, list) else dag.deadline
     assert alert.interval == timedelta(hours=96)

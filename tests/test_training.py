@@ -177,6 +177,65 @@ def test_ppo_resumes_to_the_same_weights(trained):
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
 
 
+def test_two_nodes_run_the_ppo_step_to_the_end(trained, tmp_path):
+    """Two machines as a Kubeflow TrainJob runs them, on the loopback address: two torchrun
+    agents (one process each) started with the TrainJob's own command and args, and the
+    ``PET_*`` variables the torch runtime gives each node; the c10d rendezvous pairs them,
+    PPO runs to the end, both nodes end with the same weights, node 0 reports."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from rlhf_airflow import trainjob
+    from rlhf_tasks import config
+    from rlhf_tasks.storage import Storage
+    from tests.conftest import free_port
+
+    cfg, _, _ = trained
+    src = f"{cfg.storage.artifact_root}/{cfg.run.pipeline}/{cfg.run.run_id}"
+    raw = cfg.model_dump(mode="json")
+    raw["run"]["run_id"] = "two-nodes"
+    raw["ppo"].update(train_steps=3, batch_size=8, num_minibatches=2, microbatch_size=4,
+                      ppo_epochs=2, checkpoint_every=3, merge_adapter=False)
+    raw["compute"].update(backend="kubernetes", num_nodes=2, num_gpus=0, device="cpu")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    run_cfg = config.load(str(config_file))
+    for step in ("validate_prompt", "reward"):
+        shutil.copytree(f"{src}/{step}", run_cfg.step_uri(step))
+    name = trainjob.job_name("two-nodes", "ppo", 1)
+    result = trainjob.result_uri(run_cfg, "ppo", 1)
+    spec = trainjob.manifest(run_cfg, "ppo", str(config_file), [], name, result)["spec"]
+    assert spec["trainer"]["numNodes"] == 2 and spec["trainer"]["numProcPerNode"] == 1
+
+    port = free_port()
+    agents = []
+    for node in range(2):
+        pet = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(node),
+               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
+        # what Kubernetes does with $(VAR) in a container's command
+        argv = [re.sub(r"\$\((\w+)\)", lambda m: pet[m.group(1)], a)
+                for a in spec["trainer"]["command"] + spec["trainer"]["args"]]
+        argv[0] = str(Path(sys.executable).with_name("torchrun"))
+        agents.append(subprocess.Popen(
+            argv, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **pet, "OMP_NUM_THREADS": "1"}))
+    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    said = re.findall(r"trainable weights sha256 (\w+) \(process (\d) of (\d)\)",
+                      "\n".join(outputs))
+    assert sorted((rank, world) for _, rank, world in said) == [("0", "2"), ("1", "2")]
+    assert len({digest for digest, _, _ in said}) == 1, said  # the same weights on both
+    report = Storage.from_config(run_cfg).read_json(result)  # written by node 0 alone
+    assert report["updates"] == 3 and report["processes"] == 2
+    assert report["weights_sha256"] == said[0][0]
+
+
 def test_reward_rerun_resumes_from_the_last_checkpoint(trained):
     cfg, results, _ = trained
     run_cfg = cfg.model_copy(deep=True)

@@ -5,6 +5,10 @@
   config by :func:`rlhf_airflow.kubernetes.pod_settings`, deferrable (the task holds no
   worker slot while the pod runs; logs are fetched every ``logging_interval`` seconds),
   its result read back through the XCom sidecar.
+* ``kubernetes`` with ``compute.num_nodes > 1`` (training steps): a Kubeflow Trainer
+  TrainJob (:mod:`rlhf_airflow.trainjob`), as deferrable: created, waited for by a
+  trigger, node 0's log copied every ``logging_interval`` seconds, its result read back
+  from the run's artifact store.
 
 Returns the step's JSON result (XCom).  Exit code 2 (bad input or config) fails the task
 without retries on either backend; any other failure is an ordinary error, so Airflow
@@ -104,12 +108,117 @@ class RlhfStepOperator(KubernetesPodOperator):
                                        "run_id": context["run_id"]}
         return result
 
+    # -- kubernetes, several nodes: a TrainJob ----------------------------------------------
+    def _kube(self):
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        from rlhf_tasks import config
+
+        cfg = config.load(self.config_uri, self.overrides)
+        return cfg, KubernetesHook(conn_id=cfg.compute.kubernetes.kubernetes_conn_id)
+
+    def _start_trainjob(self, context, cfg, hook):
+        from rlhf_airflow import trainjob
+
+        try_number = context["ti"].try_number
+        name = trainjob.job_name(context["run_id"], self.step, try_number)
+        body = trainjob.manifest(cfg, self.step, self.config_uri, self.overrides, name,
+                                 trainjob.result_uri(cfg, self.step, try_number))
+        namespace = cfg.compute.kubernetes.namespace
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            hook.create_custom_object(group=trainjob.GROUP, version=trainjob.VERSION,
+                                      plural=trainjob.PLURAL, body=body, namespace=namespace)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            # this try created it before the worker went away: wait for that one
+            self.log.info("TrainJob %s/%s exists already; waiting for it", namespace, name)
+        else:
+            self.log.info("TrainJob %s/%s created: %d nodes x %d processes, runtime %s",
+                          namespace, name, cfg.compute.num_nodes,
+                          max(1, cfg.compute.num_gpus), cfg.compute.kubernetes.training_runtime)
+        self._wait_trainjob(cfg, name, logs_since=None)
+
+    def _wait_trainjob(self, cfg, name: str, logs_since: float | None):
+        from rlhf_airflow.trainjob import TrainJobTrigger
+
+        kube = cfg.compute.kubernetes
+        self.defer(trigger=TrainJobTrigger(name, kube.namespace, kube.kubernetes_conn_id,
+                                           poll_interval=min(10.0, kube.logging_interval),
+                                           wake_after=kube.logging_interval,
+                                           logs_since=logs_since),
+                   method_name="trainjob_reentry")
+
+    def _node_pods(self, hook, namespace: str, name: str):
+        from rlhf_airflow import trainjob
+
+        return hook.core_v1_client.list_namespaced_pod(
+            namespace, label_selector=f"{trainjob.JOBSET_LABEL}={name}").items
+
+    def _copy_node0_log(self, hook, namespace: str, pods, since: float) -> float:
+        """Node 0's log lines since ``since`` (epoch seconds) into the task log."""
+        import math
+        import time
+
+        from rlhf_airflow import trainjob
+
+        now = time.time()
+        for pod in pods:
+            if (pod.metadata.labels or {}).get(trainjob.INDEX_LABEL) != "0":
+                continue
+            try:
+                response = hook.core_v1_client.read_namespaced_pod_log(
+                    pod.metadata.name, namespace, container=trainjob.NODE,
+                    since_seconds=max(1, math.ceil(now - since)), _preload_content=False)
+                text = response.data.decode("utf-8", errors="replace")
+            except Exception as exc:  # not started yet, or gone: the next wake tries again
+                self.log.info("node 0 log not readable yet (%s)", type(exc).__name__)
+                return since
+            for line in text.splitlines():
+                self.log.info("[node 0] %s", line)
+        return now
+
+    def trainjob_reentry(self, context, event):
+        from rlhf_airflow import trainjob
+        from rlhf_tasks.storage import Storage
+
+        cfg, hook = self._kube()
+        name, state = event["name"], event["state"]
+        namespace = cfg.compute.kubernetes.namespace
+        if state == "error":
+            raise RuntimeError(f"TrainJob {name}: the Kubernetes API failed: {event['reason']}")
+        pods = self._node_pods(hook, namespace, name)
+        since = self._copy_node0_log(hook, namespace, pods, event["logs_since"])
+        if state == "running":
+            return self._wait_trainjob(cfg, name, logs_since=since)
+        if state == "failed":
+            codes = trainjob.node_exit_codes(pods)
+            if 2 in codes.values():
+                raise AirflowFailException(f"step {self.step} rejected its input (exit 2 on "
+                                           f"node {min(n for n, c in codes.items() if c == 2)}"
+                                           f"): TrainJob {name}: {event['reason']}")
+            raise RuntimeError(f"TrainJob {name} failed: {event['reason']} "
+                               f"(node exit codes {codes})")
+        result = Storage.from_config(cfg).read_json(
+            trainjob.result_uri(cfg, self.step, context["ti"].try_number))
+        if cfg.compute.kubernetes.on_finish_action != "keep_pod":
+            hook.delete_custom_object(group=trainjob.GROUP, version=trainjob.VERSION,
+                                      plural=trainjob.PLURAL, name=name, namespace=namespace)
+        return self._finished(context, result)
+
     def execute(self, context):
         if self.backend == "local":
             return self._finished(context, self._run_local())
         if self.backend != "kubernetes":
             raise AirflowFailException(f"unknown backend {self.backend!r}; "
                                        "use 'local' or 'kubernetes'")
+        from rlhf_airflow.trainjob import uses_trainjob
+
+        cfg, hook = self._kube()
+        if uses_trainjob(cfg, self.step):
+            return self._start_trainjob(context, cfg, hook)
         self.configure_pod()
         return self._finished(context, self._fail_fast_on_bad_input(
             lambda: super(RlhfStepOperator, self).execute(context)))

@@ -32,8 +32,9 @@ CHAMPION_ASSET = Asset(name="rlhf-champion")
 
 def limits(cfg: rlhf_config.PipelineConfig | None) -> dict:
     """The DAG's limits from the base config: the pool slots of a GPU step
-    (``compute.num_gpus``) and the run's deadline alert (``schedule.run_deadline_hours``).
-    Step timeouts are the operator's (``compute.step_timeout``)."""
+    (``compute.num_gpus``; a training step on several nodes: times ``num_nodes``) and the
+    run's deadline alert (``schedule.run_deadline_hours``).  Step timeouts are the
+    operator's (``compute.step_timeout``)."""
     from datetime import timedelta
 
     from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
@@ -43,7 +44,9 @@ def limits(cfg: rlhf_config.PipelineConfig | None) -> dict:
     deadline = None if hours is None else DeadlineAlert(
         reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(hours=hours),
         callback=AsyncCallback("rlhf_airflow.notify.run_overdue", kwargs={"hours": hours}))
-    return {"gpu_slots": max(1, cfg.compute.num_gpus), "deadline": deadline}
+    gpus = max(1, cfg.compute.num_gpus)
+    return {"gpu_slots": gpus, "training_gpu_slots": gpus * cfg.compute.num_nodes,
+            "deadline": deadline}
 
 
 def base_config(path: str | None = None) -> rlhf_config.PipelineConfig | None:

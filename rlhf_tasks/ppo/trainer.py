@@ -241,6 +241,18 @@ def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
             if p.requires_grad}
 
 
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of the trainable weights (by name): equal on every process of a run that
+    stayed in step, whatever machine each ran on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_trainable_state(module).items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(folder: Path, *, update: int, wrapped: nn.Module, optimizer, scheduler,
                     kl_ctl: core.KLController, data_position: int, history: list) -> Path:
     """Weights in safetensors; optimizer, scheduler, KL controller and data position in a

@@ -119,8 +119,14 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             on_metrics=on_metrics, stop_after=stop_after, accelerator=accelerator)
         if result.updates < settings.total_updates:  # stopped early on purpose (tests)
             return {"updates": result.updates, "stopped_early": True, "mlflow_run_id": run_id}
+        # every process, on every machine, says what it ended with: one digest in all the
+        # logs of a multi-process run is the proof that it stayed in step
+        digest = ppo_trainer.weights_digest(stack.policy)
+        rank, world = ((accelerator.process_index, accelerator.num_processes)
+                       if accelerator is not None else (0, 1))
+        log.info("ppo: trainable weights sha256 %s (process %d of %d)", digest, rank, world)
         if not main:
-            return {"updates": result.updates, "rank": accelerator.process_index}
+            return {"updates": result.updates, "rank": rank}
 
         first, last = result.history[0], result.history[-1]
         summary = {
@@ -160,7 +166,7 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             "resumed_from": result.resumed_from,
             "reward_first": round(first["reward_mean"], 4),
             "reward_last": round(last["reward_mean"], 4), "kl_last": round(last["kl"], 4),
-            "mlflow_run_id": run_id}
+            "weights_sha256": digest, "processes": world, "mlflow_run_id": run_id}
 
 
 def _log_curves(history: list[dict], path: Path) -> None:
