@@ -19,7 +19,7 @@ from datetime import datetime
 from airflow.sdk import DAG, task
 
 from rlhf_airflow.operators import RlhfStepOperator
-from rlhf_airflow.scheduling import CHAMPION_ASSET
+from rlhf_airflow.scheduling import CHAMPION_ASSET, GPU_QUEUE
 
 with DAG(
     dag_id="rlhf_deploy_champion",
@@ -42,6 +42,7 @@ with DAG(
 
     smoke = RlhfStepOperator(task_id="smoke_test", step="smoke_test",
                              config_uri=os.environ.get("RLHF_BASE_CONFIG", ""), retries=1,
+                             queue=GPU_QUEUE,
                              doc_md="Load the champion through MLflow and ask it a few "
                                     "eval prompts.")
     announced() >> smoke

@@ -23,7 +23,8 @@ from rlhf_airflow.operators import RlhfStepOperator
 from rlhf_airflow.panel_wait import PanelQuorumSensor
 from rlhf_airflow.params import trigger_params
 from rlhf_airflow.run_note import write_gate_headline
-from rlhf_airflow.scheduling import CHAMPION_ASSET, base_config, limits, retraining_schedule
+from rlhf_airflow.scheduling import (CHAMPION_ASSET, GPU_QUEUE, base_config, limits,
+                                     retraining_schedule)
 from rlhf_airflow.sign_off import SignOffOperator
 
 CONFIG = "{{ ti.xcom_pull(task_ids='prepare_run')['config_uri'] }}"
@@ -34,8 +35,9 @@ BACKEND = "{{ ti.xcom_pull(task_ids='prepare_run')['backend'] }}"
 GPU_POOL = os.environ.get("RLHF_GPU_POOL", "default_pool")
 BASE = base_config()
 LIMITS = limits(BASE)
-GPU = {"pool": GPU_POOL, "pool_slots": LIMITS["gpu_slots"]}
-TRAINING = {"pool": GPU_POOL, "pool_slots": LIMITS["training_gpu_slots"]}
+GPU = {"pool": GPU_POOL, "pool_slots": LIMITS["gpu_slots"], "queue": GPU_QUEUE}
+TRAINING = {"pool": GPU_POOL, "pool_slots": LIMITS["training_gpu_slots"],
+            "queue": GPU_QUEUE}
 PARENT = ("tracking.parent_run_id="
           "{{ (ti.xcom_pull(task_ids='start_tracking') or {}).get('parent_run_id', '') }}")
 

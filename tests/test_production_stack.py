@@ -1,7 +1,9 @@
 """Production mode on this machine, with a human panel, triggered the way the UI does.
 
-Airflow runs as in production: api-server, scheduler (LocalExecutor), dag-processor and
-triggerer, its metadata DB on the local PostgreSQL, like MLflow's backend store (an
+Airflow runs as on several machines: api-server, scheduler (CeleryExecutor, the local Redis
+as broker), dag-processor, triggerer and two Celery workers, one for the ``gpu`` queue
+(the heavy steps) and one for ``default`` (bookkeeping); its metadata DB (and Celery's
+result backend) on the local PostgreSQL, like MLflow's backend store (an
 MLflow tracking server) and the verdict store; the data, the foundation model, the run
 artifacts and MLflow's artifacts on an S3 API over HTTP (moto's server).  Notifications
 go to a real SMTP server.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -91,23 +94,35 @@ def _sign_off(api: str, users: dict, run_id: str, proc_ok, scheduler_log: Path,
     assert approved.status_code == 200, approved.text
 
 
+REDIS_DB = 11  # the broker's database on the local Redis, emptied for each test
+
+
 @contextlib.contextmanager
 def airflow_services(home: Path, tmp_path: Path, env: dict, users: str):
-    """Airflow as it runs in production: api-server, scheduler (LocalExecutor),
-    dag-processor and triggerer, on one metadata DB; yields (base URL, {user: headers},
-    a check that every component still runs).  The service user ``rlhf-bot`` (role op,
-    a password the admin chose) is the connection that writes run notes."""
+    """Airflow as it runs on several machines: api-server, scheduler (CeleryExecutor: the
+    local Redis as the broker, the metadata PostgreSQL as Celery's result backend),
+    dag-processor, triggerer, and two Celery workers, one serving the ``gpu`` queue (the
+    heavy steps) and one the ``default`` queue (bookkeeping); yields (base URL,
+    {user: headers}, a check that every component still runs).  The service user
+    ``rlhf-bot`` (role op, a password the admin chose) is the connection that writes run
+    notes."""
     import secrets
 
     import httpx
+    import redis
 
+    redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     passwords = tmp_path / "passwords.json"
     bot_password = secrets.token_urlsafe(12)
     passwords.write_text(json.dumps({"rlhf-bot": bot_password}))
     users += ",rlhf-bot:op"
-    env = {**airflow_env(home), **env, "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+    metadata = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    env = {**airflow_env(home), **env, "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+           "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+           "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{metadata}",
+           "RLHF_GPU_QUEUE": "gpu",
            "AIRFLOW_CONN_RLHF_AIRFLOW_API": json.dumps({
                "conn_type": "http", "host": base, "login": "rlhf-bot",
                "password": bot_password}),
@@ -116,13 +131,19 @@ def airflow_services(home: Path, tmp_path: Path, env: dict, users: str):
            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords)}
-    procs = {name: subprocess.Popen([str(BIN / "airflow"), *argv], env=env, cwd=home,
-                                    stdout=open(tmp_path / f"{name}.log", "w"),
+    # two workers on one machine, as two machines would run them: a queue, a name and a
+    # log server port each
+    workers = {f"worker-{queue}": (["celery", "worker", "--queues", queue, "--concurrency",
+                                    str(slots), "--celery-hostname", f"{queue}@%h"],
+                                   {"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
+               for queue, slots in (("gpu", 1), ("default", 2))}
+    components = {"api-server": (["api-server", "--port", str(port)], {}),
+                  "scheduler": (["scheduler"], {}), "dag-processor": (["dag-processor"], {}),
+                  "triggerer": (["triggerer"], {}), **workers}
+    procs = {name: subprocess.Popen([str(BIN / "airflow"), *argv], env={**env, **extra},
+                                    cwd=home, stdout=open(tmp_path / f"{name}.log", "w"),
                                     stderr=subprocess.STDOUT)
-             for name, argv in (("api-server", ["api-server", "--port", str(port)]),
-                                ("scheduler", ["scheduler"]),
-                                ("dag-processor", ["dag-processor"]),
-                                ("triggerer", ["triggerer"]))}
+             for name, (argv, extra) in components.items()}
 
     def running() -> None:
         for name, proc in procs.items():
@@ -287,11 +308,12 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
             assert state == "success", _failure_report(home, tmp_path, "rlhf_tuning", run_1)
             print(f"\nproduction-mode run with a human panel (REST API, scheduler): "
                   f"{time.perf_counter() - started:.0f} s")
-            tis = {t["task_id"]: t["state"] for t in httpx.get(
+            tis = {t["task_id"]: t for t in httpx.get(
                 f"{trigger}/{run_1}/taskInstances", headers=bob).json()["task_instances"]}
-            assert tis["panel_simulate"] == "skipped", tis
+            states = {task: ti["state"] for task, ti in tis.items()}
+            assert states["panel_simulate"] == "skipped", states
             for task in ("wait_for_panel", "gate", "sign_off", "promote", "finish_tracking"):
-                assert tis[task] == "success", (task, tis)
+                assert states[task] == "success", (task, states)
             # the run's note holds the headline
             note = httpx.get(f"{trigger}/{run_1}", headers=bob).json()["note"]
             assert note.startswith("promote: version 1; expert pass rates rlhf "), note
@@ -314,6 +336,16 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
             assert deploy["run_type"] == "asset_triggered"
             assert _wait_run(api, bob, "rlhf_deploy_champion", deploy["dag_run_id"],
                              running) == "success"
+            # the heavy steps ran on the gpu queue's worker, the bookkeeping on the other
+            ran = {queue: set(re.findall(r"Executing workload in Celery: .*?task_id='([^']+)'",
+                                         (tmp_path / f"worker-{queue}.log").read_text()))
+                   for queue in ("gpu", "default")}
+            assert ran["gpu"] == {"reward", "ppo", "evaluate", "smoke_test"}, ran
+            assert ran["default"] >= {"prepare_run", "validate.preference", "gate",
+                                      "sign_off", "promote", "announced"}, ran
+            assert not ran["gpu"] & ran["default"], ran
+            assert {t: tis[t]["queue"] for t in ("reward", "gate")} == {"reward": "gpu",
+                                                                       "gate": "default"}
 
             # run 2: another kl_coeff and broken eval data; it fails, and the team is told
             created = httpx.post(trigger, headers=bob, json={"logical_date": None, "conf": {

@@ -28,6 +28,11 @@ PREFERENCES_ASSET = "rlhf-preferences"
 # updated by rlhf_tuning's promote task (extra: model_name, version, run); deployment DAGs
 # such as rlhf_deploy_champion are scheduled on it
 CHAMPION_ASSET = Asset(name="rlhf-champion")
+# the executor queue of the steps that hold a GPU (reward, sft, ppo, evaluate, the deploy
+# smoke test); bookkeeping stays on Airflow's default queue.  Under the CeleryExecutor,
+# the workers on GPU machines serve it (`airflow celery worker --queues gpu`); the Local
+# and Kubernetes executors ignore queues.
+GPU_QUEUE = os.environ.get("RLHF_GPU_QUEUE", "gpu")
 
 
 def limits(cfg: rlhf_config.PipelineConfig | None) -> dict:
