@@ -126,6 +126,8 @@ def resume_key(cfg, storage: Storage, step: str, inputs: tuple[str, ...]) -> str
                            sorted((manifest.get("files") or {}).items())}
     material = {"step": step, "section": section, "model": cfg.model.model_dump(mode="json"),
                 "dtype": cfg.compute.dtype, "seed": cfg.run.seed, "inputs": digests}
+    if cfg.compute.strategy != "ddp":  # its checkpoints hold the optimizer state by name
+        material["strategy"] = cfg.compute.strategy
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 

@@ -75,6 +75,7 @@ class PPOSettings:
     seed: int = 0
     dtype: str = "fp32"                 # autocast precision: fp32 (off), bf16, fp16
     gradient_checkpointing: bool = False
+    strategy: str = "ddp"               # several processes: ddp (replicas) or fsdp (shards)
 
     def __post_init__(self):
         check_batch_split(self.batch_size, self.num_minibatches, self.microbatch_size)
@@ -211,7 +212,9 @@ def rollout(policy, query_ids, query_mask, settings: PPOSettings, stop_ids, pad_
     # temperature 1 here: the recorder divides the logits by T itself
     config = decoding_config(max_new_tokens=settings.max_new_tokens, temperature=1.0,
                              stop_ids=stop_ids, pad_token_id=pad_token_id)
-    with torch.inference_mode(), checkpoint_defaults_off(policy):
+    # no_grad, not inference_mode: FSDP2 keeps the buffers it gathers weights into, and
+    # would find them inference tensors in the next training forward
+    with torch.no_grad(), checkpoint_defaults_off(policy):
         sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask,
                                     generation_config=config,
                                     logits_processor=LogitsProcessorList([recorder]))
@@ -236,8 +239,14 @@ def collate_prompts(prompts: list[list[int]], pad_token_id: int, device):
 
 
 # -- checkpoints -----------------------------------------------------------------------------
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 shard (DTensor) is gathered from every process (a
+    collective: every process must ask, in the same order)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters()
+    return {n: _full(p.detach()).cpu().contiguous() for n, p in module.named_parameters()
             if p.requires_grad}
 
 
@@ -253,18 +262,20 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(folder: Path, *, update: int, wrapped: nn.Module, optimizer, scheduler,
-                    kl_ctl: core.KLController, data_position: int, history: list) -> Path:
+def save_checkpoint(folder: Path, *, update: int, weights: dict, optimizer_state: dict,
+                    scheduler, kl_ctl: core.KLController, data_position: int, history: list,
+                    strategy: str = "ddp") -> Path:
     """Weights in safetensors; optimizer, scheduler, KL controller and data position in a
     torch file.  Random state needs no saving: every update seeds its sampling from
     (seed, update, rank), so a resumed run draws what an uninterrupted one would, on any
-    number of processes."""
+    number of processes.  Under FSDP the trainable weights and the optimizer state are
+    gathered whole (``Processes.checkpoint_state``) and the first process writes them."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(_trainable_state(wrapped), str(folder / "trainable.safetensors"))
+    save_file(weights, str(folder / "trainable.safetensors"))
     torch.save({
-        "update": update, "optimizer": optimizer.state_dict(),
+        "update": update, "optimizer": optimizer_state, "strategy": strategy,
         "scheduler": scheduler.state_dict(), "kl_controller": kl_ctl.state_dict(),
         "data_position": data_position, "history": history,
     }, folder / "state.pt")
@@ -272,22 +283,177 @@ def save_checkpoint(folder: Path, *, update: int, wrapped: nn.Module, optimizer,
 
 
 def load_checkpoint(folder: Path, *, wrapped: nn.Module, optimizer, scheduler,
-                    kl_ctl: core.KLController) -> dict:
+                    kl_ctl: core.KLController, processes: "Processes | None" = None) -> dict:
     from safetensors.torch import load_file
 
+    processes = processes or Processes()
     weights = load_file(str(folder / "trainable.safetensors"))
-    missing = set(_trainable_state(wrapped)) - set(weights)
+    missing = {n for n, p in wrapped.named_parameters() if p.requires_grad} - set(weights)
     if missing:
         raise ValueError(f"checkpoint {folder} lacks {len(missing)} trainable tensors, "
                          f"e.g. {sorted(missing)[0]} (different LoRA settings?)")
-    wrapped.load_state_dict(weights, strict=False)
     # tensors and plain containers only: a checkpoint read back from the store cannot run
     # code when it is loaded
     state = torch.load(folder / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("strategy", "ddp") != processes.strategy:
+        raise ValueError(f"checkpoint {folder} was made under {state.get('strategy', 'ddp')}"
+                         f", this run uses {processes.strategy}")
+    processes.load(wrapped, optimizer, weights, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_controller"])
     return state
+
+
+# -- several processes: replicas (DDP) or shards (FSDP2) -------------------------------------
+def _decoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(backbone, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(f"compute.strategy fsdp: no decoder layers found in "
+                     f"{type(backbone).__name__} (looked for .layers, .h, .blocks)")
+
+
+def shard_models(models: Models) -> list[nn.Module]:
+    """[FSDP2] Shard every model over the processes with torch's ``fully_shard``: each
+    process keeps 1/N of every weight and gathers one unit's weights just for its forward
+    (and backward: gradients are reduce-scattered).  Units: each decoder layer; for a
+    causal LM the rest of the model (embeddings, final norm, LM head: the unit
+    ``generate``'s forward gathers); for a value / reward model its backbone's rest and
+    its head apart, because :func:`token_values` and :func:`sequence_scores` call those
+    two directly.  Returns the trained units (for gradient sync)."""
+    from torch.distributed.fsdp import fully_shard
+
+    def inner(model):
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def causal_lm(model):
+        lm = inner(model)
+        for layer in _decoder_layers(getattr(lm, lm.base_model_prefix)):
+            fully_shard(layer)
+        fully_shard(lm)
+        return [lm]
+
+    def scorer(model):
+        backbone, head = _backbone_and_head(model)
+        for layer in _decoder_layers(backbone):
+            fully_shard(layer)
+        fully_shard(backbone)
+        fully_shard(head)
+        return [backbone, head]
+
+    trained = causal_lm(models.policy) + scorer(models.critic)
+    if models.reference is not None:
+        causal_lm(models.reference)
+    if models.reward is not None:
+        scorer(models.reward)
+    return trained
+
+
+def gather_weights(module: nn.Module) -> None:
+    """[FSDP2] Put the whole tensor in place of every shard (a collective: every process
+    calls it), so that the trained model can be saved as usual; the module is not trained
+    again afterwards.  Tied weights stay tied."""
+    whole: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None or not hasattr(param, "full_tensor"):
+                continue
+            if id(param) not in whole:
+                whole[id(param)] = nn.Parameter(param.full_tensor().detach().cpu(),
+                                                requires_grad=param.requires_grad)
+            sub._parameters[name] = whole[id(param)]
+
+
+class Processes:
+    """This process and the others, at the edges of the loop: alone; DDP replicas
+    through accelerate (gradients all-reduced once per minibatch); or FSDP2 shards
+    (``strategy="fsdp"``: :func:`shard_models`; accelerate only sets up the process
+    group).  The loop asks it to sum statistics over processes, to hold back gradient
+    sync, to run backward and clip, and to save and load what a checkpoint holds."""
+
+    def __init__(self, accelerator=None, strategy: str = "ddp"):
+        if strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"unknown strategy {strategy!r}; use 'ddp' or 'fsdp'")
+        self.accelerator, self.strategy = accelerator, strategy
+        self.rank, self.world = ((accelerator.process_index, accelerator.num_processes)
+                                 if accelerator is not None else (0, 1))
+        self.sharded = strategy == "fsdp" and self.world > 1
+        self.units: list[nn.Module] = []
+
+    def shard(self, models: Models) -> None:
+        if self.sharded:
+            self.units = shard_models(models)
+
+    def prepare(self, wrapped, optimizer, device):
+        """(wrapped, unwrapped, optimizer, device) as the loop uses them."""
+        if self.accelerator is None:
+            return wrapped, wrapped, optimizer, device
+        if self.sharded:
+            return wrapped, wrapped, optimizer, self.accelerator.device
+        wrapped, optimizer = self.accelerator.prepare(wrapped, optimizer)
+        return (wrapped, self.accelerator.unwrap_model(wrapped), optimizer,
+                self.accelerator.device)
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[global batch] the sum over every process (whitening, KL): each process then
+        holds the statistics of the whole batch, so beta stays the same everywhere."""
+        return self.accelerator.reduce(tensor, reduction="sum") if self.world > 1 else tensor
+
+    @contextlib.contextmanager
+    def _fsdp_no_sync(self):
+        for unit in self.units:
+            unit.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            for unit in self.units:
+                unit.set_requires_gradient_sync(True)
+
+    def no_sync(self, wrapped, last: bool):
+        """Gradients stay local on every microbatch but a minibatch's last."""
+        if last or self.world == 1:
+            return contextlib.nullcontext()
+        return self._fsdp_no_sync() if self.sharded else self.accelerator.no_sync(wrapped)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None and not self.sharded:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def clip(self, params, max_norm: float) -> None:
+        if self.accelerator is not None and not self.sharded:
+            self.accelerator.clip_grad_norm_(params, max_norm)
+        else:  # FSDP2's gradients are DTensors: the norm is the global one
+            nn.utils.clip_grad_norm_(params, max_norm)
+
+    def checkpoint_state(self, unwrapped, wrapped, optimizer) -> tuple[dict, dict] | None:
+        """(trainable weights, optimizer state) whole, on the first process (None on the
+        others); under FSDP every process must call it (the shards are gathered)."""
+        if not self.sharded:
+            return ((_trainable_state(unwrapped), optimizer.state_dict())
+                    if self.rank == 0 else None)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+
+        weights = _trainable_state(unwrapped)
+        optim = get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        return (weights, optim) if self.rank == 0 else None
+
+    def load(self, wrapped, optimizer, weights: dict, optimizer_state: dict) -> None:
+        if not self.sharded:
+            wrapped.load_state_dict(weights, strict=False)
+            optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(wrapped, weights, options=options)
+        set_optimizer_state_dict(wrapped, optimizer, optimizer_state, options=options)
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -346,28 +512,22 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
     for frozen in filter(None, (models.reference, models.reward)):
         frozen.eval().requires_grad_(False)
 
+    processes = Processes(accelerator, s.strategy)
+    processes.shard(models)
     wrapped = PolicyAndValue(models.policy, models.critic)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = _adamw(params, s)
+    optimizer = _adamw(params, s, fused=not processes.sharded)
     # [N+ "Learning rate annealing"]: linear decay to 0 over the updates
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, core.linear_schedule(s.total_updates))
     kl_ctl = core.KLController(s.kl_coef, s.kl_target, s.kl_horizon)
-    if accelerator is not None:
-        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-        device = accelerator.device
-    unwrapped = accelerator.unwrap_model(wrapped) if accelerator is not None else wrapped
-    rank, world = ((accelerator.process_index, accelerator.num_processes)
-                   if accelerator is not None else (0, 1))
-
-    def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        """[global batch] the sum over every process (whitening, KL): each process then
-        holds the statistics of the whole batch, so beta stays the same everywhere."""
-        return accelerator.reduce(tensor, reduction="sum") if world > 1 else tensor
+    wrapped, unwrapped, optimizer, device = processes.prepare(wrapped, optimizer, device)
+    rank, world = processes.rank, processes.world
+    reduce_sum = processes.reduce_sum
 
     start_update, data_position, history = 0, 0, []
     if resume_from is not None:
         state = load_checkpoint(resume_from, wrapped=unwrapped, optimizer=optimizer,
-                                scheduler=scheduler, kl_ctl=kl_ctl)
+                                scheduler=scheduler, kl_ctl=kl_ctl, processes=processes)
         start_update, data_position, history = (state["update"], state["data_position"],
                                                 state["history"])
         log.info("resumed PPO at update %d from %s", start_update, resume_from)
@@ -394,7 +554,7 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         experience = compute_advantages(batch, scored, s, kl_ctl.value, reduce_sum)
         t_advantages = _clock(device)
         stats = ppo_update(wrapped, unwrapped, optimizer, params, batch, experience, s,
-                           accelerator, update, device)
+                           processes, update, device)
         scheduler.step()
         t_training = _clock(device)
 
@@ -435,13 +595,17 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
                      length=f"{metrics['response_length']:.1f}")
 
         due = s.checkpoint_every and update % s.checkpoint_every == 0
-        if checkpoint_dir is not None and rank == 0 and (due or update == last_update):
-            folder = save_checkpoint(checkpoint_dir / f"update-{update:06d}", update=update,
-                                     wrapped=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                                     kl_ctl=kl_ctl, data_position=data_position,
-                                     history=history)
-            if on_checkpoint is not None:
-                on_checkpoint(update, folder)
+        if checkpoint_dir is not None and (due or update == last_update):
+            # every process takes part (FSDP gathers the shards); the first one writes
+            state = processes.checkpoint_state(unwrapped, wrapped, optimizer)
+            if state is not None:
+                folder = save_checkpoint(checkpoint_dir / f"update-{update:06d}",
+                                         update=update, weights=state[0],
+                                         optimizer_state=state[1], scheduler=scheduler,
+                                         kl_ctl=kl_ctl, data_position=data_position,
+                                         history=history, strategy=processes.strategy)
+                if on_checkpoint is not None:
+                    on_checkpoint(update, folder)
     meter.close()
     return TrainResult(updates=update, history=history, resumed_from=start_update,
                        seconds=time.perf_counter() - started)
@@ -521,7 +685,7 @@ def score_rollouts(models: Models, unwrapped, batch: Rollouts, s: PPOSettings,
     values = torch.zeros(batch.mask.shape, device=batch.mask.device)
     raw_scores = torch.zeros(len(batch.ids), device=batch.mask.device)
     last_index = batch.width_q + batch.lengths - 1
-    with torch.inference_mode(), autocast(s, device):
+    with torch.no_grad(), autocast(s, device):
         for rows in torch.argsort(batch.lengths, descending=True).split(s.microbatch_size):
             w, args = _cut(batch, rows)
             if models.reference is None:  # the policy's base weights are the reference
@@ -567,7 +731,8 @@ def compute_advantages(batch: Rollouts, scored: Scored, s: PPOSettings, beta: fl
 
 
 def ppo_update(wrapped, unwrapped, optimizer, params, batch: Rollouts, exp: Experience,
-               s: PPOSettings, accelerator, update: int, device) -> dict[str, list[float]]:
+               s: PPOSettings, processes: Processes, update: int,
+               device) -> dict[str, list[float]]:
     """``ppo_epochs`` passes over the batch: a fresh permutation each epoch, minibatches
     (one optimizer step each, global-norm clipping), microbatches (gradient accumulation,
     [length buckets] longest first, each cut to its longest response: the same gradient).
@@ -593,9 +758,7 @@ def ppo_update(wrapped, unwrapped, optimizer, params, batch: Rollouts, exp: Expe
                 w, args = _cut(batch, rows)
                 m = maskf[rows, :w]
                 last = m_start + micro >= len(mb_rows)
-                sync = (contextlib.nullcontext() if accelerator is None or last
-                        else accelerator.no_sync(wrapped))
-                with sync:
+                with processes.no_sync(wrapped, last):
                     with autocast(s, device):
                         new_logits, new_values = wrapped(*args, w, s.temperature)
                     new_logprobs = core.selective_logprobs(new_logits, batch.responses[rows, :w])
@@ -606,10 +769,7 @@ def ppo_update(wrapped, unwrapped, optimizer, params, batch: Rollouts, exp: Expe
                         new_values, exp.values[rows, :w], exp.returns[rows, :w], m,
                         s.value_clip_range)
                     loss = (pg_loss + s.vf_coef * vf_loss) * len(rows) / len(mb_rows)
-                    if accelerator is not None:
-                        accelerator.backward(loss)
-                    else:
-                        loss.backward()
+                    processes.backward(loss)
                 with torch.no_grad():
                     stats["policy_loss"].append(pg_loss.item())
                     stats["value_loss"].append(vf_loss.item())
@@ -624,10 +784,7 @@ def ppo_update(wrapped, unwrapped, optimizer, params, batch: Rollouts, exp: Expe
                         stats["entropy"].append(core.masked_mean(entropy, m).item())
                 # free this microbatch's logits before the next forward allocates its own
                 del new_logits, new_values, new_logprobs, loss
-            if accelerator is not None:
-                accelerator.clip_grad_norm_(params, s.max_grad_norm)
-            else:
-                nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            processes.clip(params, s.max_grad_norm)
             optimizer.step()
     return stats
 
@@ -639,8 +796,11 @@ def _clock(device) -> float:
     return time.perf_counter()
 
 
-def _adamw(params, s: PPOSettings):
-    """AdamW, fused (one kernel for all parameters) where torch supports it on the device."""
+def _adamw(params, s: PPOSettings, fused: bool = True):
+    """AdamW, fused (one kernel for all parameters) where torch supports it on the device
+    (not for FSDP2's sharded parameters)."""
+    if not fused:
+        return torch.optim.AdamW(params, lr=s.learning_rate, eps=s.adam_eps, weight_decay=0.0)
     try:
         return torch.optim.AdamW(params, lr=s.learning_rate, eps=s.adam_eps, weight_decay=0.0,
                                  fused=True)

@@ -48,7 +48,8 @@ def ppo_settings(cfg, score_mean: float = 0.0, score_std: float = 1.0):
         missing_eos_penalty=p.missing_eos_penalty, score_mean=score_mean, score_std=score_std,
         checkpoint_every=p.checkpoint_every, seed=cfg.run.seed,
         dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),
-        gradient_checkpointing=cfg.compute.gradient_checkpointing)
+        gradient_checkpointing=cfg.compute.gradient_checkpointing,
+        strategy=cfg.compute.strategy)
 
 
 def _accelerator(cfg):
@@ -119,11 +120,13 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             on_metrics=on_metrics, stop_after=stop_after, accelerator=accelerator)
         if result.updates < settings.total_updates:  # stopped early on purpose (tests)
             return {"updates": result.updates, "stopped_early": True, "mlflow_run_id": run_id}
+        rank, world = ((accelerator.process_index, accelerator.num_processes)
+                       if accelerator is not None else (0, 1))
+        if settings.strategy == "fsdp" and world > 1:  # whole weights again, for saving
+            ppo_trainer.gather_weights(stack.policy)
         # every process, on every machine, says what it ended with: one digest in all the
         # logs of a multi-process run is the proof that it stayed in step
         digest = ppo_trainer.weights_digest(stack.policy)
-        rank, world = ((accelerator.process_index, accelerator.num_processes)
-                       if accelerator is not None else (0, 1))
         log.info("ppo: trainable weights sha256 %s (process %d of %d)", digest, rank, world)
         if not main:
             return {"updates": result.updates, "rank": rank}
