@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 from pathlib import Path
@@ -219,8 +220,7 @@ def trainer_common_args(cfg, *, output_dir: Path, steps: int, batch_size: int,
     device = resolve_device(cfg)
     dtype = compute_dtype(cfg, device)
     return dict(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                activation_checkpointing=cfg.compute.gradient_checkpointing,
-                activation_checkpointing_kwargs={"use_reentrant": False},
+                **sharding_args(cfg, device),
                 output_dir=str(output_dir), max_steps=steps,
                 per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
                 learning_rate=learning_rate, lr_scheduler_type="linear",
@@ -229,6 +229,28 @@ def trainer_common_args(cfg, *, output_dir: Path, steps: int, batch_size: int,
                 report_to="none", seed=cfg.run.seed, data_seed=cfg.run.seed,
                 use_cpu=device == "cpu", dataloader_num_workers=0,
                 disable_tqdm=not sys.stderr.isatty(), eval_strategy="no")
+
+
+def sharding_args(cfg, device: str) -> dict:
+    """``compute.strategy`` for the TRL trainers.  fsdp on several processes: FSDP2
+    through accelerate (each decoder layer a unit, by the model's ``_no_split_modules``;
+    resharded after forward; sharded checkpoints; FSDP's own activation checkpointing,
+    which spares the extra all-gather of the Trainer's).  accelerate shards on GPUs only:
+    on CPU the processes stay DDP replicas, and the log says so."""
+    checkpointing = cfg.compute.gradient_checkpointing
+    plain = {"activation_checkpointing": checkpointing,
+             "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    if cfg.compute.strategy != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return plain
+    if device == "cpu":
+        log.warning("compute.strategy fsdp: accelerate shards on GPUs only; these CPU "
+                    "processes train as DDP replicas")
+        return plain
+    return {"fsdp": True, "activation_checkpointing": False,
+            "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                            "state_dict_type": "SHARDED_STATE_DICT",
+                            "activation_checkpointing": checkpointing}}
 
 
 def learning_rate(base_lora: float, base_full: float, lora_rank: int, multiplier: float) -> float:

@@ -42,3 +42,29 @@ def test_sharded_ppo_matches_one_process_and_resumes(tmp_path):
     assert ranks[0]["straight_sha256"] == ranks[1]["straight_sha256"]
     # each process trained on its own episodes
     assert ranks[0]["policy_loss"] != ranks[1]["policy_loss"]
+
+
+def test_the_trl_trainers_shard_through_accelerate(make_config, monkeypatch, tmp_path):
+    """reward and sft: ``compute.strategy: fsdp`` on several GPU processes becomes the
+    Trainer's FSDP2 settings, from which it builds accelerate's FSDP plugin; one process,
+    or CPU processes (accelerate shards on GPUs only), keep the plain settings."""
+    from transformers import TrainingArguments
+
+    from rlhf_tasks import training
+
+    cfg = make_config()
+    cfg.compute.strategy, cfg.compute.gradient_checkpointing = "fsdp", True
+    plain = {"activation_checkpointing": True,
+             "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    assert training.sharding_args(cfg, "cuda") == plain  # one process: nothing to shard
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert training.sharding_args(cfg, "cpu") == plain
+    args = training.sharding_args(cfg, "cuda")
+    assert args["activation_checkpointing"] is False  # FSDP's own checkpointing instead
+    built = TrainingArguments(output_dir=str(tmp_path), report_to="none", **args)
+    assert built.fsdp_plugin_args == {
+        "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "cpu_ram_efficient_loading": False, "state_dict_type": "SHARDED_STATE_DICT",
+        "activation_checkpointing": True, "reshard_after_forward": True}
+    cfg.compute.strategy = "ddp"
+    assert training.sharding_args(cfg, "cuda") == plain
