@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A short GPU check, for a lent GPU machine (the device tool): the PPO tests on cuda, then
-# PPO throughput on cuda against TRL 1.12's PPOTrainer on the same card (alternating runs,
-# medians), then peak memory of one PPO update, fp32 against bf16 + gradient checkpointing.
+# A short GPU check, for a lent GPU machine (the device tool): the PPO tests on cuda, our
+# rollouts with a static KV cache + torch.compile against the dynamic cache, PPO
+# throughput on cuda against TRL 1.12's PPOTrainer on the same card (alternating runs,
+# medians), then peak memory of one PPO update, fp32 against bf16 + gradient
+# checkpointing. Most wanted first: a run past the device tool's limit keeps what was logged.
 # Needs python3 with torch (the GPU image has it); transformers, peft, TRL 1.12 and
 # datasets travel as wheels in .whl (see the device tool's README) and install into
 # /tmp/site.  Every figure is appended to $OUT/gpu_check.log as it comes (a timeout keeps
@@ -24,6 +26,14 @@ python3 -c "import trl; print('trl', trl.__version__)" 2>&1 | tail -1
 echo "== PPO tests on cuda"
 RLHF_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:randomly \
   tests/test_ppo_core.py tests/test_ppo_trainer.py 2>&1 | tail -6
+echo "== our rollouts on cuda: dynamic KV cache vs static cache + torch.compile (wide model, alternating)"
+for run in 1 2; do
+  for cache in dynamic static; do
+    echo -n "run $run $cache: "
+    timeout 120 python3 benchmarks/ppo_throughput.py --impl rlhf --device cuda --hidden 1024 \
+      --layers 8 --heads 16 --episodes 256 --batch-size 64 --rollout-cache $cache 2>&1 | tail -1
+  done
+done
 echo "== PPO throughput on cuda, ours vs TRL 1.12 (wide model: 1024 x 8 layers, vocab 32000)"
 timeout 300 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
   --device cuda --hidden 1024 --layers 8 --heads 16 --episodes 512 --batch-size 64

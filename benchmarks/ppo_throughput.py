@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (TRL: through accelerate)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
                    help="attention kernel of the random models (both sides)")
+    p.add_argument("--rollout-cache", default="dynamic", choices=["dynamic", "static"],
+                   help="the project's rollouts: static KV cache (compiled on a GPU)")
     p.add_argument("--compare", action="store_true", help="run both, alternating")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--trl-python", default=str(ROOT / ".rlhf" / "bench-trl112" / "bin" / "python"))
@@ -97,7 +99,7 @@ def run_rlhf(args) -> float:
         num_minibatches=args.num_minibatches,
         microbatch_size=args.batch_size // args.num_minibatches, ppo_epochs=args.ppo_epochs,
         learning_rate=3e-6, temperature=args.temperature, max_new_tokens=args.response_length,
-        missing_eos_penalty=0.0, seed=args.seed)
+        missing_eos_penalty=0.0, seed=args.seed, rollout_cache=args.rollout_cache)
     for model in (policy, reference, reward, value):
         model.to(args.device)
     started = time.perf_counter()

@@ -161,6 +161,10 @@ class PPOSection(LoraFields):
     whiten_rewards: bool = False
     missing_eos_penalty: float = Field(1.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
+    rollout_cache: Literal["dynamic", "static"] = Field(
+        "dynamic", description="KV cache of the rollouts: static preallocates it, and on a "
+                               "GPU transformers then compiles the forward (torch.compile; "
+                               "the first update pays the compilation).")
     model_layout: Literal["shared", "separate"] = Field(
         "shared", description="shared: value model is an adapter on the reward model; "
                               "separate: a full copy (as TRL does).")

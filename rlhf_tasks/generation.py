@@ -14,8 +14,10 @@ import contextlib
 
 
 def decoding_config(*, max_new_tokens: int, temperature: float, stop_ids: list[int],
-                    pad_token_id: int):
-    """Plain sampling of logits / ``temperature`` (greedy at 0), nothing else."""
+                    pad_token_id: int, cache_implementation: str | None = None):
+    """Plain sampling of logits / ``temperature`` (greedy at 0), nothing else.
+    ``cache_implementation="static"``: a preallocated KV cache, with which transformers
+    compiles the model's forward on a GPU."""
     from transformers import GenerationConfig
 
     sample = temperature > 0
@@ -26,7 +28,8 @@ def decoding_config(*, max_new_tokens: int, temperature: float, stop_ids: list[i
         max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample, **knobs,
         repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
         num_beams=1, num_beam_groups=1, length_penalty=1.0, renormalize_logits=False,
-        use_cache=True, eos_token_id=list(stop_ids), pad_token_id=pad_token_id)
+        use_cache=True, eos_token_id=list(stop_ids), pad_token_id=pad_token_id,
+        **({"cache_implementation": cache_implementation} if cache_implementation else {}))
 
 
 def describe(*, max_new_tokens: int, temperature: float, stop_ids: list[int], seed: int) -> dict:

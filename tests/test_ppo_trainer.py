@@ -51,12 +51,13 @@ def _rollout_vs_forward(models, settings, stop_ids):
 ATOL = 1e-5 if DEVICE == "cpu" else 1e-4
 
 
-def test_rollout_logprobs_equal_a_forward_pass_over_left_padded_prompts():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_rollout_logprobs_equal_a_forward_pass_over_left_padded_prompts(cache):
     """Left padding + position ids + temperature: what generate sampled from is what the
-    training forward computes (the PPO ratio starts at exactly 1)."""
-    recorded, forward, _, _ = _rollout_vs_forward(tiny(4, "shared"),
-                                                  PPOSettings(max_new_tokens=6, temperature=0.7),
-                                                  EOS)
+    training forward computes (the PPO ratio starts at exactly 1), with the default KV
+    cache and the static one (compiled on a GPU)."""
+    settings = PPOSettings(max_new_tokens=6, temperature=0.7, rollout_cache=cache)
+    recorded, forward, _, _ = _rollout_vs_forward(tiny(4, "shared"), settings, EOS)
     assert torch.allclose(recorded, forward, atol=ATOL)
 
 

@@ -76,6 +76,7 @@ class PPOSettings:
     dtype: str = "fp32"                 # autocast precision: fp32 (off), bf16, fp16
     gradient_checkpointing: bool = False
     strategy: str = "ddp"               # several processes: ddp (replicas) or fsdp (shards)
+    rollout_cache: str = "dynamic"      # static: preallocated KV cache (compiled on a GPU)
 
     def __post_init__(self):
         check_batch_split(self.batch_size, self.num_minibatches, self.microbatch_size)
@@ -211,7 +212,9 @@ def rollout(policy, query_ids, query_mask, settings: PPOSettings, stop_ids, pad_
     recorder = _SampledLogprobs(settings.temperature, query_ids.shape[1])
     # temperature 1 here: the recorder divides the logits by T itself
     config = decoding_config(max_new_tokens=settings.max_new_tokens, temperature=1.0,
-                             stop_ids=stop_ids, pad_token_id=pad_token_id)
+                             stop_ids=stop_ids, pad_token_id=pad_token_id,
+                             cache_implementation=("static" if settings.rollout_cache ==
+                                                   "static" else None))
     # no_grad, not inference_mode: FSDP2 keeps the buffers it gathers weights into, and
     # would find them inference tensors in the next training forward
     with torch.no_grad(), checkpoint_defaults_off(policy):

@@ -49,7 +49,7 @@ def ppo_settings(cfg, score_mean: float = 0.0, score_std: float = 1.0):
         checkpoint_every=p.checkpoint_every, seed=cfg.run.seed,
         dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),
         gradient_checkpointing=cfg.compute.gradient_checkpointing,
-        strategy=cfg.compute.strategy)
+        strategy=cfg.compute.strategy, rollout_cache=p.rollout_cache)
 
 
 def _accelerator(cfg):
