@@ -124,6 +124,7 @@ class FakeKubernetes:
         self.conditions: list[dict] = []
         self.exit_codes = {0: None, 1: None}
         self.log = "update 1/3 reward 0.1\nupdate 2/3 reward 0.2\n"
+        self.log_requests: list[dict] = []
 
 
 def _handler(state: FakeKubernetes):
@@ -161,6 +162,8 @@ def _handler(state: FakeKubernetes):
                     return self._send(404, {"kind": "Status", "code": 404})
                 return self._send(200, {**job, "status": {"conditions": state.conditions}})
             if url.path.endswith("/log"):
+                state.log_requests.append({"pod": url.path.split("/")[-2],
+                                           **parse_qs(url.query)})
                 return self._send(200, state.log, "text/plain")
             if url.path.endswith("/pods"):
                 selector = parse_qs(url.query)["labelSelector"][0]
@@ -211,6 +214,18 @@ class _TI:
     try_number = 1
 
 
+class _TaskLog:
+    """The operator's task log, as lines (whatever the test session did to logging)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def info(self, message, *args, **_):
+        self.lines.append(message % args if args else message)
+
+    debug = warning = error = info
+
+
 def _operator(tmp_path, **kube):
     from rlhf_airflow.operators import RlhfStepOperator
 
@@ -237,8 +252,7 @@ def _deferred(op, context):
     return deferred.value.trigger
 
 
-def test_the_operator_creates_waits_streams_and_reads_the_result(tmp_path, monkeypatch,
-                                                                 capsys):
+def test_the_operator_creates_waits_streams_and_reads_the_result(tmp_path, monkeypatch):
     from rlhf_airflow import trainjob
     from rlhf_tasks.storage import Storage
 
@@ -254,8 +268,10 @@ def test_the_operator_creates_waits_streams_and_reads_the_result(tmp_path, monke
         trigger.poll_interval, trigger.wake_after = 0.05, 0.2
         event = _first_event(trigger)
         assert event["state"] == "running"
+        op._cached_logger = task_log = _TaskLog()
         again = _deferred(op, (context, event))
-        assert "[node 0] update 2/3 reward 0.2" in capsys.readouterr().out
+        assert "[node 0] update 2/3 reward 0.2" in task_log.lines
+        assert k8s.log_requests[-1]["container"] == ["node"]  # node 0's trainer container
         assert again.logs_since > trigger.logs_since
         # the same try started again (its worker went away) finds its job and waits for it
         assert isinstance(_deferred(op, context), trainjob.TrainJobTrigger)
