@@ -66,7 +66,9 @@ def test_a_microbatch_cut_to_its_longest_response_computes_the_same():
     it (causal attention), so the trimmed forward equals the full one on every kept
     token, for the policy's log-probs and the critic's values."""
     models = tiny(4, "shared")
-    _, _, responses, keep = _rollout_vs_forward(models, PPOSettings(max_new_tokens=8), [EOS, 5])
+    # stop ids common enough that the 8 responses end at different lengths
+    _, _, responses, keep = _rollout_vs_forward(models, PPOSettings(max_new_tokens=8),
+                                                [EOS, *range(5, 40)])
     ids, mask = collate_prompts(prompts(8), PAD, DEVICE)
     lengths = keep.sum(1)
     assert lengths.min() < lengths.max(), "responses of different lengths"
@@ -202,3 +204,22 @@ def test_resume_loads_checkpoints_without_running_their_code(tmp_path):
         load_checkpoint(folder, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
                         kl_ctl=kl)
     assert not _Payload.ran
+
+
+def test_sampling_by_inverse_transform_draws_the_softmax_distribution():
+    """[sampling] the recorder's draw: 40,000 rows of softmax([log .1, log .2, log .3,
+    log .4, -inf]) come out .1/.2/.3/.4 (within 4 standard errors, about .01) and never
+    the token of probability 0; at temperature T the probabilities are those of logits / T."""
+    from rlhf_tasks.ppo.trainer import sample_tokens
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0]])).repeat(40_000, 1)
+    drawn = sample_tokens(logits, torch.logsumexp(logits, -1)).squeeze(1)
+    freq = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    assert freq[4] == 0
+    assert torch.allclose(freq[:4], torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64),
+                          atol=0.01)
+    scaled = torch.log(torch.tensor([[0.2, 0.8]])).repeat(40_000, 1) / 0.5  # T = 0.5
+    drawn = sample_tokens(scaled, torch.logsumexp(scaled, -1)).squeeze(1)
+    # softmax(log p / 0.5) = p^2 / sum p^2 = (.04, .64) / .68
+    assert abs(drawn.double().mean().item() - 0.64 / 0.68) < 0.01

@@ -166,31 +166,38 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 # -- rollouts --------------------------------------------------------------------------------
+def sample_tokens(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """[sampling] One token per row from softmax(``scores``), by inverse transform: a
+    uniform draw per row located in the row's cumulative distribution (float64).  The same
+    distribution as ``torch.multinomial``, which draws an exponential variate for every
+    vocabulary entry of every row (most of a CPU rollout step at a 32k vocabulary).  A
+    token of probability 0 is never drawn."""
+    cdf = (scores - lse[:, None]).exp().double().cumsum(-1)
+    draw = torch.rand(len(cdf), 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, draw, right=True).clamp_max_(cdf.shape[1] - 1)
+
+
 class _SampledLogprobs:
-    """A logits processor that turns raw logits into the sampling distribution (logits / T)
-    and records the log-prob of each sampled token: the sampled token's logit minus the
-    row's logsumexp (no (batch, vocab) log-softmax is built; generate samples from the
-    same scores), instead of keeping every step's scores (as ``output_scores`` would)."""
+    """A logits processor that samples the next token itself and records its log-prob.
+
+    It divides the raw logits by T (the sampling distribution), draws the token with
+    :func:`sample_tokens` and hands ``generate`` (greedy) a choice it cannot change:
+    -inf everywhere but the drawn token.  The log-prob kept is the token's logit minus
+    the row's logsumexp: no (batch, vocab) log-softmax is built, and no step's scores are
+    kept (as ``output_scores`` would)."""
 
     def __init__(self, temperature: float, prompt_width: int):
         self.temperature, self.prompt_width = temperature, prompt_width
         self.logprobs: list[torch.Tensor] = []
-        self._last: torch.Tensor | None = None
-        self._lse: torch.Tensor | None = None
-
-    def _record(self, tokens: torch.Tensor) -> None:
-        if self._last is not None:  # the token sampled from the previous step's scores
-            self.logprobs.append(self._last.gather(-1, tokens).squeeze(-1) - self._lse)
 
     def __call__(self, input_ids, scores):
-        self._record(input_ids[:, -1:])
         scores = scores.float() / self.temperature
-        self._last, self._lse = scores, torch.logsumexp(scores, dim=-1)
-        return scores
+        lse = torch.logsumexp(scores, dim=-1)
+        tokens = sample_tokens(scores, lse)
+        self.logprobs.append(scores.gather(-1, tokens).squeeze(-1) - lse)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
 
     def finish(self, sequences) -> torch.Tensor:
-        self._record(sequences[:, -1:])
-        self._last = self._lse = None
         return torch.stack(self.logprobs, 1)
 
 
@@ -199,10 +206,11 @@ def rollout(policy, query_ids, query_mask, settings: PPOSettings, stop_ids, pad_
 
     [N+ "left padding"]: prompts are left-padded so every response starts at the same
     column; ``generate`` derives position ids from the attention mask so padding does not
-    shift positions, and uses the KV cache.  [N+ "sampling"]: plain multinomial sampling
-    of logits / T (top-k 0, top-p 1, no penalties: the checkpoint's generation_config is
-    ignored), so the log-probs are those of the distribution sampled.  Generation stops
-    at any of ``stop_ids`` (every EOS of the model, the chat template's end of turn).
+    shift positions, and uses the KV cache.  [N+ "sampling"]: plain sampling of logits / T
+    (top-k 0, top-p 1, no penalties: the checkpoint's generation_config is ignored), done
+    by the recorder, so the log-probs are those of the distribution sampled; ``generate``
+    itself runs greedy over the recorder's choice.  Generation stops at any of
+    ``stop_ids`` (every EOS of the model, the chat template's end of turn).
     """
     from transformers import LogitsProcessorList
 
@@ -210,8 +218,8 @@ def rollout(policy, query_ids, query_mask, settings: PPOSettings, stop_ids, pad_
 
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     recorder = _SampledLogprobs(settings.temperature, query_ids.shape[1])
-    # temperature 1 here: the recorder divides the logits by T itself
-    config = decoding_config(max_new_tokens=settings.max_new_tokens, temperature=1.0,
+    # greedy (temperature 0) here: the recorder samples from logits / T itself
+    config = decoding_config(max_new_tokens=settings.max_new_tokens, temperature=0.0,
                              stop_ids=stop_ids, pad_token_id=pad_token_id,
                              cache_implementation=("static" if settings.rollout_cache ==
                                                    "static" else None))
