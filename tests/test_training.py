@@ -177,11 +177,14 @@ def test_ppo_resumes_to_the_same_weights(trained):
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
 
 
-def test_two_nodes_run_the_ppo_step_to_the_end(trained, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_nodes_run_the_ppo_step_to_the_end(trained, tmp_path, strategy):
     """Two machines as a Kubeflow TrainJob runs them, on the loopback address: two torchrun
     agents (one process each) started with the TrainJob's own command and args, and the
     ``PET_*`` variables the torch runtime gives each node; the c10d rendezvous pairs them,
-    PPO runs to the end, both nodes end with the same weights, node 0 reports."""
+    PPO runs to the end, both nodes end with the same weights, node 0 reports and saves
+    the model.  With fsdp the models are sharded across the two nodes and gathered whole
+    for saving."""
     import os
     import re
     import subprocess
@@ -198,16 +201,17 @@ def test_two_nodes_run_the_ppo_step_to_the_end(trained, tmp_path):
     cfg, _, _ = trained
     src = f"{cfg.storage.artifact_root}/{cfg.run.pipeline}/{cfg.run.run_id}"
     raw = cfg.model_dump(mode="json")
-    raw["run"]["run_id"] = "two-nodes"
+    raw["run"]["run_id"] = f"two-nodes-{strategy}"
     raw["ppo"].update(train_steps=3, batch_size=8, num_minibatches=2, microbatch_size=4,
                       ppo_epochs=2, checkpoint_every=3, merge_adapter=False)
-    raw["compute"].update(backend="kubernetes", num_nodes=2, num_gpus=0, device="cpu")
+    raw["compute"].update(backend="kubernetes", num_nodes=2, num_gpus=0, device="cpu",
+                          strategy=strategy)
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     run_cfg = config.load(str(config_file))
     for step in ("validate_prompt", "reward"):
         shutil.copytree(f"{src}/{step}", run_cfg.step_uri(step))
-    name = trainjob.job_name("two-nodes", "ppo", 1)
+    name = trainjob.job_name(run_cfg.run.run_id, "ppo", 1)
     result = trainjob.result_uri(run_cfg, "ppo", 1)
     spec = trainjob.manifest(run_cfg, "ppo", str(config_file), [], name, result)["spec"]
     assert spec["trainer"]["numNodes"] == 2 and spec["trainer"]["numProcPerNode"] == 1
@@ -234,6 +238,19 @@ def test_two_nodes_run_the_ppo_step_to_the_end(trained, tmp_path):
     report = Storage.from_config(run_cfg).read_json(result)  # written by node 0 alone
     assert report["updates"] == 3 and report["processes"] == 2
     assert report["weights_sha256"] == said[0][0]
+    # the saved adapter is whole (gathered from the shards under fsdp) and is the weights
+    # both nodes reported
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from rlhf_tasks import models
+    from rlhf_tasks.ppo.trainer import weights_digest
+
+    adapter = load_file(f"{report['model_uri']}/adapter_model.safetensors")
+    assert adapter and all(t.dim() == 2 for t in adapter.values())
+    saved = PeftModel.from_pretrained(models.load_causal_lm(run_cfg), report["model_uri"],
+                                      is_trainable=True)
+    assert weights_digest(saved) == report["weights_sha256"]
 
 
 def test_reward_rerun_resumes_from_the_last_checkpoint(trained):

@@ -362,9 +362,10 @@ def shard_models(models: Models) -> list[nn.Module]:
 
 
 def gather_weights(module: nn.Module) -> None:
-    """[FSDP2] Put the whole tensor in place of every shard (a collective: every process
-    calls it), so that the trained model can be saved as usual; the module is not trained
-    again afterwards.  Tied weights stay tied."""
+    """[FSDP2] Make a sharded model whole again (a collective: every process calls it), to
+    save it as usual: every shard is replaced by the whole tensor (on the CPU; tied weights
+    stay tied), and every FSDP unit gets its own class back, without FSDP's forward hooks.
+    The model is not trained again afterwards."""
     whole: dict[int, nn.Parameter] = {}
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
@@ -374,6 +375,14 @@ def gather_weights(module: nn.Module) -> None:
                 whole[id(param)] = nn.Parameter(param.full_tensor().detach().cpu(),
                                                 requires_grad=param.requires_grad)
             sub._parameters[name] = whole[id(param)]
+    for sub in module.modules():
+        cls = type(sub)
+        if hasattr(cls, "_orig_cls_mro_index"):  # fully_shard made it an FSDP<cls>
+            sub.__class__ = cls.__mro__[cls._orig_cls_mro_index]
+            for hooks in (sub._forward_pre_hooks, sub._forward_hooks,
+                          sub._forward_pre_hooks_with_kwargs, sub._forward_hooks_with_kwargs,
+                          sub._forward_hooks_always_called):
+                hooks.clear()
 
 
 class Processes:
