@@ -341,10 +341,10 @@ class ComputeSection(Section):
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs per training pod; more than one "
                                                       "runs `accelerate launch` data-parallel.")
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="Several processes of the ppo step: ddp keeps a whole copy of "
-                           "every model per process; fsdp shards the models (FSDP2), each "
-                           "process holding 1/N of every weight: for models bigger than "
-                           "one GPU.")
+        "ddp", description="Several processes of a training step: ddp keeps a whole copy "
+                           "of every model per process; fsdp shards the models (FSDP2), each "
+                           "process holding 1/N of every weight: for models bigger than one "
+                           "GPU (reward and sft shard through accelerate, on GPUs only).")
     num_nodes: int = Field(1, ge=1, le=128, description="Machines per training step (reward, "
                                                         "sft, ppo); more than one runs the "
                                                         "step as a Kubeflow Trainer TrainJob "

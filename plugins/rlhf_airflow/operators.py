@@ -67,15 +67,14 @@ class RlhfStepOperator(KubernetesPodOperator):
             raise RuntimeError(str(exc)) from None
 
     # -- kubernetes ------------------------------------------------------------------------
-    def configure_pod(self) -> None:
+    def configure_pod(self, cfg=None) -> None:
         """Set the pod's image, command, resources ... from the run config (which the
         operator reads at run time: the form chose the backend and the sizes)."""
         from airflow.providers.cncf.kubernetes.utils.pod_manager import OnFinishAction
 
         from rlhf_airflow.kubernetes import pod_settings
-        from rlhf_tasks import config
 
-        cfg = config.load(self.config_uri, self.overrides)
+        cfg = cfg or self._config()
         for name, value in pod_settings(cfg, self.step, self.config_uri, self.overrides).items():
             setattr(self, name, value)
         self.on_finish_action = OnFinishAction(self.on_finish_action)
@@ -109,15 +108,20 @@ class RlhfStepOperator(KubernetesPodOperator):
         return result
 
     # -- kubernetes, several nodes: a TrainJob ----------------------------------------------
-    def _kube(self):
-        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-
+    def _config(self):
         from rlhf_tasks import config
 
-        cfg = config.load(self.config_uri, self.overrides)
-        return cfg, KubernetesHook(conn_id=cfg.compute.kubernetes.kubernetes_conn_id)
+        return config.load(self.config_uri, self.overrides)
 
-    def _start_trainjob(self, context, cfg, hook):
+    @staticmethod
+    def _hook(cfg):
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        return KubernetesHook(conn_id=cfg.compute.kubernetes.kubernetes_conn_id)
+
+    def _start_trainjob(self, context, cfg):
+        from kubernetes.client.exceptions import ApiException
+
         from rlhf_airflow import trainjob
 
         try_number = context["ti"].try_number
@@ -125,8 +129,7 @@ class RlhfStepOperator(KubernetesPodOperator):
         body = trainjob.manifest(cfg, self.step, self.config_uri, self.overrides, name,
                                  trainjob.result_uri(cfg, self.step, try_number))
         namespace = cfg.compute.kubernetes.namespace
-        from kubernetes.client.exceptions import ApiException
-
+        hook = self._hook(cfg)
         try:
             hook.create_custom_object(group=trainjob.GROUP, version=trainjob.VERSION,
                                       plural=trainjob.PLURAL, body=body, namespace=namespace)
@@ -184,7 +187,8 @@ class RlhfStepOperator(KubernetesPodOperator):
         from rlhf_airflow import trainjob
         from rlhf_tasks.storage import Storage
 
-        cfg, hook = self._kube()
+        cfg = self._config()
+        hook = self._hook(cfg)
         name, state = event["name"], event["state"]
         namespace = cfg.compute.kubernetes.namespace
         if state == "error":
@@ -216,10 +220,10 @@ class RlhfStepOperator(KubernetesPodOperator):
                                        "use 'local' or 'kubernetes'")
         from rlhf_airflow.trainjob import uses_trainjob
 
-        cfg, hook = self._kube()
+        cfg = self._config()
         if uses_trainjob(cfg, self.step):
-            return self._start_trainjob(context, cfg, hook)
-        self.configure_pod()
+            return self._start_trainjob(context, cfg)
+        self.configure_pod(cfg)
         return self._finished(context, self._fail_fast_on_bad_input(
             lambda: super(RlhfStepOperator, self).execute(context)))
 
