@@ -335,6 +335,12 @@ class Storage:
 
         A folder whose ``MANIFEST.json`` exists is whole; readers trust nothing else.
         """
+        return self.write_manifest(uri, self.put_files(local_dir, uri), extra)
+
+    def put_files(self, local_dir: str | Path, uri: str) -> dict:
+        """Upload every file of ``local_dir`` under ``uri`` (no manifest: several writers
+        of one folder, e.g. the processes of a sharded checkpoint, each put their own and
+        one writes the manifest of all); returns {name: {sha256, bytes}}."""
         uri = self.check_write(uri)
         local_dir = Path(local_dir)
         files = {}
@@ -344,6 +350,10 @@ class Storage:
                 continue
             files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             self.put_file(path, join(uri, name))
+        return files
+
+    def write_manifest(self, uri: str, files: dict, extra: dict | None = None) -> dict:
+        uri = self.check_write(uri)
         manifest = {"files": files, "created_unix": round(time.time(), 3), **(extra or {})}
         self.write_json(join(uri, MANIFEST), manifest)
         return manifest

@@ -158,9 +158,22 @@ def checkpoint_step(folder: Path | None) -> int:
 
 
 def upload_checkpoint(storage: Storage, local_dir: Path, checkpoints_uri: str, step: int,
-                      key: str) -> str:
+                      key: str, gather=None, first: bool = True) -> str:
+    """Upload a checkpoint folder; its manifest (last) makes it whole.  ``gather`` (an
+    all-gather of Python objects over the processes): a sharded checkpoint, each process
+    uploading its own files, the ``first`` writing the manifest of them all once every
+    process has uploaded."""
     uri = join(checkpoints_uri, Path(local_dir).name)
-    storage.put_dir(local_dir, uri, extra={"step": step, "resume_key": key})
+    extra = {"step": step, "resume_key": key}
+    if gather is None:
+        storage.put_dir(local_dir, uri, extra=extra)
+        return uri
+    files: dict = {}
+    for part in gather(storage.put_files(local_dir, uri)):
+        files.update(part)
+    if first:
+        storage.write_manifest(uri, dict(sorted(files.items())), extra)
+    gather(None)  # nobody goes on (or resumes) before the manifest exists
     return uri
 
 

@@ -190,7 +190,7 @@ def test_resume_loads_checkpoints_without_running_their_code(tmp_path):
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, core.linear_schedule(4))
     kl = core.KLController(0.05, 0.5, 1000)
-    weights, optimizer_state = Processes().checkpoint_state(wrapped, wrapped, optimizer)
+    weights, optimizer_state = Processes().checkpoint_state(wrapped, optimizer)
     folder = save_checkpoint(tmp_path / "update-1", update=1, weights=weights,
                              optimizer_state=optimizer_state, scheduler=scheduler, kl_ctl=kl,
                              data_position=8, history=[{"update": 1, "kl": 0.1}])

@@ -216,21 +216,25 @@ def test_two_nodes_run_the_ppo_step_to_the_end(trained, tmp_path, strategy):
     spec = trainjob.manifest(run_cfg, "ppo", str(config_file), [], name, result)["spec"]
     assert spec["trainer"]["numNodes"] == 2 and spec["trainer"]["numProcPerNode"] == 1
 
-    port = free_port()
-    agents = []
-    for node in range(2):
-        pet = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(node),
-               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
-        # what Kubernetes does with $(VAR) in a container's command
-        argv = [re.sub(r"\$\((\w+)\)", lambda m: pet[m.group(1)], a)
-                for a in spec["trainer"]["command"] + spec["trainer"]["args"]]
-        argv[0] = str(Path(sys.executable).with_name("torchrun"))
-        agents.append(subprocess.Popen(
-            argv, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **pet, "OMP_NUM_THREADS": "1"}))
-    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
-    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    def two_nodes() -> list[str]:
+        port = free_port()
+        agents = []
+        for node in range(2):
+            pet = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(node),
+                   "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
+            # what Kubernetes does with $(VAR) in a container's command
+            argv = [re.sub(r"\$\((\w+)\)", lambda m: pet[m.group(1)], a)
+                    for a in spec["trainer"]["command"] + spec["trainer"]["args"]]
+            argv[0] = str(Path(sys.executable).with_name("torchrun"))
+            agents.append(subprocess.Popen(
+                argv, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True,
+                env={**os.environ, **pet, "OMP_NUM_THREADS": "1"}))
+        outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+        assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+        return outputs
+
+    outputs = two_nodes()
     said = re.findall(r"trainable weights sha256 (\w+) \(process (\d) of (\d)\)",
                       "\n".join(outputs))
     assert sorted((rank, world) for _, rank, world in said) == [("0", "2"), ("1", "2")]
@@ -251,6 +255,20 @@ def test_two_nodes_run_the_ppo_step_to_the_end(trained, tmp_path, strategy):
     saved = PeftModel.from_pretrained(models.load_causal_lm(run_cfg), report["model_uri"],
                                       is_trainable=True)
     assert weights_digest(saved) == report["weights_sha256"]
+    if strategy != "fsdp":
+        return
+    # the checkpoint in the store is sharded: each node uploaded its own part, node 0 the
+    # manifest of both; a longer rerun on the two nodes resumes from it
+    storage = Storage.from_config(run_cfg)
+    checkpoint = run_cfg.step_uri("ppo", "checkpoints") + "/update-000003"
+    files = storage.read_json(f"{checkpoint}/MANIFEST.json")["files"]
+    assert {"shards/__0_0.distcp", "shards/__1_0.distcp", "shards/.metadata",
+            "state.pt"} <= set(files), files
+    raw["ppo"]["train_steps"] = 4
+    config_file.write_text(yaml.safe_dump(raw))
+    two_nodes()
+    rerun = storage.read_json(result)
+    assert rerun["resumed_from"] == 3 and rerun["updates"] == 4
 
 
 def test_reward_rerun_resumes_from_the_last_checkpoint(trained):

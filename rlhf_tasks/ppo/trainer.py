@@ -273,18 +273,23 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(folder: Path, *, update: int, weights: dict, optimizer_state: dict,
-                    scheduler, kl_ctl: core.KLController, data_position: int, history: list,
-                    strategy: str = "ddp") -> Path:
+SHARDS = "shards"  # the sharded (FSDP) part of a checkpoint: torch.distributed.checkpoint
+
+
+def save_checkpoint(folder: Path, *, update: int, weights: dict | None,
+                    optimizer_state: dict | None, scheduler, kl_ctl: core.KLController,
+                    data_position: int, history: list, strategy: str = "ddp") -> Path:
     """Weights in safetensors; optimizer, scheduler, KL controller and data position in a
     torch file.  Random state needs no saving: every update seeds its sampling from
     (seed, update, rank), so a resumed run draws what an uninterrupted one would, on any
     number of processes.  Under FSDP the trainable weights and the optimizer state are
-    gathered whole (``Processes.checkpoint_state``) and the first process writes them."""
+    in ``shards/`` instead, each process having written its own part
+    (``Processes.save_shards``), and only the rest is here (``weights`` None)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(folder / "trainable.safetensors"))
+    if weights is not None:
+        save_file(weights, str(folder / "trainable.safetensors"))
     torch.save({
         "update": update, "optimizer": optimizer_state, "strategy": strategy,
         "scheduler": scheduler.state_dict(), "kl_controller": kl_ctl.state_dict(),
@@ -298,18 +303,21 @@ def load_checkpoint(folder: Path, *, wrapped: nn.Module, optimizer, scheduler,
     from safetensors.torch import load_file
 
     processes = processes or Processes()
-    weights = load_file(str(folder / "trainable.safetensors"))
-    missing = {n for n, p in wrapped.named_parameters() if p.requires_grad} - set(weights)
-    if missing:
-        raise ValueError(f"checkpoint {folder} lacks {len(missing)} trainable tensors, "
-                         f"e.g. {sorted(missing)[0]} (different LoRA settings?)")
     # tensors and plain containers only: a checkpoint read back from the store cannot run
     # code when it is loaded
     state = torch.load(folder / "state.pt", weights_only=True)
     if state.get("strategy", "ddp") != processes.strategy:
         raise ValueError(f"checkpoint {folder} was made under {state.get('strategy', 'ddp')}"
                          f", this run uses {processes.strategy}")
-    processes.load(wrapped, optimizer, weights, state["optimizer"])
+    if processes.sharded:
+        processes.load_shards(folder / SHARDS, wrapped, optimizer)
+    else:
+        weights = load_file(str(folder / "trainable.safetensors"))
+        missing = {n for n, p in wrapped.named_parameters() if p.requires_grad} - set(weights)
+        if missing:
+            raise ValueError(f"checkpoint {folder} lacks {len(missing)} trainable tensors, "
+                             f"e.g. {sorted(missing)[0]} (different LoRA settings?)")
+        processes.load(wrapped, optimizer, weights, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_controller"])
     return state
@@ -448,32 +456,41 @@ class Processes:
         else:  # FSDP2's gradients are DTensors: the norm is the global one
             nn.utils.clip_grad_norm_(params, max_norm)
 
-    def checkpoint_state(self, unwrapped, wrapped, optimizer) -> tuple[dict, dict] | None:
-        """(trainable weights, optimizer state) whole, on the first process (None on the
-        others); under FSDP every process must call it (the shards are gathered)."""
-        if not self.sharded:
-            return ((_trainable_state(unwrapped), optimizer.state_dict())
-                    if self.rank == 0 else None)
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_optimizer_state_dict)
-
-        weights = _trainable_state(unwrapped)
-        optim = get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
-        return (weights, optim) if self.rank == 0 else None
+    def checkpoint_state(self, unwrapped, optimizer) -> tuple[dict, dict] | None:
+        """(trainable weights, optimizer state) of a replicated model, on the first process
+        (None on the others)."""
+        return (_trainable_state(unwrapped), optimizer.state_dict()) if self.rank == 0 else None
 
     def load(self, wrapped, optimizer, weights: dict, optimizer_state: dict) -> None:
-        if not self.sharded:
-            wrapped.load_state_dict(weights, strict=False)
-            optimizer.load_state_dict(optimizer_state)
-            return
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        wrapped.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(optimizer_state)
 
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(wrapped, weights, options=options)
-        set_optimizer_state_dict(wrapped, optimizer, optimizer_state, options=options)
+    @staticmethod
+    def _sharded_state(wrapped, optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optim = get_state_dict(wrapped, optimizer,
+                                      options=StateDictOptions(ignore_frozen_params=True))
+        return {"model": model, "optim": optim}
+
+    def save_shards(self, folder: Path, wrapped, optimizer) -> None:
+        """[FSDP] every process writes its shards of the trainable weights and of the
+        optimizer state (torch.distributed.checkpoint; the first also the index): no
+        process ever holds the whole."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded_state(wrapped, optimizer), checkpoint_id=str(folder))
+
+    def load_shards(self, folder: Path, wrapped, optimizer) -> None:
+        """[FSDP] every process reads its own shards back, whatever wrote them."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self._sharded_state(wrapped, optimizer)
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(wrapped, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -616,16 +633,19 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
 
         due = s.checkpoint_every and update % s.checkpoint_every == 0
         if checkpoint_dir is not None and (due or update == last_update):
-            # every process takes part (FSDP gathers the shards); the first one writes
-            state = processes.checkpoint_state(unwrapped, wrapped, optimizer)
+            folder = checkpoint_dir / f"update-{update:06d}"
+            if processes.sharded:  # every process writes (and hands over) its shards
+                processes.save_shards(folder / SHARDS, wrapped, optimizer)
+                state = (None, None) if rank == 0 else None
+            else:
+                state = processes.checkpoint_state(unwrapped, optimizer)
             if state is not None:
-                folder = save_checkpoint(checkpoint_dir / f"update-{update:06d}",
-                                         update=update, weights=state[0],
-                                         optimizer_state=state[1], scheduler=scheduler,
-                                         kl_ctl=kl_ctl, data_position=data_position,
-                                         history=history, strategy=processes.strategy)
-                if on_checkpoint is not None:
-                    on_checkpoint(update, folder)
+                save_checkpoint(folder, update=update, weights=state[0],
+                                optimizer_state=state[1], scheduler=scheduler, kl_ctl=kl_ctl,
+                                data_position=data_position, history=history,
+                                strategy=processes.strategy)
+            if on_checkpoint is not None and (state is not None or processes.sharded):
+                on_checkpoint(update, folder)
     meter.close()
     return TrainResult(updates=update, history=history, resumed_from=start_update,
                        seconds=time.perf_counter() - started)

@@ -109,8 +109,23 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             if main:
                 tracking.log_metrics("ppo", metrics, step=update)
 
+        sharded = (settings.strategy == "fsdp" and accelerator is not None
+                   and accelerator.num_processes > 1)
+
         def on_checkpoint(update: int, folder: Path) -> None:
-            training.upload_checkpoint(storage, folder, checkpoints_uri, update, key)
+            if not sharded:  # the first process alone has it all
+                training.upload_checkpoint(storage, folder, checkpoints_uri, update, key)
+                return
+            import torch.distributed as dist
+
+            def gather(obj):
+                every = [None] * dist.get_world_size()
+                dist.all_gather_object(every, obj)
+                return every
+
+            # every process uploads its own shards; the first writes the manifest of all
+            training.upload_checkpoint(storage, folder, checkpoints_uri, update, key,
+                                       gather=gather, first=main)
 
         started = time.perf_counter()
         result = ppo_trainer.train(
