@@ -181,7 +181,7 @@ def test_resume_loads_checkpoints_without_running_their_code(tmp_path):
     state.pt is refused, not executed; an honest checkpoint still resumes."""
     import pickle
 
-    from rlhf_tasks.ppo.trainer import (PolicyAndValue, Processes, load_checkpoint,
+    from rlhf_tasks.ppo.trainer import (PolicyAndValue, _trainable_state, load_checkpoint,
                                         save_checkpoint)
 
     models = tiny(4, "shared")
@@ -190,10 +190,10 @@ def test_resume_loads_checkpoints_without_running_their_code(tmp_path):
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, core.linear_schedule(4))
     kl = core.KLController(0.05, 0.5, 1000)
-    weights, optimizer_state = Processes().checkpoint_state(wrapped, optimizer)
-    folder = save_checkpoint(tmp_path / "update-1", update=1, weights=weights,
-                             optimizer_state=optimizer_state, scheduler=scheduler, kl_ctl=kl,
-                             data_position=8, history=[{"update": 1, "kl": 0.1}])
+    folder = save_checkpoint(tmp_path / "update-1", update=1,
+                             weights=_trainable_state(wrapped),
+                             optimizer_state=optimizer.state_dict(), scheduler=scheduler,
+                             kl_ctl=kl, data_position=8, history=[{"update": 1, "kl": 0.1}])
     state = load_checkpoint(folder, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
                             kl_ctl=kl)
     assert state["update"] == 1 and state["data_position"] == 8

@@ -250,14 +250,10 @@ def collate_prompts(prompts: list[list[int]], pad_token_id: int, device):
 
 
 # -- checkpoints -----------------------------------------------------------------------------
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: an FSDP2 shard (DTensor) is gathered from every process (a
-    collective: every process must ask, in the same order)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
 def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: _full(p.detach()).cpu().contiguous() for n, p in module.named_parameters()
+    """The trainable weights of a whole (not sharded) model: :func:`gather_weights` first
+    under FSDP."""
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters()
             if p.requires_grad}
 
 
@@ -456,11 +452,6 @@ class Processes:
         else:  # FSDP2's gradients are DTensors: the norm is the global one
             nn.utils.clip_grad_norm_(params, max_norm)
 
-    def checkpoint_state(self, unwrapped, optimizer) -> tuple[dict, dict] | None:
-        """(trainable weights, optimizer state) of a replicated model, on the first process
-        (None on the others)."""
-        return (_trainable_state(unwrapped), optimizer.state_dict()) if self.rank == 0 else None
-
     def load(self, wrapped, optimizer, weights: dict, optimizer_state: dict) -> None:
         wrapped.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(optimizer_state)
@@ -634,17 +625,18 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
         due = s.checkpoint_every and update % s.checkpoint_every == 0
         if checkpoint_dir is not None and (due or update == last_update):
             folder = checkpoint_dir / f"update-{update:06d}"
-            if processes.sharded:  # every process writes (and hands over) its shards
+            weights = optimizer_state = None
+            if processes.sharded:  # every process writes its shards
                 processes.save_shards(folder / SHARDS, wrapped, optimizer)
-                state = (None, None) if rank == 0 else None
-            else:
-                state = processes.checkpoint_state(unwrapped, optimizer)
-            if state is not None:
-                save_checkpoint(folder, update=update, weights=state[0],
-                                optimizer_state=state[1], scheduler=scheduler, kl_ctl=kl_ctl,
-                                data_position=data_position, history=history,
+            elif rank == 0:  # the replicas are equal: the first one's are the weights
+                weights, optimizer_state = _trainable_state(unwrapped), optimizer.state_dict()
+            if rank == 0:
+                save_checkpoint(folder, update=update, weights=weights,
+                                optimizer_state=optimizer_state, scheduler=scheduler,
+                                kl_ctl=kl_ctl, data_position=data_position, history=history,
                                 strategy=processes.strategy)
-            if on_checkpoint is not None and (state is not None or processes.sharded):
+            # the first process hands the checkpoint over; under FSDP each its own shards
+            if on_checkpoint is not None and (rank == 0 or processes.sharded):
                 on_checkpoint(update, folder)
     meter.close()
     return TrainResult(updates=update, history=history, resumed_from=start_update,

@@ -109,8 +109,9 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             if main:
                 tracking.log_metrics("ppo", metrics, step=update)
 
-        sharded = (settings.strategy == "fsdp" and accelerator is not None
-                   and accelerator.num_processes > 1)
+        rank, world = ((accelerator.process_index, accelerator.num_processes)
+                       if accelerator is not None else (0, 1))
+        sharded = settings.strategy == "fsdp" and world > 1
 
         def on_checkpoint(update: int, folder: Path) -> None:
             if not sharded:  # the first process alone has it all
@@ -135,9 +136,7 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             on_metrics=on_metrics, stop_after=stop_after, accelerator=accelerator)
         if result.updates < settings.total_updates:  # stopped early on purpose (tests)
             return {"updates": result.updates, "stopped_early": True, "mlflow_run_id": run_id}
-        rank, world = ((accelerator.process_index, accelerator.num_processes)
-                       if accelerator is not None else (0, 1))
-        if settings.strategy == "fsdp" and world > 1:  # whole weights again, for saving
+        if sharded:  # whole weights again, for saving
             ppo_trainer.gather_weights(stack.policy)
         # every process, on every machine, says what it ended with: one digest in all the
         # logs of a multi-process run is the proof that it stayed in step
