@@ -29,16 +29,26 @@ def step_command(step: str, config_uri: str, overrides: list[str], gpus: int
     return [argv[0]], argv[1:]
 
 
+def resources(kube, gpus: int, memory: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(requests, limits) of a trainer container: ``memory``, the CPU request, ``gpus``."""
+    limits = {"memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    return {"cpu": kube.cpu, "memory": memory}, limits
+
+
+def labels(cfg, step: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "rlhf-trainer", "rlhf/step": step,
+            "rlhf/pipeline": cfg.run.pipeline}
+
+
 def pod_settings(cfg, step: str, config_uri: str, overrides: list[str]) -> dict[str, Any]:
     from kubernetes.client import models as k8s
 
     kube = cfg.compute.kubernetes
     gpus = cfg.compute.num_gpus if step in GPU_STEPS else 0
     cmds, arguments = step_command(step, config_uri, overrides, gpus)
-    limits = {"memory": kube.memory if gpus else kube.cpu_step_memory}
-    if gpus:
-        limits["nvidia.com/gpu"] = str(gpus)
-    requests = {"cpu": kube.cpu, "memory": limits["memory"]}
+    requests, limits = resources(kube, gpus, kube.memory if gpus else kube.cpu_step_memory)
     return {
         "name": f"rlhf-{step.replace('_', '-')}",
         "namespace": kube.namespace,
@@ -48,8 +58,7 @@ def pod_settings(cfg, step: str, config_uri: str, overrides: list[str]) -> dict[
         "kubernetes_conn_id": kube.kubernetes_conn_id,
         "cmds": cmds,
         "arguments": arguments,
-        "labels": {"app.kubernetes.io/name": "rlhf-trainer", "rlhf/step": step,
-                   "rlhf/pipeline": cfg.run.pipeline},
+        "labels": labels(cfg, step),
         "container_resources": k8s.V1ResourceRequirements(requests=requests, limits=limits),
         "node_selector": dict(kube.node_selector) if gpus else None,
         "tolerations": [k8s.V1Toleration(**t) for t in kube.tolerations] if gpus else None,

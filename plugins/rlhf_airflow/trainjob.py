@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from rlhf_airflow.backends import step_argv
+from rlhf_airflow.kubernetes import labels, resources
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 TRAINING_STEPS = frozenset({"reward", "sft", "ppo"})
@@ -66,9 +67,7 @@ def manifest(cfg, step: str, config_uri: str, overrides: list[str], name: str,
              result: str) -> dict[str, Any]:
     kube, compute = cfg.compute.kubernetes, cfg.compute
     gpus = compute.num_gpus
-    limits = {"memory": kube.memory}
-    if gpus:
-        limits["nvidia.com/gpu"] = str(gpus)
+    requests, limits = resources(kube, gpus, kube.memory)
     pod: dict[str, Any] = {
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory",
                                                    "sizeLimit": kube.shm_size}}],
@@ -84,8 +83,7 @@ def manifest(cfg, step: str, config_uri: str, overrides: list[str], name: str,
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",
         "metadata": {"name": name, "namespace": kube.namespace,
-                     "labels": {"app.kubernetes.io/name": "rlhf-trainer", "rlhf/step": step,
-                                "rlhf/pipeline": cfg.run.pipeline}},
+                     "labels": labels(cfg, step)},
         "spec": {
             "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime",
                            "name": kube.training_runtime},
@@ -97,8 +95,7 @@ def manifest(cfg, step: str, config_uri: str, overrides: list[str], name: str,
                 "args": step_argv(step, config_uri, overrides, result)[1:],
                 "numNodes": compute.num_nodes,
                 "numProcPerNode": max(1, gpus),
-                "resourcesPerNode": {"requests": {"cpu": kube.cpu, "memory": kube.memory},
-                                     "limits": limits},
+                "resourcesPerNode": {"requests": requests, "limits": limits},
                 "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
             },
             "runtimePatches": [{
