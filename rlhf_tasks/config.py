@@ -320,8 +320,10 @@ class KubernetesSection(Section):
         description="Kubernetes secrets whose keys become the pod's environment "
                     "(AWS_*, MLFLOW_TRACKING_*): credentials never pass through Params.")
     cpu: str = "4"
-    memory: str = "32Gi"
-    cpu_step_memory: str = "8Gi"
+    memory: str = Field("32Gi", description="Memory of a training step's pod (each node's, "
+                                            "for a TrainJob), with or without GPUs.")
+    cpu_step_memory: str = Field("8Gi", description="Memory of the other steps' pods "
+                                                    "(validation, bookkeeping).")
     shm_size: str = Field("16Gi", description="Memory-backed /dev/shm (DataLoader, NCCL).")
     on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "keep_pod"] = \
         "delete_succeeded_pod"

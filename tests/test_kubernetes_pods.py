@@ -71,6 +71,14 @@ def test_validation_runs_in_a_cpu_pod(dag, tmp_path):
     assert c.args[:2] == ["run", "validate_preference"]
 
 
+def test_a_training_step_without_gpus_gets_the_trainer_memory_on_any_node(dag, tmp_path):
+    _, pod = build_pod(dag, "ppo", tmp_path, num_gpus=0)
+    c = main_container(pod)
+    assert c.resources.limits == {"memory": "32Gi"}
+    assert c.resources.requests == {"cpu": "4", "memory": "32Gi"}
+    assert pod.spec.node_selector is None and pod.spec.tolerations is None
+
+
 def test_several_gpus_run_under_accelerate(dag, tmp_path):
     _, pod = build_pod(dag, "ppo", tmp_path, num_gpus=4,
                        kubernetes={"on_finish_action": "keep_pod", "namespace": "ml"})

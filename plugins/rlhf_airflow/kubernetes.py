@@ -48,7 +48,9 @@ def pod_settings(cfg, step: str, config_uri: str, overrides: list[str]) -> dict[
     kube = cfg.compute.kubernetes
     gpus = cfg.compute.num_gpus if step in GPU_STEPS else 0
     cmds, arguments = step_command(step, config_uri, overrides, gpus)
-    requests, limits = resources(kube, gpus, kube.memory if gpus else kube.cpu_step_memory)
+    # a training step needs the trainer's memory on CPU nodes too (as its TrainJob gets)
+    requests, limits = resources(kube, gpus, kube.memory if step in GPU_STEPS
+                                 else kube.cpu_step_memory)
     return {
         "name": f"rlhf-{step.replace('_', '-')}",
         "namespace": kube.namespace,
