@@ -68,6 +68,29 @@ def test_selective_logprobs_gradient_matches_log_softmax():
     close(z.grad, [[-0.25, 0.25]])
 
 
+def test_selective_logprobs_consuming_its_logits_writes_the_same_gradient_in_place():
+    """consume=True: the gradient reaching the (non-leaf) logits is written into their own
+    storage, so a training step holds one vocabulary-wide tensor instead of two."""
+    weights = torch.randn(3, 4, dtype=torch.float64)
+    tokens = torch.randint(7, (3, 4))
+    base = torch.randn(3, 4, 7, dtype=torch.float64)
+    grads = []
+    for consume in (False, True):
+        x = base.clone().requires_grad_(True)
+        logits = x * 2.0  # a non-leaf, as a model's output is
+        seen = {}
+        logits.register_hook(lambda g: seen.update(ptr=g.data_ptr()))
+        (core.selective_logprobs(logits, tokens, rows_per_chunk=5, consume=consume)
+         * weights).sum().backward()
+        assert (seen["ptr"] == logits.data_ptr()) is consume
+        grads.append(x.grad)
+    x = base.clone().requires_grad_(True)
+    (torch.log_softmax(x * 2.0, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+     * weights).sum().backward()
+    close(grads[0], x.grad, 1e-12)
+    close(grads[1], x.grad, 1e-12)
+
+
 def test_kl_estimators():
     logp, ref = T([math.log(0.5)]), T([math.log(0.25)])
     close(core.kl_penalty(logp, ref, "k1"), [math.log(2.0)])              # ln .5 - ln .25

@@ -82,36 +82,41 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, tokens, rows_per_chunk):
+    def forward(ctx, logits, tokens, rows_per_chunk, overwrite):
         flat, flat_tokens = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
         lse = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in flat.split(rows_per_chunk)])
         out = flat.gather(-1, flat_tokens).squeeze(-1) - lse
         ctx.save_for_backward(logits, tokens, lse)
-        ctx.rows_per_chunk = rows_per_chunk
+        ctx.rows_per_chunk, ctx.overwrite = rows_per_chunk, overwrite
         return out.view(tokens.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, tokens, lse = ctx.saved_tensors
         flat = logits.reshape(-1, logits.shape[-1])
-        grad = torch.empty_like(flat)
+        # the gradient overwrites the logits, chunk by chunk, when nothing else can read
+        # them any more (the function owns them: see ``selective_logprobs``)
+        grad = flat if ctx.overwrite else torch.empty_like(flat)
         g, idx = grad_out.reshape(-1, 1), tokens.reshape(-1, 1)
         n = ctx.rows_per_chunk
         for start in range(0, flat.shape[0], n):
             rows = slice(start, start + n)
-            torch.exp(flat[rows] - lse[rows, None], out=grad[rows])
+            torch.sub(flat[rows], lse[rows, None], out=grad[rows]).exp_()
             grad[rows].mul_(-g[rows]).scatter_add_(-1, idx[rows], g[rows])
-        return grad.view(logits.shape), None, None
+        return grad.view(logits.shape), None, None, None
 
 
 def selective_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
-                       rows_per_chunk: int = 64) -> torch.Tensor:
+                       rows_per_chunk: int = 64, *, consume: bool = False) -> torch.Tensor:
     """``log_softmax(logits)[tokens]`` without materialising the full log-softmax.
 
     logits (..., V), tokens (...) -> (...).  Memory: the log-softmax is never stored;
     temporaries cover ``rows_per_chunk`` positions at a time (see :class:`_TokenLogprobs`).
+    ``consume=True``: the backward pass writes the gradient into ``logits`` itself, so a
+    training step holds one (positions, vocabulary) tensor instead of two; the caller
+    promises not to read ``logits`` after ``backward()``.
     """
-    return _TokenLogprobs.apply(logits, tokens, rows_per_chunk)
+    return _TokenLogprobs.apply(logits, tokens, rows_per_chunk, consume)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

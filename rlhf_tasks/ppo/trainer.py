@@ -793,7 +793,11 @@ def ppo_update(wrapped, unwrapped, optimizer, params, batch: Rollouts, exp: Expe
                 with processes.no_sync(wrapped, last):
                     with autocast(s, device):
                         new_logits, new_values = wrapped(*args, w, s.temperature)
-                    new_logprobs = core.selective_logprobs(new_logits, batch.responses[rows, :w])
+                    if epoch == 0:  # entropy once per update: every row once
+                        stats["entropy"].append(_entropy(new_logits, m))
+                    # the backward pass overwrites the logits with their gradient
+                    new_logprobs = core.selective_logprobs(new_logits, batch.responses[rows, :w],
+                                                           consume=True)
                     pg_loss, pg_stats = core.policy_loss(
                         new_logprobs, exp.logprobs[rows, :w], exp.advantages[rows, :w], m,
                         s.clip_range)
@@ -809,16 +813,19 @@ def ppo_update(wrapped, unwrapped, optimizer, params, batch: Rollouts, exp: Expe
                     stats["value_clipfrac"].append(vf_stats["clipfrac"].item())
                     stats["approx_kl"].append(pg_stats["approx_kl"].item())
                     stats["ratio"].append(pg_stats["ratio"].item())
-                    if epoch == 0:  # entropy once per update: every row once
-                        # a few rows at a time: softmax temporaries the size of the logits
-                        entropy = torch.cat([core.entropy_from_logits(chunk)
-                                             for chunk in new_logits.split(2)])
-                        stats["entropy"].append(core.masked_mean(entropy, m).item())
                 # free this microbatch's logits before the next forward allocates its own
                 del new_logits, new_values, new_logprobs, loss
             processes.clip(params, s.max_grad_norm)
             optimizer.step()
     return stats
+
+
+def _entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """The policy's mean entropy over the masked positions, a few rows at a time (softmax
+    temporaries the size of the logits otherwise); no gradient."""
+    with torch.no_grad():
+        entropy = torch.cat([core.entropy_from_logits(chunk) for chunk in logits.split(2)])
+        return core.masked_mean(entropy, mask).item()
 
 
 def _clock(device) -> float:
