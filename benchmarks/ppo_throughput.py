@@ -16,9 +16,18 @@ or both, alternating, several runs each, with medians:
     .venv/bin/python benchmarks/ppo_throughput.py --compare --runs 3 \\
         --trl-python /path/to/trl112-venv/bin/python
 
-The TRL side needs a separate virtual environment, because TRL 1.14+ has no PPO:
-``python -m venv V && V/bin/pip install torch==2.13.0 trl==1.12.0 transformers==5.24.0
-accelerate==1.15.0 datasets==5.2.0`` (``make bench-trl-venv`` does this in .rlhf/).
+``--account`` counts instead of timing, one run per side (deterministic): matmul FLOPs
+per episode (the speed ratio equal FLOP rates would give), the peak of live tensor
+memory (models included, the C allocator's reuse and fragmentation aside: what a GPU
+would hold) and the resident floor (imports and models, plus a gradient and two AdamW
+moments per trained weight), below which no full-weight fp32 PPO can go:
+
+    .venv/bin/python benchmarks/ppo_throughput.py --compare --account
+
+The TRL side needs a virtual environment of its own, because TRL 1.14+ has no PPO:
+``make bench-trl-venv`` installs the project's requirements with TRL 1.12.0 in place of
+its TRL, in .rlhf/bench-trl112, so that both sides import the same libraries
+(transformers and accelerate import optional packages when they are installed).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 PAD, BOS, EOS = 0, 1, 2
 PHASES: dict[str, float] = {}  # the project's PPO: share of time per phase
+FLOOR: dict[str, float] = {}   # resident memory with imports and models in; trained MB
 
 
 def parse_args(argv=None):
@@ -61,6 +71,9 @@ def parse_args(argv=None):
                    help="attention kernel of the random models (both sides)")
     p.add_argument("--rollout-cache", default="dynamic", choices=["dynamic", "static"],
                    help="the project's rollouts: static KV cache (compiled on a GPU)")
+    p.add_argument("--account", action="store_true",
+                   help="instead of timing: count the work (matmul FLOPs) and the peak of "
+                        "live tensor memory, allocator aside (deterministic: one run)")
     p.add_argument("--compare", action="store_true", help="run both, alternating")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--trl-python", default=str(ROOT / ".rlhf" / "bench-trl112" / "bin" / "python"))
@@ -81,6 +94,9 @@ def build(args):
     reference = copy.deepcopy(policy)
     reward = sequence_classifier_like(config, seed=args.seed + 1)
     value = copy.deepcopy(reward)
+    FLOOR.setdefault("rss_mb", round(_rss_mb()))
+    FLOOR["trained_mb"] = round(sum(p.numel() * p.element_size() for m in (policy, value)
+                                    for p in m.parameters()) / 2**20)
     g = torch.Generator().manual_seed(args.seed)
     prompts = []
     for _ in range(args.episodes):
@@ -162,9 +178,50 @@ def run_trl(args) -> float:
         return time.perf_counter() - started
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def account(args) -> None:
+    """The work and the memory a run needs, independent of the machine's speed and of the
+    C allocator, each from a run of its own: matmul FLOPs per episode
+    (``torch.utils.flop_counter``, a dispatch mode: generation, scoring and training
+    alike), the peak of live tensor bytes (the profiler's allocation events, models
+    included: what a GPU would need, before its caching allocator), and the resident
+    floor: the process's memory once imports and models are in, plus what full-weight
+    AdamW training cannot do without (a gradient and two moments per trained weight).
+    On the CPU only: on a GPU the timed run reports ``peak_gpu_mb``."""
+    if args.device != "cpu":
+        sys.exit("--account runs on the CPU; on a GPU the timed run reports peak_gpu_mb")
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    run = run_rlhf if args.impl == "rlhf" else run_trl
+    torch.manual_seed(args.seed)
+    with FlopCounterMode(display=False) as counter:
+        run(args)  # first: its models are built in a process without profiler data
+    floor = FLOOR["rss_mb"] + 3 * FLOOR["trained_mb"]
+    torch.manual_seed(args.seed)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run(args)
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    print(json.dumps({"impl": args.impl, **FLOOR, **{k: v for k, v in vars(args).items()
+                                                      if k not in ("compare", "runs", "trl_python")}}))
+    print(f"gflop_per_episode={counter.get_total_flops() / 1e9 / args.episodes:.3f} "
+          f"peak_tensor_mb={peak / 2**20:.0f} rss_floor_mb={floor:.0f}")
+
+
 def single(args) -> None:
     import torch
 
+    if args.account:
+        return account(args)
     torch.manual_seed(args.seed)
     seconds = run_rlhf(args) if args.impl == "rlhf" else run_trl(args)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -189,17 +246,25 @@ def compare(args, argv: list[str]) -> None:
             skip = True
             continue
         cleaned.append(a)
+    if args.account:
+        fields = {}
+        for impl, python in (("rlhf", sys.executable), ("trl", args.trl_python)):
+            fields[impl] = _run(impl, python, cleaned)
+            print(f"{impl:<4} " + " ".join(f"{k}={v:g}" for k, v in fields[impl].items()),
+                  flush=True)
+        ours, trl = fields["rlhf"], fields["trl"]
+        print(f"work: TRL does {trl['gflop_per_episode'] / ours['gflop_per_episode']:.2f}x "
+              f"our matmul FLOPs (the speed ratio at equal FLOP rates)")
+        print(f"live tensors: {ours['peak_tensor_mb'] / trl['peak_tensor_mb']:.2f}x TRL's peak; "
+              f"our resident floor is {ours['rss_floor_mb']:.0f} MB")
+        return
     results: dict[str, list[tuple[float, float]]] = {"rlhf": [], "trl": []}
     for run in range(args.runs):
         for impl, python in (("rlhf", sys.executable), ("trl", args.trl_python)):
-            proc = subprocess.run([python, __file__, "--impl", impl, *cleaned],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{impl} run failed:\n{proc.stderr[-3000:]}")
-            last = proc.stdout.strip().splitlines()[-1]
-            fields = dict(kv.split("=") for kv in last.split())
-            results[impl].append((float(fields["episodes_per_s"]), float(fields["peak_rss_mb"])))
-            print(f"run {run + 1} {impl:<4} {last}", flush=True)
+            fields = _run(impl, python, cleaned)
+            results[impl].append((fields["episodes_per_s"], fields["peak_rss_mb"]))
+            print(f"run {run + 1} {impl:<4} episodes_per_s={fields['episodes_per_s']:.3f} "
+                  f"peak_rss_mb={fields['peak_rss_mb']:.0f}", flush=True)
     med = {impl: (statistics.median(e for e, _ in r), statistics.median(m for _, m in r))
            for impl, r in results.items()}
     print(f"median of {args.runs}: rlhf {med['rlhf'][0]:.3f} ep/s {med['rlhf'][1]:.0f} MB | "
@@ -207,6 +272,16 @@ def compare(args, argv: list[str]) -> None:
     print(f"speed ratio {med['rlhf'][0] / med['trl'][0]:.2f}x  "
           f"memory ratio {med['rlhf'][1] / med['trl'][1]:.2f}x")
     print(f"episodes_per_s={med['rlhf'][0]:.3f} peak_rss_mb={med['rlhf'][1]:.0f}")
+
+
+def _run(impl: str, python: str, argv: list[str]) -> dict[str, float]:
+    """One implementation in its own process; the fields of its last line."""
+    proc = subprocess.run([python, __file__, "--impl", impl, *argv], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{impl} run failed:\n{proc.stderr[-3000:]}")
+    last = proc.stdout.strip().splitlines()[-1]
+    return {k: float(v) for k, v in (kv.split("=") for kv in last.split())}
 
 
 if __name__ == "__main__":
