@@ -34,12 +34,19 @@ airflow: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"
 
-# TRL 1.12, the last release with a PPOTrainer, in its own venv for benchmarks/ppo_throughput.py
-bench-trl-venv:
-	@test -x .rlhf/bench-trl112/bin/python || $(PYTHON) -m venv .rlhf/bench-trl112
-	.rlhf/bench-trl112/bin/python -m pip install -q "torch==2.13.0"
-	.rlhf/bench-trl112/bin/python -m pip install -q trl==1.12.0 transformers==5.24.0 \
-		accelerate==1.15.0 datasets==5.2.0
+# TRL 1.12, the last release with a PPOTrainer, for benchmarks/ppo_throughput.py: the
+# project's own packages with TRL 1.12 in place of its TRL, so that both sides import the
+# same libraries (transformers and accelerate load what is installed: boto3, scipy, ...)
+BENCH_TRL := .rlhf/bench-trl112
+bench-trl-venv: $(BENCH_TRL)/.installed
+
+$(BENCH_TRL)/.installed: requirements.txt
+	@test -x $(BENCH_TRL)/bin/python || $(PYTHON) -m venv $(BENCH_TRL)
+	$(BENCH_TRL)/bin/python -m pip install -q --upgrade "pip==26.3"
+	$(BENCH_TRL)/bin/python -m pip install -q "torch==2.13.0"
+	$(BENCH_TRL)/bin/python -m pip install -q -r requirements.txt
+	$(BENCH_TRL)/bin/python -m pip install -q --no-deps trl==1.12.0
+	@touch $@
 
 clean:
 	rm -rf .rlhf
