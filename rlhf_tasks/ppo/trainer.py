@@ -186,8 +186,8 @@ class _SampledLogprobs:
     the row's logsumexp: no (batch, vocab) log-softmax is built, and no step's scores are
     kept (as ``output_scores`` would)."""
 
-    def __init__(self, temperature: float, prompt_width: int):
-        self.temperature, self.prompt_width = temperature, prompt_width
+    def __init__(self, temperature: float):
+        self.temperature = temperature
         self.logprobs: list[torch.Tensor] = []
 
     def __call__(self, input_ids, scores):
@@ -197,7 +197,7 @@ class _SampledLogprobs:
         self.logprobs.append(scores.gather(-1, tokens).squeeze(-1) - lse)
         return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
 
-    def finish(self, sequences) -> torch.Tensor:
+    def finish(self) -> torch.Tensor:
         return torch.stack(self.logprobs, 1)
 
 
@@ -217,7 +217,7 @@ def rollout(policy, query_ids, query_mask, settings: PPOSettings, stop_ids, pad_
     from rlhf_tasks.generation import checkpoint_defaults_off, decoding_config
 
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
-    recorder = _SampledLogprobs(settings.temperature, query_ids.shape[1])
+    recorder = _SampledLogprobs(settings.temperature)
     # greedy (temperature 0) here: the recorder samples from logits / T itself
     config = decoding_config(max_new_tokens=settings.max_new_tokens, temperature=0.0,
                              stop_ids=stop_ids, pad_token_id=pad_token_id,
@@ -229,7 +229,7 @@ def rollout(policy, query_ids, query_mask, settings: PPOSettings, stop_ids, pad_
         sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask,
                                     generation_config=config,
                                     logits_processor=LogitsProcessorList([recorder]))
-        logprobs = recorder.finish(sequences)
+        logprobs = recorder.finish()
     # clones are ordinary tensors again, usable in the training graph
     return sequences[:, query_ids.shape[1]:].clone(), logprobs.clone()
 
