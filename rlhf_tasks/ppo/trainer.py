@@ -419,6 +419,16 @@ class Processes:
         return (wrapped, self.accelerator.unwrap_model(wrapped), optimizer,
                 self.accelerator.device)
 
+    def gather_objects(self, obj) -> list:
+        """Every process's ``obj`` (picklable), in rank order: a collective."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        every = [None] * self.world
+        dist.all_gather_object(every, obj)
+        return every
+
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """[global batch] the sum over every process (whitening, KL): each process then
         holds the statistics of the whole batch, so beta stays the same everywhere."""

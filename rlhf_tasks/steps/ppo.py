@@ -109,24 +109,15 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             if main:
                 tracking.log_metrics("ppo", metrics, step=update)
 
-        rank, world = ((accelerator.process_index, accelerator.num_processes)
-                       if accelerator is not None else (0, 1))
-        sharded = settings.strategy == "fsdp" and world > 1
+        processes = ppo_trainer.Processes(accelerator, settings.strategy)
+        rank, world = processes.rank, processes.world
 
         def on_checkpoint(update: int, folder: Path) -> None:
-            if not sharded:  # the first process alone has it all
-                training.upload_checkpoint(storage, folder, checkpoints_uri, update, key)
-                return
-            import torch.distributed as dist
-
-            def gather(obj):
-                every = [None] * dist.get_world_size()
-                dist.all_gather_object(every, obj)
-                return every
-
-            # every process uploads its own shards; the first writes the manifest of all
-            training.upload_checkpoint(storage, folder, checkpoints_uri, update, key,
-                                       gather=gather, first=main)
+            # replicas: the first process alone has it all; shards: every process uploads
+            # its own, the first writes the manifest of all
+            training.upload_checkpoint(
+                storage, folder, checkpoints_uri, update, key, first=main,
+                gather=processes.gather_objects if processes.sharded else None)
 
         started = time.perf_counter()
         result = ppo_trainer.train(
@@ -136,7 +127,7 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             on_metrics=on_metrics, stop_after=stop_after, accelerator=accelerator)
         if result.updates < settings.total_updates:  # stopped early on purpose (tests)
             return {"updates": result.updates, "stopped_early": True, "mlflow_run_id": run_id}
-        if sharded:  # whole weights again, for saving
+        if processes.sharded:  # whole weights again, for saving
             ppo_trainer.gather_weights(stack.policy)
         # every process, on every machine, says what it ended with: one digest in all the
         # logs of a multi-process run is the proof that it stayed in step
