@@ -250,8 +250,7 @@ def compare(args, argv: list[str]) -> None:
         fields = {}
         for impl, python in (("rlhf", sys.executable), ("trl", args.trl_python)):
             fields[impl] = _run(impl, python, cleaned)
-            print(f"{impl:<4} " + " ".join(f"{k}={v:g}" for k, v in fields[impl].items()),
-                  flush=True)
+            print(f"{impl:<4} {_line(fields[impl])}", flush=True)
         ours, trl = fields["rlhf"], fields["trl"]
         print(f"work: TRL does {trl['gflop_per_episode'] / ours['gflop_per_episode']:.2f}x "
               f"our matmul FLOPs (the speed ratio at equal FLOP rates)")
@@ -263,8 +262,7 @@ def compare(args, argv: list[str]) -> None:
         for impl, python in (("rlhf", sys.executable), ("trl", args.trl_python)):
             fields = _run(impl, python, cleaned)
             results[impl].append((fields["episodes_per_s"], fields["peak_rss_mb"]))
-            print(f"run {run + 1} {impl:<4} episodes_per_s={fields['episodes_per_s']:.3f} "
-                  f"peak_rss_mb={fields['peak_rss_mb']:.0f}", flush=True)
+            print(f"run {run + 1} {impl:<4} {_line(fields)}", flush=True)
     med = {impl: (statistics.median(e for e, _ in r), statistics.median(m for _, m in r))
            for impl, r in results.items()}
     print(f"median of {args.runs}: rlhf {med['rlhf'][0]:.3f} ep/s {med['rlhf'][1]:.0f} MB | "
@@ -272,6 +270,11 @@ def compare(args, argv: list[str]) -> None:
     print(f"speed ratio {med['rlhf'][0] / med['trl'][0]:.2f}x  "
           f"memory ratio {med['rlhf'][1] / med['trl'][1]:.2f}x")
     print(f"episodes_per_s={med['rlhf'][0]:.3f} peak_rss_mb={med['rlhf'][1]:.0f}")
+
+
+def _line(fields: dict[str, float]) -> str:
+    """A run's fields as it printed them (peak_gpu_mb too, on a GPU)."""
+    return " ".join(f"{k}={v:g}" for k, v in fields.items())
 
 
 def _run(impl: str, python: str, argv: list[str]) -> dict[str, float]:
