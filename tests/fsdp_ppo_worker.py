@@ -72,7 +72,7 @@ report["weight_error"] = max((whole[n].detach() - p.detach()).abs().max().item()
 report["moved"] = max((p.detach() - q).abs().max().item() for p, q in zip(ref_params, before))
 
 # 2. train() under FSDP: the adaptive controller's beta is the same on both processes,
-# and a run stopped after 2 updates resumes from its (gathered) checkpoint to the
+# and a run stopped after 2 updates resumes from its sharded checkpoint to the
 # weights of 3 updates in one go
 settings = PPOSettings(total_updates=3, batch_size=4, num_minibatches=2, microbatch_size=2,
                        ppo_epochs=2, max_new_tokens=5, learning_rate=1e-2, kl_target=1e-3,

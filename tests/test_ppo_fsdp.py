@@ -4,8 +4,9 @@
 * one PPO update of a fixed batch split over the two processes gives the losses and the
   weights of one process updating on the whole batch with whole models;
 * ``train()`` keeps the adaptive controller's beta equal on both processes, and a run
-  stopped after 2 updates resumes from its checkpoint (trainable weights and optimizer
-  state gathered whole by the first process) to the weights of 3 updates in one go.
+  stopped after 2 updates resumes from its sharded checkpoint (each process wrote and
+  reads back its own shards of the trainable weights and optimizer state) to the weights
+  of 3 updates in one go.
 """
 
 import json
