@@ -46,11 +46,11 @@ def pod_settings(cfg, step: str, config_uri: str, overrides: list[str]) -> dict[
     from kubernetes.client import models as k8s
 
     kube = cfg.compute.kubernetes
-    gpus = cfg.compute.num_gpus if step in GPU_STEPS else 0
+    trainer = step in GPU_STEPS
+    gpus = cfg.compute.num_gpus if trainer else 0
     cmds, arguments = step_command(step, config_uri, overrides, gpus)
     # a training step needs the trainer's memory on CPU nodes too (as its TrainJob gets)
-    requests, limits = resources(kube, gpus, kube.memory if step in GPU_STEPS
-                                 else kube.cpu_step_memory)
+    requests, limits = resources(kube, gpus, kube.memory if trainer else kube.cpu_step_memory)
     return {
         "name": f"rlhf-{step.replace('_', '-')}",
         "namespace": kube.namespace,
