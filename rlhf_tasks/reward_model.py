@@ -4,6 +4,17 @@ Saved by the reward step as a folder with ``reward_model.json`` (what it is: a L
 over ``base_model`` or a full model, and the score normalisation), the weights in
 safetensors (``adapter_model.safetensors`` with the score head, or ``model.safetensors``)
 and the tokenizer.
+
+Where the score is read.  A Hugging Face sequence classifier (and so TRL's RewardTrainer,
+which trains through it) pools its score at the rightmost token that is not
+``config.pad_token_id``.  A response ends with the stop token (the chat template's
+end-of-turn, or EOS).  Many tokenizers pad with that very token (ChatML models such as
+SmolLM2 and Qwen's base models, Llama 3 Instruct whose pad we set to its EOS, GPT-2-style
+tokenizers in template format); the classifier would then read the token *before* the
+stop token in training, while PPO and evaluate read the stop token.  So the reward model
+pads with its own id, :func:`score_pad_id`, never a stop token: the Trainer's pooled score,
+:func:`score_sequences` (PPO, evaluate, the served model) and ``AutoModelForSequenceClassification``
+on the registered weights all read the stop token, the last token of the sequence.
 """
 
 from __future__ import annotations
@@ -14,6 +25,35 @@ from pathlib import Path
 from rlhf_tasks.errors import BadInput
 
 INFO = "reward_model.json"
+
+
+def score_pad_id(tokenizer, stop_ids) -> int:
+    """The id the reward model pads with (its ``config.pad_token_id``): the tokenizer's pad
+    when it ends no response, else the first special token that ends none (unk, BOS, the
+    others), else the lowest ordinary id that ends none.  Padding only needs an id that is
+    never the last token of a sequence: every scored sequence ends with a stop token, or
+    with the last sampled token of a response that never stopped."""
+    stops = set(stop_ids)
+    candidates = [tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None),
+                  tokenizer.bos_token_id, *sorted(tokenizer.all_special_ids)]
+    for i in candidates:
+        if i is not None and i not in stops:
+            return int(i)
+    return next(i for i in range(len(tokenizer)) if i not in stops)
+
+
+def reward_tokenizer(tokenizer, stop_ids):
+    """A copy of ``tokenizer`` that pads with :func:`score_pad_id` (what the reward step
+    hands to TRL, which sets the classifier's ``config.pad_token_id`` from it, and saves
+    with the reward model)."""
+    import copy
+
+    pad_id = score_pad_id(tokenizer, stop_ids)
+    out = copy.deepcopy(tokenizer)
+    if out.pad_token_id != pad_id:
+        out.pad_token = out.convert_ids_to_tokens(pad_id)
+    assert out.pad_token_id == pad_id, (out.pad_token, pad_id)
+    return out
 
 
 def _pad_right(rows: list[list[int]], pad_token_id: int):
@@ -30,7 +70,8 @@ def _pad_right(rows: list[list[int]], pad_token_id: int):
 
 def score_sequences(model, rows: list[list[int]], pad_token_id: int, batch_size: int = 64,
                     device: str = "cpu") -> list[float]:
-    """The model's score of each full sequence (read at its last token)."""
+    """The model's score of each full sequence, read at its last token (the stop token,
+    where the reward model was trained to score: see the module's docstring)."""
     import torch
 
     from rlhf_tasks.ppo.trainer import position_ids, sequence_scores

@@ -45,6 +45,27 @@ FAMILIES = {
              "end_of_turn": "<|endoftext|>", "system_role": False},
 }
 
+# tokenizers that pad with the token that ends a response (the reward is easily read one
+# token away from where it was trained): name -> (architecture family, changed fields)
+PAD_IS_END = {
+    # SmolLM2-Instruct style ChatML: bos <|im_start|>, eos = pad = <|im_end|>
+    "chatml_pad_end": ("qwen2", {"bos": "<|im_start|>", "eos": "<|im_end|>",
+                                 "pad": "<|im_end|>"}),
+    # Llama 3 Instruct: eos <|eot_id|>, no pad (padded with EOS)
+    "llama3_instruct": ("llama", {"eos": "<|eot_id|>"}),
+    # GPT-2 in template format: pad = EOS = the end of a response
+    "gpt2_template": ("gpt2", {}),
+}
+
+
+def spec_of(name: str) -> tuple[str, dict]:
+    """(architecture family, tokenizer spec) of a family or a PAD_IS_END variant."""
+    if name in FAMILIES:
+        return name, FAMILIES[name]
+    family, changes = PAD_IS_END[name]
+    return family, {**FAMILIES[family], **changes}
+
+
 CORPUS = [
     "Led a team of five engineers and cut costs by 20%.",
     "Managed the payroll system for 300 employees.",
@@ -60,7 +81,7 @@ def build_tokenizer(family: str, out_dir: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    spec = FAMILIES[family]
+    spec = spec_of(family)[1]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -106,8 +127,9 @@ def build_checkpoint(family: str, out_dir: Path, *, seed: int = 0,
 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(family, out_dir)
-    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in FAMILIES[family]["model_eos"]]
-    config = _config(family, tokenizer, eos_ids)
+    architecture, spec = spec_of(family)
+    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in spec["model_eos"]]
+    config = _config(architecture, tokenizer, eos_ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(

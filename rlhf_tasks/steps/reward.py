@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rlhf_tasks import models, tracking, training
 from rlhf_tasks.errors import BadInput
-from rlhf_tasks.reward_model import INFO, pairwise_accuracy, score_sequences
+from rlhf_tasks.reward_model import INFO, pairwise_accuracy, reward_tokenizer, score_sequences
 from rlhf_tasks.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,10 @@ def reward(cfg) -> dict:
             base_dir, num_labels=1, use_safetensors=True,
             trust_remote_code=cfg.model.trust_remote_code,
             **models.load_kwargs(cfg, device, trainable=rc.lora_rank == 0))
-        model.config.pad_token_id = tokenizer.pad_token_id
+        # the classifier pools at the last token that is not its pad: pad with an id that
+        # ends no response, so it is trained to score the stop token (reward_model.py)
+        scorer_tokenizer = reward_tokenizer(tokenizer, renderer.stop_ids)
+        model.config.pad_token_id = scorer_tokenizer.pad_token_id
         model = training.trainable_model(model, rc, "SEQ_CLS", ["score"])
         lr = training.learning_rate(BASE_LR_LORA, BASE_LR_FULL, rc.lora_rank,
                                     rc.learning_rate_multiplier)
@@ -117,7 +120,7 @@ def reward(cfg) -> dict:
             center_rewards_coefficient=rc.center_rewards_coefficient, disable_dropout=True,
             max_length=None)
         trainer = RewardTrainer(
-            model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+            model=model, args=args, train_dataset=train_set, processing_class=scorer_tokenizer,
             callbacks=training.trainer_callbacks("reward", storage, checkpoints_uri, key))
         resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, Path(tmp) / "trainer",
                                                   key)
@@ -154,12 +157,12 @@ def reward(cfg) -> dict:
 
         model_dir = Path(tmp) / "model"
         trained.save_pretrained(model_dir, safe_serialization=True)
-        tokenizer.save_pretrained(model_dir)
+        scorer_tokenizer.save_pretrained(model_dir)
         renderer.save(model_dir)
         info = {"kind": "lora" if rc.lora_rank else "full", "base_model": cfg.model.base_model,
                 "base_model_revision": described["model.resolved_revision"],
                 "base_model_sha256": described["model.weights_sha256"],
-                "lora_rank": rc.lora_rank, "pad_token_id": tokenizer.pad_token_id,
+                "lora_rank": rc.lora_rank, "pad_token_id": scorer_tokenizer.pad_token_id,
                 "normalisation": norm, "heldout": accuracy, "train_pairs": len(train_df),
                 "prompt_format": renderer.settings(), "mlflow_run_id": run_id}
         (model_dir / INFO).write_text(json.dumps(info, indent=2))
@@ -170,8 +173,8 @@ def reward(cfg) -> dict:
         from rlhf_tasks import serving
 
         merged = trained.merge_and_unload() if rc.lora_rank else trained
-        served_dir = serving.save_reward_model(Path(tmp) / "served", merged.cpu(), tokenizer,
-                                               renderer, norm)
+        served_dir = serving.save_reward_model(Path(tmp) / "served", merged.cpu(),
+                                               scorer_tokenizer, renderer, norm)
         storage.put_dir(served_dir, join(out_uri, "served"), extra={"step": "reward"})
 
         tracking.log_metrics("reward", {
