@@ -77,9 +77,13 @@ with DAG(
     reward = RlhfStepOperator(task_id="reward", step="reward", config_uri=CONFIG,
                               overrides=[PARENT], backend=BACKEND, **TRAINING,
                               doc_md="TRL RewardTrainer + LoRA on the validated preferences.")
+    # RL starts from the SFT policy when the run trains one (ppo.init_from): PPO waits for
+    # SFT when it runs, and not when it is skipped
     ppo = RlhfStepOperator(task_id="ppo", step="ppo", config_uri=CONFIG, overrides=[PARENT],
                            backend=BACKEND, **TRAINING,
-                           doc_md="The project's PPO against the reward model.")
+                           trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+                           doc_md="The project's PPO against the reward model, from the SFT "
+                                  "policy when the run has one.")
 
     # the supervised baseline runs only when the form (or the base config) asks for it;
     # skipping it skips its validation and training, nothing else
@@ -142,6 +146,7 @@ with DAG(
 
     prepared >> start >> validate >> reward >> ppo
     validate >> sft_enabled(prepared) >> validate_sft >> sft
+    sft >> ppo
     [ppo, sft] >> evaluate >> simulated_panel(prepared) >> panel_simulate
     [evaluate, panel_simulate] >> wait_for_panel >> gate
     gate_decision(gate.output) >> [sign_off, promote]

@@ -170,6 +170,10 @@ class PPOSection(LoraFields):
                               "separate: a full copy (as TRL does).")
     checkpoint_every: int = Field(10, ge=1)
     merge_adapter: bool = Field(False, description="Also save the policy merged into the base.")
+    init_from: Literal["sft", "foundation"] | None = Field(
+        None, description="The policy RL starts from, which is also its KL reference: sft "
+                          "(the run's SFT model) or foundation (model.base_model). Default: "
+                          "sft when sft.enabled, else foundation.")
 
     @model_validator(mode="after")
     def _batches_divide(self):
@@ -403,6 +407,11 @@ class ScheduleSection(Section):
         return self
 
 
+FP16_REFUSED = ("compute.dtype 'fp16': the RL loop has no loss scaling, so small fp16 gradients "
+                "would underflow to zero; use bf16 (same speed on GPUs since Ampere, and on "
+                "CPUs with AMX) or fp32")
+
+
 class PipelineConfig(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -417,6 +426,24 @@ class PipelineConfig(Section):
     tracking: TrackingSection = TrackingSection()
     compute: ComputeSection = ComputeSection()
     schedule: ScheduleSection = ScheduleSection()
+
+    @model_validator(mode="after")
+    def _no_unscaled_fp16(self):
+        if self.compute.dtype == "fp16":
+            raise ValueError(FP16_REFUSED)
+        return self
+
+    @model_validator(mode="after")
+    def _rl_starts_from_a_trained_sft(self):
+        if self.ppo.init_from == "sft" and not self.sft.enabled:
+            raise ValueError("ppo.init_from is 'sft' but sft.enabled is false: enable the SFT "
+                             "step or start from 'foundation'")
+        return self
+
+    @property
+    def rl_start(self) -> str:
+        """Where RL starts: ``sft`` or ``foundation`` (``ppo.init_from`` resolved)."""
+        return self.ppo.init_from or ("sft" if self.sft.enabled else "foundation")
 
     def step_uri(self, step: str, name: str = "") -> str:
         """``<artifact_root>/<pipeline>/<run_id>/<step>/<name>``."""

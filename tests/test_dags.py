@@ -35,7 +35,9 @@ def test_graph(dagbag):
     # training: reward after every validation, PPO after the reward model; SFT is gated
     assert dag.get_task("reward").upstream_task_ids == {
         "validate.preference", "validate.prompt", "validate.eval"}
-    assert dag.get_task("ppo").upstream_task_ids == {"reward"}
+    # RL starts from the SFT policy when SFT runs: PPO waits for it, not when it is skipped
+    assert dag.get_task("ppo").upstream_task_ids == {"reward", "sft"}
+    assert dag.get_task("ppo").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("validate_sft").upstream_task_ids == {"sft_enabled"}
     assert dag.get_task("sft").upstream_task_ids == {"validate_sft"}
     assert dag.get_task("sft_enabled").ignore_downstream_trigger_rules is False

@@ -131,8 +131,24 @@ def test_gate_compares_with_expert_written_answers():
     far = decide(result, GatePolicy(0.6, 0.1, 0.05, max_gap_to_reference=0.05), "candidate",
                  "foundation")
     assert not far.promote and far.reasons == [
-        "pass rate 0.850 trails the expert-written answers' 0.950 by more than 0.050"]
+        "pass rate 0.850 trails the expert-written answers' 0.950 on the same 20 prompts by "
+        "more than 0.050"]
     without = aggregate(_rows({k: v for k, v in spec.items() if not k.startswith("r")}), k=3)
     missing = decide(without, GatePolicy(0.6, 0.1, 0.05, max_gap_to_reference=0.5),
                      "candidate", "foundation")
     assert not missing.promote and "no eval row had a reviewed reference" in missing.reasons[0]
+
+
+def test_the_gap_to_the_experts_is_counted_on_the_prompts_they_answered():
+    """References on prompts 0-9 only, all passed; the candidate passes 0-4 and 10-19
+    (15/20 = 0.75 on all prompts, but 5/10 = 0.5 on the prompts with a reference).  A gap
+    of 0.3 allows 0.75 against 1.0 but not the paired 0.5 against 1.0."""
+    spec = {f"c{i}": ("candidate", [i < 5 or i >= 10] * 3, i) for i in range(20)}
+    spec.update({f"r{i}": ("reference", [True] * 3, i) for i in range(10)})
+    result = aggregate(_rows(spec), k=3)
+    assert result.scores["candidate"].pass_rate == 0.75
+    decision = decide(result, GatePolicy(0.6, 0.0, 1.0, max_gap_to_reference=0.3),
+                      "candidate", None)
+    assert not decision.promote and decision.reasons == [
+        "pass rate 0.500 trails the expert-written answers' 1.000 on the same 10 prompts by "
+        "more than 0.300"]

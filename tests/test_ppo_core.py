@@ -128,8 +128,45 @@ def test_policy_loss_clips():
     # token 1: max(-1.5, -1.2) = -1.2; token 2: max(1.5, 1.2) = 1.5; mean = 0.15
     close(loss, 0.15)
     close(stats["clipfrac"], 0.5)
-    close(stats["approx_kl"], (1 / 1.5 - 1) + math.log(1.5))
+    # k3 of KL(rollout || current) with r = p_current / p_rollout = 1.5: (r - 1) - log r
+    close(stats["approx_kl"], 0.5 - math.log(1.5))
     close(stats["ratio"], 1.5)
+
+
+def test_approx_kl_is_oriented_and_ignores_what_follows_the_stop_token():
+    """r = 0.5 on the one kept token: (0.5 - 1) - log 0.5 = 0.19315 (the mirrored k3,
+    (1/r - 1) + log r, would give 0.30685); the padding after the stop token carries a
+    log-prob of -200 (exp overflows in float32) and changes nothing."""
+    old = T([[math.log(0.5), 0.0]])
+    new = T([[math.log(0.25), -200.0]])
+    mask = T([[1, 0]])
+    loss, stats = core.policy_loss(new, old, T([[1.0, 0.0]]), mask, clip=0.2)
+    close(stats["approx_kl"], -0.5 + math.log(2))
+    assert torch.isfinite(loss) and torch.isfinite(stats["approx_kl"])
+    assert torch.isfinite(stats["ratio"])
+
+
+def test_a_token_mean_over_the_minibatch_weighs_every_token_the_same():
+    """Two microbatches of a minibatch: 4 tokens of advantage 1 and 1 token of advantage 3,
+    ratio 1.  The minibatch's token mean is (4 * -1 + 1 * -3) / 5 = -1.4; the old
+    per-microbatch means rescaled by rows gave (-1 + -3) / 2 = -2 (the short row's token
+    4x the weight of each long one)."""
+    zeros = torch.zeros(1, 4)
+    long_loss, _ = core.policy_loss(zeros, zeros, T([[1.0, 1, 1, 1]]), torch.ones(1, 4),
+                                    clip=0.2, tokens=5.0)
+    short_loss, _ = core.policy_loss(zeros, zeros, T([[3.0, 0, 0, 0]]), T([[1, 0, 0, 0]]),
+                                     clip=0.2, tokens=5.0)
+    close(long_loss + short_loss, -1.4)
+    v_long, _ = core.value_loss(torch.ones(1, 4), torch.ones(1, 4), torch.zeros(1, 4),
+                                torch.ones(1, 4), clip=10.0, tokens=5.0)
+    close(v_long, 0.5 * 4 / 5)
+
+
+def test_reward_whitening_keeps_the_mean_not_each_sign():
+    """[-1, 11]: mean 5, unbiased variance 72; (x - 5) / sqrt(72) + 5 -> 4.2929, 5.7071."""
+    out = core.masked_whiten(T([[-1.0, 11.0]]), torch.ones(1, 2), shift_mean=False)
+    close(out, [[5 - 6 / math.sqrt(72), 5 + 6 / math.sqrt(72)]], tol=1e-5)
+    assert out[0, 0] > 0
 
 
 def test_value_loss_clips():

@@ -223,3 +223,105 @@ def test_sampling_by_inverse_transform_draws_the_softmax_distribution():
     drawn = sample_tokens(scaled, torch.logsumexp(scaled, -1)).squeeze(1)
     # softmax(log p / 0.5) = p^2 / sum p^2 = (.04, .64) / .68
     assert abs(drawn.double().mean().item() - 0.64 / 0.68) < 0.01
+
+
+class _GradientRecorder:
+    """An optimizer stand-in that keeps the gradients of each step instead of stepping."""
+
+    def __init__(self, params):
+        self.params, self.steps = list(params), []
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.steps.append([p.grad.detach().clone() for p in self.params])
+
+
+def _minibatch_gradient(microbatch_size: int) -> list[torch.Tensor]:
+    """The gradient of one PPO minibatch of 8 episodes of different lengths."""
+    from rlhf_tasks.ppo.trainer import (PolicyAndValue, Processes, collect_rollouts,
+                                        compute_advantages, ppo_update, score_rollouts)
+
+    models = tiny(4, "shared")
+    s = PPOSettings(batch_size=8, num_minibatches=1, microbatch_size=microbatch_size,
+                    ppo_epochs=1, max_new_tokens=8, max_grad_norm=1e9)
+    ids, mask = collate_prompts(prompts(8), PAD, DEVICE)
+    torch.manual_seed(0)
+    wrapped = PolicyAndValue(models.policy, models.critic)
+    batch = collect_rollouts(wrapped, ids, mask, s, [EOS, *range(5, 40)], PAD, DEVICE)
+    assert batch.lengths.min() < batch.lengths.max(), "responses of different lengths"
+    scored = score_rollouts(models, wrapped, batch, s, DEVICE)
+    exp = compute_advantages(batch, scored, s, s.kl_coef, lambda t: t)
+    # a ratio away from 1, so that clipping and the token weights matter
+    exp.logprobs = exp.logprobs - 0.3 * batch.maskf
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    recorder = _GradientRecorder(params)
+    ppo_update(wrapped, wrapped, recorder, params, batch, exp, s, Processes(), 1, DEVICE)
+    return recorder.steps[0]
+
+
+def test_the_minibatch_gradient_does_not_depend_on_the_microbatch_size():
+    """One token mean over the minibatch: microbatches of 1 and of 8 episodes give the same
+    gradient (a per-microbatch mean weighted by rows gave short answers' tokens more)."""
+    one, eight = _minibatch_gradient(1), _minibatch_gradient(8)
+    for a, b in zip(one, eight):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), (a - b).abs().max()
+
+
+def test_dropout_kept_as_a_float_attribute_is_switched_off_too():
+    """OPT keeps its dropout probabilities as floats (``self.dropout``) and calls
+    ``F.dropout`` itself: those are zeroed as well as ``nn.Dropout`` modules."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from rlhf_tasks.ppo.trainer import disable_dropout
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                     ffn_dim=32, num_attention_heads=2, dropout=0.3,
+                                     attention_dropout=0.2, activation_dropout=0.1,
+                                     max_position_embeddings=32, word_embed_proj_dim=16))
+    floats = [(m, n) for m in model.modules() for n, v in vars(m).items()
+              if "dropout" in n and isinstance(v, float) and v > 0]
+    assert floats, "OPT keeps dropout probabilities as float attributes"
+    disable_dropout(model)
+    model.train()
+    ids = torch.randint(3, 50, (2, 10))
+    assert torch.equal(model(ids).logits, model(ids).logits), "training forward is deterministic"
+
+
+def test_the_critic_starts_on_the_normalised_reward_scale():
+    """At the start the critic's value at the last token is (score - mean) / std, the
+    reward PPO gives; with the adapter disabled the reward model still reads raw scores."""
+    from rlhf_tasks.ppo.trainer import adapters_disabled, sequence_scores
+
+    policy, config = random_llama(VOCAB, 32, 2, 2, seed=0)
+    reward = sequence_classifier_like(config)
+    ids, mask = collate_prompts(prompts(4), PAD, DEVICE)
+    last = mask.sum(1) * 0 + ids.shape[1] - 1
+    with torch.no_grad():
+        raw = sequence_scores(reward, ids, mask, position_ids(mask), last)
+    for layout in ("shared", "separate"):
+        models = build_models(policy if layout == "shared" else random_llama(
+            VOCAB, 32, 2, 2, seed=0)[0], sequence_classifier_like(config) if layout ==
+            "separate" else reward, lora_rank=4, layout=layout, score_mean=0.7, score_std=2.0)
+        with torch.no_grad():
+            value = sequence_scores(models.critic, ids, mask, position_ids(mask), last)
+            if models.reward is None:
+                with adapters_disabled(models.critic):
+                    still_raw = sequence_scores(models.critic, ids, mask, position_ids(mask),
+                                                last)
+            else:
+                still_raw = sequence_scores(models.reward, ids, mask, position_ids(mask), last)
+        assert torch.allclose(value, (raw - 0.7) / 2.0, atol=1e-5), layout
+        assert torch.allclose(still_raw, raw, atol=1e-5), layout
+
+
+def test_fp16_is_refused_with_one_line_before_any_step_runs():
+    from rlhf_tasks import config
+    from rlhf_tasks.errors import BadInput
+
+    with pytest.raises(BadInput, match="no loss scaling"):
+        config.validate({"compute": {"dtype": "fp16"}})
+    with pytest.raises(ValueError, match="no loss scaling"):
+        PPOSettings(dtype="fp16")

@@ -7,7 +7,9 @@
   (both models answer the same eval prompts: the comparison is paired);
 * with ``max_gap_to_reference`` set, its pass rate trails the experts' own reference
   answers (the ``reference`` rows of the eval data, reviewed blinded) by at most that
-  gap; set but with no reference answers reviewed, the rule fails (it cannot be checked).
+  gap, both counted on the same prompts (those with a decided reference answer and a
+  decided candidate answer: the eval data may give references for some prompts only);
+  set but with no such prompt, the rule fails (it cannot be checked).
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ class GateDecision:
             ": " + "; ".join(self.reasons) if self.reasons else "")
 
 
+def gap_to_experts(result: PanelResult, candidate: str) -> tuple[float, float, int] | None:
+    """(candidate's pass rate, the experts' pass rate, prompts) on the prompts where both
+    the candidate's answer and the expert-written reference were decided; None if none."""
+    cand, expert = result.outcomes.get(candidate, {}), result.outcomes.get(EXPERT, {})
+    shared = sorted(set(cand) & set(expert))
+    if not shared:
+        return None
+    return (sum(cand[p] for p in shared) / len(shared),
+            sum(expert[p] for p in shared) / len(shared), len(shared))
+
+
 def decide(result: PanelResult, policy: GatePolicy, candidate: str,
            reference: str | None) -> GateDecision:
     reasons: list[str] = []
@@ -82,13 +95,13 @@ def decide(result: PanelResult, policy: GatePolicy, candidate: str,
             reasons.append(f"lift over {reference} is not significant "
                            f"(p = {p:.3g} >= {policy.significance})")
     if policy.max_gap_to_reference is not None:
-        expert = result.scores.get(EXPERT)
-        if expert is None:
+        gap = gap_to_experts(result, candidate)
+        if gap is None:
             reasons.append("the policy compares with expert-written answers, but no eval row "
                            "had a reviewed reference answer")
-        elif cand.pass_rate < expert.pass_rate - policy.max_gap_to_reference:
-            reasons.append(f"pass rate {cand.pass_rate:.3f} trails the expert-written answers' "
-                           f"{expert.pass_rate:.3f} by more than "
+        elif gap[0] < gap[1] - policy.max_gap_to_reference:
+            reasons.append(f"pass rate {gap[0]:.3f} trails the expert-written answers' "
+                           f"{gap[1]:.3f} on the same {gap[2]} prompts by more than "
                            f"{policy.max_gap_to_reference:.3f}")
     return GateDecision(not reasons, candidate, reference, cand.pass_rate,
                         ref.pass_rate if ref else None, lift, better, worse, p, reasons)

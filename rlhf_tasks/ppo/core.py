@@ -60,11 +60,14 @@ def global_moments(values: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _l
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   eps: float = 1e-8, reduce: Reduce = _local) -> torch.Tensor:
-    """Zero mean (unless ``shift_mean=False``), unit variance over the masked entries of
-    the global batch (``reduce``: see :func:`global_moments`).
+    """Zero mean, unit variance over the masked entries of the global batch (``reduce``:
+    see :func:`global_moments`).
 
-    [N+] "Advantage whitening" (shift_mean=True) and "Reward whitening" (shift_mean=False:
-    only the scale changes, so the sign of a reward survives).  Padding stays zero.
+    [N+] "Advantage whitening" (shift_mean=True) and "Reward whitening" (shift_mean=False,
+    as TRL and [N+] do it): the deviations from the mean are scaled to unit variance and
+    the mean is added back, so the batch keeps its mean and gets unit spread.  A single
+    entry's sign is *not* kept: in [-1, 11] the -1 becomes 5 - 6/sqrt(72) = +4.29.
+    Padding stays zero.
     """
     mean, var = global_moments(values, mask, reduce)
     whitened = (values - mean) * torch.rsqrt(var + eps)
@@ -171,33 +174,55 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+def _token_sum_over(values: torch.Tensor, mask: torch.Tensor, tokens) -> torch.Tensor:
+    """sum(values * mask) / ``tokens``: with ``tokens`` the token count of the whole
+    minibatch a microbatch belongs to, the microbatches' losses add up to one token mean
+    over the minibatch (every token weighs the same, whatever microbatch holds it); None:
+    this tensor's own token mean."""
+    if tokens is None:
+        return masked_mean(values, mask)
+    return (values * mask.to(values.dtype)).sum() / tokens
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate objective (PPO), as a loss; with clip fraction and approx KL."""
-    log_ratio = logprobs - old_logprobs
+                mask: torch.Tensor, clip: float, tokens=None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate objective (PPO), as a loss (a token mean: see
+    :func:`_token_sum_over` for ``tokens``); with its own token mean, the clip fraction,
+    the mean ratio and approx KL."""
+    # padding positions compare nothing: a log-prob there is not from the rollout, and
+    # exp() of it could overflow (inf * 0 = NaN in a masked mean)
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = _token_sum_over(per_token, mask, tokens)
     with torch.no_grad():
         stats = {
+            "loss": masked_mean(per_token, mask),
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            # [N+] approx KL between the rollout and the current policy, k3 [Schulman]
-            "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+            # [N+] approx KL(rollout || current) over tokens the rollout sampled, k3
+            # [Schulman]: r = p_current / p_rollout, (r - 1) - log r
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """[N+] "Value function loss clipping": 0.5 * max((V - R)^2, (clip(V) - R)^2)."""
+               mask: torch.Tensor, clip: float, tokens=None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """[N+] "Value function loss clipping": 0.5 * max((V - R)^2, (clip(V) - R)^2), a token
+    mean (``tokens``: see :func:`_token_sum_over`)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    per_token = 0.5 * torch.maximum(loss_unclipped, loss_clipped)
+    loss = _token_sum_over(per_token, mask, tokens)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+        stats = {"loss": masked_mean(per_token, mask),
+                 "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
     return loss, stats
 
 

@@ -40,18 +40,50 @@ def lora_config(section, task_type: str, modules_to_save: list[str] | None = Non
                       target_modules=getattr(section, "lora_target_modules", "all-linear"))
 
 
-def build_models(policy_base, reward_model, *, lora_rank=8, layout: str = "shared") -> Models:
-    """``policy_base``: a causal LM; ``reward_model``: a sequence-classification model with
-    one label (its LoRA, if any, already merged).  Both are consumed (wrapped in place).
-    ``lora_rank``: an int or a config section with the LoRA fields.  Trainable weights
-    (adapters, the value head, fully tuned weights) are upcast to fp32 master copies."""
+def build_models(policy_base, reward_model, *, lora_rank=8, layout: str = "shared",
+                 score_mean: float = 0.0, score_std: float = 1.0) -> Models:
+    """``policy_base``: a causal LM (the policy RL starts from, and its KL reference);
+    ``reward_model``: a sequence-classification model with one label (its LoRA, if any,
+    already merged).  Both are consumed (wrapped in place).  ``lora_rank``: an int or a
+    config section with the LoRA fields.  Trainable weights (adapters, the value head,
+    fully tuned weights) are upcast to fp32 master copies.  The critic's head starts as
+    the reward head on PPO's reward scale, ``(score - score_mean) / score_std``
+    (:func:`normalise_value_head`)."""
     from rlhf_tasks.models import upcast_trainable
 
     lora = LoraSettings(lora_rank) if isinstance(lora_rank, int) else lora_rank
     models = _build(policy_base, reward_model, lora, layout)
+    normalise_value_head(models.critic, score_mean, score_std)
     upcast_trainable(models.policy)
     upcast_trainable(models.critic)
     return models
+
+
+def normalise_value_head(critic, mean: float, std: float) -> None:
+    """Give the critic's trainable head a bias and put it on the normalised reward scale:
+    ``w / std``, ``(b - mean) / std``.  PPO's rewards are ``(score - mean) / std``; a value
+    head left on the raw scale starts shifted by the mean and ``std`` times too wide, and
+    value clipping lets it move only ``value_clip_range`` per update.  In the shared layout
+    only the adapter's copy of the head changes: with the adapter disabled the model is
+    still the reward model, on its raw scale."""
+    import torch
+    from torch import nn
+
+    inner = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
+    holder = inner.score
+    copies = getattr(holder, "modules_to_save", None)  # PEFT's trainable copy of the head
+    head = copies["default"] if copies is not None else holder
+    new = nn.Linear(head.in_features, head.out_features, bias=True,
+                    device=head.weight.device, dtype=torch.float32)
+    with torch.no_grad():
+        new.weight.copy_(head.weight.float() / std)
+        bias = head.bias.float() if head.bias is not None else torch.zeros_like(new.bias)
+        new.bias.copy_((bias - mean) / std)
+    new.requires_grad_(True)
+    if copies is not None:
+        copies["default"] = new
+    else:
+        inner.score = new
 
 
 def _build(policy_base, reward_model, lora, layout: str) -> Models:

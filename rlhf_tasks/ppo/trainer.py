@@ -80,6 +80,11 @@ class PPOSettings:
 
     def __post_init__(self):
         check_batch_split(self.batch_size, self.num_minibatches, self.microbatch_size)
+        if self.dtype not in ("fp32", "bf16"):
+            from rlhf_tasks.config import FP16_REFUSED
+
+            raise ValueError(FP16_REFUSED if self.dtype == "fp16" else
+                             f"unknown dtype {self.dtype!r}; use fp32 or bf16")
 
 
 @dataclass
@@ -155,10 +160,16 @@ def adapters_disabled(model):
 
 def disable_dropout(model: nn.Module) -> None:
     """[N+ "Disable dropout"]: dropout would make the PPO ratio differ from 1 even
-    before any update, so it is switched off in every model."""
+    before any update, so it is switched off in every model: ``nn.Dropout`` modules, the
+    probabilities models keep as float attributes and pass to ``F.dropout`` themselves
+    (OPT's ``self.dropout``, ``attention_dropout``, ``activation_dropout`` ...), and the
+    config's."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop"):
         if config is not None and isinstance(getattr(config, name, None), float):
@@ -778,6 +789,8 @@ def ppo_update(wrapped, unwrapped, optimizer, params, batch: Rollouts, exp: Expe
     """``ppo_epochs`` passes over the batch: a fresh permutation each epoch, minibatches
     (one optimizer step each, global-norm clipping), microbatches (gradient accumulation,
     [length buckets] longest first, each cut to its longest response: the same gradient).
+    The loss is one token mean over the minibatch's tokens on every process, so a token
+    weighs the same whatever the microbatch size and the number of processes.
     Gradients all-reduce once per minibatch (``no_sync`` on the other microbatches)."""
     unwrapped.train()
     stats: dict[str, list[float]] = {k: [] for k in (
@@ -795,6 +808,11 @@ def ppo_update(wrapped, unwrapped, optimizer, params, batch: Rollouts, exp: Expe
             mb_rows = mb_rows[torch.argsort(batch.lengths[mb_rows].cpu(), descending=True,
                                             stable=True)]
             optimizer.zero_grad(set_to_none=True)
+            # one token mean over the whole minibatch, on every process: the token count
+            # is summed over processes, and DDP / FSDP average the processes' gradients,
+            # so each process divides its token sum by (all tokens / processes)
+            tokens = processes.reduce_sum(maskf[mb_rows].sum().double()).float() \
+                / processes.world
             for m_start in range(0, len(mb_rows), micro):
                 rows = mb_rows[m_start: m_start + micro]
                 w, args = _cut(batch, rows)
@@ -810,15 +828,15 @@ def ppo_update(wrapped, unwrapped, optimizer, params, batch: Rollouts, exp: Expe
                                                            consume=True)
                     pg_loss, pg_stats = core.policy_loss(
                         new_logprobs, exp.logprobs[rows, :w], exp.advantages[rows, :w], m,
-                        s.clip_range)
+                        s.clip_range, tokens=tokens)
                     vf_loss, vf_stats = core.value_loss(
                         new_values, exp.values[rows, :w], exp.returns[rows, :w], m,
-                        s.value_clip_range)
-                    loss = (pg_loss + s.vf_coef * vf_loss) * len(rows) / len(mb_rows)
+                        s.value_clip_range, tokens=tokens)
+                    loss = pg_loss + s.vf_coef * vf_loss
                     processes.backward(loss)
                 with torch.no_grad():
-                    stats["policy_loss"].append(pg_loss.item())
-                    stats["value_loss"].append(vf_loss.item())
+                    stats["policy_loss"].append(pg_stats["loss"].item())
+                    stats["value_loss"].append(vf_stats["loss"].item())
                     stats["policy_clipfrac"].append(pg_stats["clipfrac"].item())
                     stats["value_clipfrac"].append(vf_stats["clipfrac"].item())
                     stats["approx_kl"].append(pg_stats["approx_kl"].item())

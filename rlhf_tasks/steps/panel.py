@@ -72,7 +72,9 @@ def _data_sizes(cfg, storage: Storage) -> dict[str, str]:
     if sft:
         sizes["sft"] = f"{sft:,} SFT examples"
     if prefs is not None:
-        sizes["rlhf"] = f"{prompts or 0:,} prompts, {prefs:,} preference pairs"
+        from rlhf_tasks.steps.ppo import rl_data_description
+
+        sizes["rlhf"] = rl_data_description(cfg, prompts, prefs)
     return sizes
 
 
@@ -172,6 +174,7 @@ def gate(cfg) -> dict:
             "base_model.revision": reward_info.get("base_model_revision"),
             "base_model.sha256": reward_info.get("base_model_sha256"),
             "adapter": cfg.step_uri("ppo", "model"),
+            "ppo.init_from": ppo_summary.get("init_from", "foundation"),
             "gate.decision": outcome, "panel.closed_at": closed_at.isoformat(),
         }
         version = registry.register(

@@ -1,14 +1,23 @@
-"""The ``ppo`` step: tune the base model against the reward model with the project's PPO.
+"""The ``ppo`` step: tune the policy against the reward model with the project's PPO.
 
-Inputs: ``validate_prompt/canonical.parquet`` and ``reward/model/`` (with its
-normalisation).  The policy starts from ``model.base_model``; the reference policy is the
-same model with its LoRA adapter disabled; the value model starts from the reward model.
+Inputs: ``validate_prompt/canonical.parquet``, ``reward/model/`` and, when RL starts from
+the SFT policy, ``sft/model/``.  Where RL starts (``ppo.init_from``, by default ``sft``
+when the run trains SFT): the SFT policy, its LoRA adapter merged into the base weights,
+or ``model.base_model``.  The KL reference is that starting policy: in the ``shared``
+layout the PPO adapter sits on the merged SFT weights, and disabling it gives the SFT
+policy itself (one copy of the weights; two stacked adapters would need PEFT to disable
+one of two, and the merge is what the served SFT model computes anyway).  The reward
+normalisation is measured on the starting policy's samples (the reward step measured it
+on the foundation model's).  The value model starts from the reward model, its head on
+the normalised scale.
 Outputs under ``<run>/ppo/``: ``model/`` (the policy's LoRA adapter in safetensors, the
 tokenizer, ``prompt_format.json``, ``ppo_summary.json``, and ``merged/`` when
 ``ppo.merge_adapter``), ``served/`` (the MLflow pyfunc model the registry holds: merged
 weights, tokenizer, prompt format and decoding),
 ``checkpoints/update-N/`` every ``ppo.checkpoint_every`` updates; a rerun resumes from the
-newest and ends with the weights an uninterrupted run would have.
+newest and ends with the weights an uninterrupted run would have.  A policy that started
+from SFT is always saved merged too (``model/merged``): its adapter alone needs the SFT
+weights under it.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import time
 from pathlib import Path
 
 from rlhf_tasks import models, tracking, training
+from rlhf_tasks.errors import BadInput
 from rlhf_tasks.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -52,6 +62,31 @@ def ppo_settings(cfg, score_mean: float = 0.0, score_std: float = 1.0):
         strategy=cfg.compute.strategy, rollout_cache=p.rollout_cache)
 
 
+def starting_policy(cfg, storage: Storage, local: Path, **load_kwargs):
+    """The causal LM RL starts from (and keeps as its KL reference): the base model, or
+    the run's SFT model (a LoRA adapter merged into the base weights, or full weights)."""
+    if cfg.rl_start == "foundation":
+        return models.load_causal_lm(cfg, storage, **load_kwargs)
+    sft_uri = cfg.step_uri("sft", "model")
+    if not storage.is_complete(sft_uri):
+        raise BadInput("ppo.init_from is 'sft' but this run has no SFT model: the sft step "
+                       "must finish first", file=sft_uri, field="ppo.init_from")
+    folder = storage.get_dir(sft_uri, local)
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = models.load_causal_lm(cfg, storage, **load_kwargs)
+        return PeftModel.from_pretrained(base, folder).merge_and_unload()
+    return models.load_causal_lm(cfg, storage, path=str(folder), **load_kwargs)
+
+
+def rl_data_description(cfg, prompts: int | None, pairs: int | None) -> str:
+    """What the RL policy was made from, for the table's data column and the registry:
+    "SFT + 1,500 prompts, 4,000 preference pairs"."""
+    text = f"{prompts or 0:,} prompts, {pairs or 0:,} preference pairs"
+    return f"SFT + {text}" if cfg.rl_start == "sft" else text
+
+
 def _accelerator(cfg):
     """An Accelerator when launched by ``accelerate launch`` on several processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -76,7 +111,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
     # under `accelerate launch` every process trains; only the first tracks and saves
     main = accelerator is None or accelerator.is_main_process
     run = (tracking.step_run(cfg, "ppo", tags={"ppo.model_layout": cfg.ppo.model_layout,
-                                               "ppo.lora_rank": str(cfg.ppo.lora_rank)},
+                                               "ppo.lora_rank": str(cfg.ppo.lora_rank),
+                                               "ppo.init_from": cfg.rl_start},
                                system_metrics=True)
            if main else contextlib.nullcontext(None))
     with run as run_id, tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
@@ -90,19 +126,30 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
         reward_model, info = load_reward_model(
             reward_dir, base_model_dir=base_dir, trust_remote_code=cfg.model.trust_remote_code,
             **models.load_kwargs(cfg, device, trainable=False))
-        norm = info["normalisation"]
-        settings = ppo_settings(cfg, norm["mean"], norm["std"])
         prompt_frame = training.read_canonical(cfg, storage, "prompt",
                                                mlflow_context="training" if main else None)
         prompts = training.encode_prompts(renderer, prompt_frame)
-        torch.manual_seed(cfg.run.seed)  # LoRA initialisation: the same on every rerun
-        policy = models.load_causal_lm(cfg, storage, **models.load_kwargs(
+        policy = starting_policy(cfg, storage, tmp / "sft", **models.load_kwargs(
             cfg, device, trainable=cfg.ppo.lora_rank == 0))
-        stack = build_models(policy, reward_model, lora_rank=cfg.ppo, layout=cfg.ppo.model_layout)
+        norm = info["normalisation"]
+        if cfg.rl_start != "foundation":  # rewards start near 0 / 1 for *this* policy
+            from rlhf_tasks.steps.reward import score_moments
+
+            reward_model.to(device)
+            norm = score_moments(policy.to(device).eval(), reward_model, prompt_frame,
+                                 tokenizer, renderer, cfg, device)
+            log.info("ppo: reward normalisation on the %s policy's samples: mean %.3f, std "
+                     "%.3f", cfg.rl_start, norm["mean"], norm["std"])
+        settings = ppo_settings(cfg, norm["mean"], norm["std"])
+        torch.manual_seed(cfg.run.seed)  # LoRA initialisation: the same on every rerun
+        stack = build_models(policy, reward_model, lora_rank=cfg.ppo, layout=cfg.ppo.model_layout,
+                             score_mean=norm["mean"], score_std=norm["std"])
         for model in filter(None, (stack.policy, stack.critic, stack.reference, stack.reward)):
             model.to(device)
 
-        key = training.resume_key(cfg, storage, "ppo", ("validate_prompt", "reward/model"))
+        inputs = ("validate_prompt", "reward/model") + (
+            ("sft/model",) if cfg.rl_start == "sft" else ())
+        key = training.resume_key(cfg, storage, "ppo", inputs)
         resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, tmp / "resume", key)
 
         def on_metrics(update: int, metrics: dict) -> None:
@@ -143,6 +190,10 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             "kl_last": last["kl"], "seconds": round(time.perf_counter() - started, 1),
             "settings": settings.__dict__, "reward_model": cfg.step_uri("reward", "model"),
             "base_model": cfg.model.base_model, "base_model_revision": cfg.model.revision,
+            "init_from": cfg.rl_start,
+            "init_model": (cfg.step_uri("sft", "model") if cfg.rl_start == "sft"
+                           else cfg.model.base_model),
+            "normalisation": norm,
             "lora_rank": cfg.ppo.lora_rank, "prompt_format": renderer.settings(),
             "mlflow_run_id": run_id,
         }
@@ -150,7 +201,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
         policy = stack.policy.cpu()
         policy.save_pretrained(model_dir, safe_serialization=True)
         merged = policy.merge_and_unload() if cfg.ppo.lora_rank else policy
-        if cfg.ppo.merge_adapter and cfg.ppo.lora_rank:
+        # an adapter trained over the SFT weights is usable only merged (or with them)
+        if cfg.ppo.lora_rank and (cfg.ppo.merge_adapter or cfg.rl_start == "sft"):
             merged.save_pretrained(model_dir / "merged", safe_serialization=True)
             tokenizer.save_pretrained(model_dir / "merged")
         tokenizer.save_pretrained(model_dir)

@@ -73,6 +73,25 @@ def sample_reference(policy, prompts: list[list[int]], tokenizer, renderer, cfg,
     return sequences
 
 
+def score_moments(policy, scorer, prompt_frame, tokenizer, renderer, cfg, device: str) -> dict:
+    """Mean and std of ``scorer``'s raw scores on ``policy``'s answers to
+    ``reward.norm_samples`` seeded picks of the prompts, sampled as PPO samples: the
+    normalisation that starts PPO's rewards near mean 0, std 1 for that policy."""
+    import torch
+
+    picks = torch.randperm(len(prompt_frame),
+                           generator=torch.Generator().manual_seed(cfg.run.seed))
+    picks = picks[: cfg.reward.norm_samples].tolist()
+    encoded = training.encode_prompts(renderer, prompt_frame.iloc[picks])
+    torch.manual_seed(cfg.run.seed)
+    sequences = sample_reference(policy, encoded, tokenizer, renderer, cfg, device)
+    with training.autocast(cfg, device):
+        scores = torch.tensor(score_sequences(scorer, sequences, tokenizer.pad_token_id,
+                                              device=device))
+    return {"mean": scores.mean().item(), "std": max(scores.std().item(), 1e-6),
+            "samples": len(sequences), "temperature": cfg.ppo.temperature}
+
+
 def reward(cfg) -> dict:
     import torch
     from datasets import Dataset
@@ -141,19 +160,10 @@ def reward(cfg) -> dict:
 
         # normalisation statistics on reference-policy samples
         prompt_frame = training.read_canonical(cfg, storage, "prompt", mlflow_context="scoring")
-        picks = torch.randperm(len(prompt_frame),
-                               generator=torch.Generator().manual_seed(cfg.run.seed))
-        picks = picks[: rc.norm_samples].tolist()
-        encoded = training.encode_prompts(renderer, prompt_frame.iloc[picks])
         policy = models.load_causal_lm(cfg, storage, **models.load_kwargs(
             cfg, device, trainable=False)).to(device).eval()
-        sequences = sample_reference(policy, encoded, tokenizer, renderer, cfg, device)
+        norm = score_moments(policy, trained, prompt_frame, tokenizer, renderer, cfg, device)
         del policy
-        with training.autocast(cfg, device):
-            scores = torch.tensor(score_sequences(trained, sequences, tokenizer.pad_token_id,
-                                                  device=device))
-        norm = {"mean": scores.mean().item(), "std": max(scores.std().item(), 1e-6),
-                "samples": len(sequences), "temperature": cfg.ppo.temperature}
 
         model_dir = Path(tmp) / "model"
         trained.save_pretrained(model_dir, safe_serialization=True)
