@@ -1,5 +1,12 @@
-"""The ``evaluate`` step: every model under comparison answers the eval prompts, with the
-same decoding settings; automatic metrics per model; a blinded review batch for the panel.
+"""The ``evaluate`` step: every model under comparison answers the eval prompts as it was
+trained and is served; automatic metrics per model; a blinded review batch for the panel.
+
+Each model is judged in its own form: the registry's champion with the tokenizer, prompt
+format, instruction and decoding recorded in its served folder (never this run's, so a
+change of form in this run cannot handicap it), this run's models with this run's.  The
+reward model (this run's) scores every answer in this run's token layout: the exact
+generated tokens for this run's models, the answer's text re-encoded for a model served
+in another form.
 
 Models: the candidate (``<run>/ppo/model``), the registry's ``champion`` (when there is
 one) and the baselines of ``evaluation.baselines`` (``foundation``: the base model;
@@ -17,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_tasks import models, registry, tracking, training
@@ -68,6 +76,44 @@ def models_under_comparison(cfg, storage: Storage):
         out["champion"] = champ.source
     out[CANDIDATE] = cfg.step_uri("ppo", "model")
     return out, champ
+
+
+@dataclass
+class ServedForm:
+    """How a model renders prompts and decodes: its tokenizer, renderer and decoding."""
+
+    tokenizer: object
+    renderer: object
+    temperature: float
+    max_new_tokens: int
+    recorded: bool  # read from the model's own served folder (else this run's config)
+
+    def describe(self) -> dict:
+        return {"prompt_format": self.renderer.settings(), "temperature": self.temperature,
+                "max_new_tokens": self.max_new_tokens,
+                "source": "recorded with the model" if self.recorded else "this run's config"}
+
+
+def served_form(folder: Path | None, run_form: ServedForm) -> ServedForm:
+    """The form recorded in one of our MLflow model folders (a registered version): its
+    tokenizer, ``prompt_format.json`` and ``decoding.json``; ``run_form`` for anything
+    else (this run's base model, SFT and candidate)."""
+    from rlhf_tasks import serving
+    from rlhf_tasks.models import load_tokenizer_from
+    from rlhf_tasks.prompting import SETTINGS_FILE, PromptRenderer
+
+    inside = serving.hf_folder(folder) if folder is not None else None
+    if inside is None or not (inside / SETTINGS_FILE).is_file():
+        return run_form
+    tokenizer = load_tokenizer_from(str(inside))
+    renderer = PromptRenderer.from_settings(
+        tokenizer, json.loads((inside / SETTINGS_FILE).read_text(encoding="utf-8")))
+    decoding_path = inside / serving.DECODING_FILE
+    decoding = json.loads(decoding_path.read_text(encoding="utf-8")) \
+        if decoding_path.is_file() else {}
+    return ServedForm(tokenizer, renderer,
+                      float(decoding.get("temperature", run_form.temperature)),
+                      int(decoding.get("max_new_tokens", run_form.max_new_tokens)), True)
 
 
 def load_policy(cfg, storage: Storage, uri: str, local: Path):
@@ -132,22 +178,29 @@ def evaluate(cfg) -> dict:
         reward_model.to(device)
 
         compared, champion = models_under_comparison(cfg, storage)
-        rows, metrics = [], {}
+        run_form = ServedForm(tokenizer, renderer, ev.temperature, ev.max_new_tokens, False)
+        rows, metrics, forms = [], {}, {}
         for label, uri in compared.items():
             log.info("evaluate: %s (%s) answers %d prompts", label, uri, len(prompts))
             policy = load_policy(cfg, storage, uri, tmp / label)
+            form = served_form(tmp / label if (tmp / label).is_dir() else None, run_form)
+            forms[label] = form.describe()
+            own = encoded if form is run_form else training.encode_prompts(form.renderer, frame)
             with training.autocast(cfg, device):
-                responses, ended = generate(policy, tokenizer, renderer, encoded, device=device,
-                                            temperature=ev.temperature,
-                                            max_new_tokens=ev.max_new_tokens,
+                responses, ended = generate(policy, form.tokenizer, form.renderer, own,
+                                            device=device, temperature=form.temperature,
+                                            max_new_tokens=form.max_new_tokens,
                                             seed=cfg.run.seed, batch_size=64,
                                             progress=f"evaluate: {label} answers")
                 del policy
-                # exactly the tokens generated (the stop token included), as PPO scores them
-                scores = score_sequences(reward_model, [p + r for p, r in zip(encoded, responses)],
-                                         tokenizer.pad_token_id, device=device)
+                texts = [form.renderer.response_text(r) for r in responses]
+                # this run's models: exactly the tokens generated (the stop token
+                # included), as PPO scores them; another form: its text in this run's
+                scored = ([p + r for p, r in zip(encoded, responses)] if form is run_form
+                          else [p + renderer.response_ids(t) for p, t in zip(encoded, texts)])
+                scores = score_sequences(reward_model, scored, tokenizer.pad_token_id,
+                                         device=device)
             scores = [(s - norm["mean"]) / norm["std"] for s in scores]
-            texts = [renderer.response_text(r) for r in responses]
             metrics[label] = {"reward_mean": sum(scores) / len(scores),
                               "length_mean": sum(len(r) - e for r, e in zip(responses, ended))
                               / len(responses),
@@ -168,6 +221,7 @@ def evaluate(cfg) -> dict:
                                           for k, v in metrics[REFERENCE].items()})
             compared[REFERENCE] = "expert-written reference answers (eval data)"
 
+        mlflow.log_dict(forms, "eval/forms.json")
         tracking.log_answers(rows)
         tracking.log_histograms(
             {label: [r["reward"] for r in rows if r["model"] == label] for label in compared},
@@ -184,7 +238,8 @@ def evaluate(cfg) -> dict:
         with open(local / "responses.jsonl", "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        summary = {"models": compared, "decoding": decoding, "metrics": metrics,
+        summary = {"models": compared, "decoding": decoding, "forms": forms,
+                   "metrics": metrics,
                    "champion_version": str(champion.version) if champion else None,
                    "prompts": len(prompts), "batch_id": batch_id, "mlflow_run_id": run_id}
         (local / "evaluate.json").write_text(json.dumps(summary, indent=2))
