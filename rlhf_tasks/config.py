@@ -136,6 +136,24 @@ class SFTSection(LoraFields):
     checkpoint_every: int = Field(50, ge=1)
 
 
+class DriftBounds(Section):
+    """When the run note warns about the RL curves (checked on the last update; None: no
+    check).  They move no gate: they say where to look."""
+
+    kl_above: float | None = Field(2.0, gt=0.0, description="KL to the reference per "
+                                                            "response.")
+    kl_slope_above: float | None = Field(0.25, gt=0.0, description="KL growth per update "
+                                                                   "(over the last 5).")
+    entropy_below: float | None = Field(0.05, ge=0.0, description="Mean token entropy "
+                                                                  "(collapse).")
+    clipfrac_above: float | None = Field(0.3, gt=0.0, le=1.0, description="Policy clip "
+                                                                          "fraction.")
+    length_ratio_above: float | None = Field(2.0, gt=1.0, description="Mean response length "
+                                                                      "grew or shrank by "
+                                                                      "more than this factor "
+                                                                      "since the first update.")
+
+
 class PPOSection(LoraFields):
     train_steps: int = Field(32, ge=1, le=1_000_000, description="PPO updates (RL steps).")
     learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0,
@@ -170,6 +188,7 @@ class PPOSection(LoraFields):
                               "separate: a full copy (as TRL does).")
     checkpoint_every: int = Field(10, ge=1)
     merge_adapter: bool = Field(False, description="Also save the policy merged into the base.")
+    drift: DriftBounds = DriftBounds()
     init_from: Literal["sft", "foundation"] | None = Field(
         None, description="The policy RL starts from, which is also its KL reference: sft "
                           "(the run's SFT model) or foundation (model.base_model). Default: "
@@ -250,6 +269,11 @@ class PanelSection(Section):
                                       "the user ids on the store's reviewer list).")
     simulated_may_promote: bool = Field(False, description="Let a simulated panel's verdict "
                                         "promote (demos only); otherwise it is a report.")
+    reward_rise_flag: float = Field(0.5, gt=0.0, description="Flag possible reward hacking "
+                                                             "when the candidate's mean reward "
+                                                             "rose by this much (normalised) "
+                                                             "over its starting model while "
+                                                             "its pass rate did not.")
     max_gap_to_reference: float | None = Field(
         None, ge=0.0, le=1.0, description="With expert-written reference answers in the eval "
                                           "data: the candidate's pass rate may trail theirs "

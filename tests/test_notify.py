@@ -91,6 +91,10 @@ def test_the_run_note_headline():
                      "reasons": ["below the minimum 0.600"], "simulated": True}) == \
         ("reject: version 4; expert pass rates rlhf 50.0% (simulated panel). "
          "below the minimum 0.600")
+    assert headline({"decision": "reject", "version": "5", "pass_rates": {"rlhf": 0.5},
+                     "warnings": ["possible reward hacking: ...", "ppo: entropy 0.010 ..."]}) \
+        == ("reject: version 5; expert pass rates rlhf 50.0%. Warnings: possible reward "
+            "hacking: ...; ppo: entropy 0.010 ...")
 
 
 def test_no_api_connection_writes_no_note(monkeypatch, caplog):

@@ -152,3 +152,29 @@ def test_the_gap_to_the_experts_is_counted_on_the_prompts_they_answered():
     assert not decision.promote and decision.reasons == [
         "pass rate 0.500 trails the expert-written answers' 1.000 on the same 10 prompts by "
         "more than 0.300"]
+
+
+def test_reward_agreement_is_the_auc_of_the_reward_over_the_verdicts():
+    """Passed answers score 3 and 2, failed ones 1 and 2: 3>1, 3>2, 2>1 and a tie (1/2):
+    3.5 of 4 comparisons = 0.875; one class alone: undefined."""
+    from rlhf_tasks.panel.aggregate import reward_agreement
+
+    outcomes = {0: True, 1: True, 2: False, 3: False}
+    assert reward_agreement(outcomes, {0: 3.0, 1: 2.0, 2: 1.0, 3: 2.0}) == (0.875, 2, 2)
+    assert reward_agreement({0: True, 1: True}, {0: 1.0, 1: 2.0}) == (None, 2, 0)
+
+
+def test_a_reward_that_rose_while_the_pass_rate_did_not_is_flagged():
+    from rlhf_tasks.panel.gate import reward_hacking
+
+    spec = {f"c{i}": ("rlhf", [i < 10] * 3, i) for i in range(20)}
+    spec.update({f"s{i}": ("sft", [i < 12] * 3, i) for i in range(20)})
+    result = aggregate(_rows(spec), k=3)  # 50% against 60%
+    flag = reward_hacking({"rlhf": 1.3, "sft": 0.1}, result, "rlhf", "sft", 0.5)
+    assert flag == ("possible reward hacking: the mean reward rose by +1.20 (normalised) over "
+                    "sft, while the expert pass rate did not (50.0% against 60.0%)")
+    assert reward_hacking({"rlhf": 0.5, "sft": 0.1}, result, "rlhf", "sft", 0.5) is None
+    better = aggregate(_rows({**spec, **{f"c{i}": ("rlhf", [i < 15] * 3, i)
+                                          for i in range(20)}}), k=3)
+    assert reward_hacking({"rlhf": 1.3, "sft": 0.1}, better, "rlhf", "sft", 0.5) is None
+    assert reward_hacking({"rlhf": 1.3}, result, "rlhf", None, 0.5) is None

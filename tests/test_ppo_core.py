@@ -205,3 +205,32 @@ def test_response_mask_truncates_at_eos():
 def test_linear_schedule():
     schedule = core.linear_schedule(4)
     assert [schedule(i) for i in (0, 2, 4, 5)] == [1.0, 0.5, 0.0, 0.0]
+
+
+def test_slope_by_hand():
+    # y = 0.1, 0.3, 0.5: slope 0.2; x mean 1, y mean 0.3: (-1)(-0.2) + (1)(0.2) / 2 = 0.2
+    assert core.slope([0.1, 0.3, 0.5]) == pytest.approx(0.2)
+    assert core.slope([0.4]) == 0.0
+    assert core.slope([1.0, 0.0, 1.0, 0.0]) == pytest.approx(-0.2)
+
+
+def test_drift_warnings_name_what_crossed_its_bound():
+    from rlhf_tasks.config import DriftBounds
+    from rlhf_tasks.steps.ppo import drift_warnings
+
+    first = {"kl": 0.0, "kl_slope": 0.0, "entropy": 2.0, "policy_clipfrac": 0.05,
+             "response_length": 20.0}
+    calm = dict(first, kl=0.3, kl_slope=0.05, response_length=25.0)
+    assert drift_warnings([first, calm], DriftBounds()) == []
+    wild = dict(first, kl=3.0, kl_slope=0.4, entropy=0.01, policy_clipfrac=0.5,
+                response_length=8.0)
+    warnings = drift_warnings([first, wild], DriftBounds())
+    assert warnings == [
+        "ppo: KL to the reference 3.000 is above 2.0",
+        "ppo: KL still grows by 0.400 per update (above 0.25)",
+        "ppo: policy clip fraction 0.500 is above 0.3",
+        "ppo: entropy 0.010 is below 0.05 (the policy is collapsing onto few answers)",
+        "ppo: mean response length went from 20.0 to 8.0 tokens (more than 2.0x)"]
+    off = DriftBounds(kl_above=None, kl_slope_above=None, entropy_below=None,
+                      clipfrac_above=None, length_ratio_above=None)
+    assert drift_warnings([first, wild], off) == []

@@ -18,7 +18,8 @@ DEFAULT_CONN_ID = "rlhf_airflow_api"
 
 
 def headline(result: dict) -> str:
-    """``promote: version 3; expert pass rates rlhf 87.0%, champion 76.0%`` (+ reasons)."""
+    """``promote: version 3; expert pass rates rlhf 87.0%, champion 76.0%`` (+ reasons, and
+    the warnings: reward hacking, the RL curves' drift)."""
     rates = ", ".join(f"{m} {r:.1%}" for m, r in (result.get("pass_rates") or {}).items())
     text = f"{result.get('decision', '?')}: version {result.get('version', '?')}"
     if rates:
@@ -26,7 +27,9 @@ def headline(result: dict) -> str:
     if result.get("simulated"):
         text += " (simulated panel)"
     reasons = result.get("reasons") or []
-    return text + (f". {'; '.join(reasons)}" if reasons else "")
+    text += f". {'; '.join(reasons)}" if reasons else ""
+    warnings = result.get("warnings") or []
+    return text + (f". Warnings: {'; '.join(warnings)}" if warnings else "")
 
 
 def set_note(dag_id: str, run_id: str, note: str) -> bool:

@@ -138,3 +138,17 @@ def aggregate(verdicts: list[dict], k: int) -> PanelResult:
                        items_decided=len(counts), verdicts=len(verdicts),
                        reviewers=len({r["reviewer"] for r in verdicts}),
                        outcomes=dict(per_prompt))
+
+
+def reward_agreement(outcomes: dict[int, bool], rewards: dict[int, float]
+                     ) -> tuple[float | None, int, int]:
+    """How well the reward score ranks one model's answers as the panel judged them: the
+    AUC (Mann-Whitney) of the reward over the answers' majority verdicts, the chance that
+    a passed answer scores higher than a failed one (ties count half; 0.5 = no agreement,
+    1 = perfect); with the counts of passed and failed answers.  None when either is 0."""
+    passed = [rewards[p] for p, ok in outcomes.items() if ok and p in rewards]
+    failed = [rewards[p] for p, ok in outcomes.items() if not ok and p in rewards]
+    if not passed or not failed:
+        return None, len(passed), len(failed)
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in passed for b in failed)
+    return wins / (len(passed) * len(failed)), len(passed), len(failed)

@@ -105,3 +105,21 @@ def decide(result: PanelResult, policy: GatePolicy, candidate: str,
                            f"{policy.max_gap_to_reference:.3f}")
     return GateDecision(not reasons, candidate, reference, cand.pass_rate,
                         ref.pass_rate if ref else None, lift, better, worse, p, reasons)
+
+
+def reward_hacking(reward_means: dict[str, float], result: PanelResult, candidate: str,
+                   start: str | None, min_rise: float) -> str | None:
+    """A warning when the candidate's mean reward rose by at least ``min_rise``
+    (normalised units) over the model RL started from while its pass rate did not rise:
+    the policy learned what the reward model rewards, not what the experts pass."""
+    if start is None or candidate not in reward_means or start not in reward_means:
+        return None
+    cand, base = result.scores.get(candidate), result.scores.get(start)
+    if cand is None or base is None:
+        return None
+    rise = reward_means[candidate] - reward_means[start]
+    if rise >= min_rise and cand.pass_rate <= base.pass_rate:
+        return (f"possible reward hacking: the mean reward rose by {rise:+.2f} (normalised) "
+                f"over {start}, while the expert pass rate did not "
+                f"({cand.pass_rate:.1%} against {base.pass_rate:.1%})")
+    return None

@@ -64,7 +64,8 @@ def plot(rows: list[dict], path: Path, *, simulated: bool) -> Path:
 
 
 def write_html(path: Path, *, rows: list[dict], result: PanelResult, decision: dict,
-               png: Path, simulated: bool, batch_id: str, run: str) -> Path:
+               png: Path, simulated: bool, batch_id: str, run: str,
+               agreement: dict | None = None, warnings: list[str] | None = None) -> Path:
     esc = html.escape
     image = base64.b64encode(png.read_bytes()).decode()
     body = "".join(
@@ -75,6 +76,17 @@ def write_html(path: Path, *, rows: list[dict], result: PanelResult, decision: d
     banner = ("<p class='sim'>SIMULATED panel: rubric raters with per-rater noise stood in "
               "for people.</p>" if simulated else "")
     reasons = "".join(f"<li>{esc(r)}</li>" for r in decision.get("reasons", []))
+    agreement_rows = "".join(
+        f"<tr><td>{esc(TITLES.get(m, m))}</td><td>"
+        f"{'undefined' if auc is None else f'{auc:.3f}'}</td><td>{n_pass}</td><td>{n_fail}</td>"
+        f"</tr>" for m in ordered(agreement or {}) for auc, n_pass, n_fail in [agreement[m]])
+    agreement_html = (
+        "<h2>Does the reward model agree with the panel?</h2><p>Per model, the chance that "
+        "an answer the panel passed scores higher than one it failed (AUC; 0.5: the reward "
+        "tells nothing about the panel's verdict).</p><table><tr><th>model</th><th>AUC</th>"
+        f"<th>passed</th><th>failed</th></tr>{agreement_rows}</table>" if agreement_rows else "")
+    warning_html = ("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings)
+                    + "</ul>" if warnings else "")
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>Expert panel report: {esc(run)}</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}
@@ -87,6 +99,7 @@ items. Agreement (Fleiss' kappa): {kappa}.</p>
 <table><tr><th>model</th><th>data</th><th>pass rate</th><th>95% interval</th>
 <th>passed</th></tr>{body}</table>
 <h2>Gate: {'promote' if decision.get('promote') else 'reject'}</h2><ul>{reasons}</ul>
+{warning_html}{agreement_html}
 <img alt="pass rates" src="data:image/png;base64,{image}"></body></html>""",
                     encoding="utf-8")
     return path

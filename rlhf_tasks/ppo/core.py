@@ -278,3 +278,15 @@ def linear_schedule(total_updates: int):
     """[N+] learning-rate annealing: linear decay from 1 to 0 over the updates."""
     return lambda update: max(0.0, 1.0 - update / max(1, total_updates))
 
+
+
+def slope(values: list[float]) -> float:
+    """Least-squares slope of ``values`` against their index (per step); 0 for fewer than
+    two.  The KL's slope over the last updates says whether the policy is still running
+    away from its reference."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    num = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values))
+    return num / sum((x - mean_x) ** 2 for x in range(n))

@@ -634,6 +634,9 @@ def train(models: Models, prompts: list[list[int]], settings: PPOSettings, *,
             "time/advantages": t_advantages - t_scoring, "time/training": t_training - t_advantages,
             "time/update": seconds,
         }
+        # [drift] the KL's trend over the last 5 updates (a policy running away from its
+        # reference shows here before it shows in the panel)
+        metrics["kl_slope"] = core.slope([h["kl"] for h in history[-4:]] + [mean_kl])
         kl_ctl.update(mean_kl, s.batch_size * world)
         history.append({"update": update, **{k: round(v, 6) for k, v in metrics.items()}})
         if on_metrics is not None:

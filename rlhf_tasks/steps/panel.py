@@ -26,7 +26,7 @@ from rlhf_tasks import registry, tracking, training
 from rlhf_tasks.errors import BadInput
 from rlhf_tasks.panel import aggregate as agg
 from rlhf_tasks.panel import report
-from rlhf_tasks.panel.gate import GatePolicy, decide
+from rlhf_tasks.panel.gate import GatePolicy, decide, reward_hacking
 from rlhf_tasks.panel.store import PanelStore, panel_store_url
 from rlhf_tasks.storage import Storage, join
 
@@ -76,6 +76,28 @@ def _data_sizes(cfg, storage: Storage) -> dict[str, str]:
 
         sizes["rlhf"] = rl_data_description(cfg, prompts, prefs)
     return sizes
+
+
+def _reward_checks(cfg, result, answers: list[dict], evaluation: dict, ppo_summary: dict
+                   ) -> tuple[dict, list[str]]:
+    """Reward hacking in sight: per model, the agreement (AUC) between the reward score and
+    the panel's majority verdicts on its answers; and the warnings: the candidate's reward
+    rose clearly over its starting model while its pass rate did not, and the RL curves'
+    drift (``ppo.drift``)."""
+    rewards: dict[str, dict[int, float]] = {}
+    for row in answers:
+        if row.get("reward") is not None:
+            rewards.setdefault(row["model"], {})[int(row["prompt_index"])] = float(row["reward"])
+    agreement = {m: agg.reward_agreement(outcomes, rewards.get(m, {}))
+                 for m, outcomes in result.outcomes.items()}
+    means = {m: d["reward_mean"] for m, d in (evaluation.get("metrics") or {}).items()}
+    start = ppo_summary.get("init_from", "foundation")
+    start = start if start in evaluation.get("models", {}) else None
+    warnings = list(ppo_summary.get("warnings") or [])
+    flag = reward_hacking(means, result, "rlhf", start, cfg.panel.reward_rise_flag)
+    if flag:
+        warnings.insert(0, flag)
+    return agreement, warnings
 
 
 def gate(cfg) -> dict:
@@ -136,17 +158,23 @@ def gate(cfg) -> dict:
         for m, s in result.scores.items():
             metrics.update({f"{m}/pass_rate": s.pass_rate, f"{m}/ci_low": s.ci_low,
                             f"{m}/ci_high": s.ci_high, f"{m}/items": s.items})
+        with storage.local_copy(join(cfg.step_uri("evaluate"), "responses.jsonl")) as path:
+            answers = [json.loads(line) for line in path.read_text("utf-8").splitlines()
+                       if line.strip()]
+        ppo_summary = storage.read_json(join(cfg.step_uri("ppo", "model"), "ppo_summary.json"))
+        agreement, warnings = _reward_checks(cfg, result, answers, evaluation, ppo_summary)
+        for m, (auc, n_pass, n_fail) in agreement.items():
+            if auc is not None:
+                metrics[f"reward_agreement/{m}"] = auc
         tracking.log_metrics("panel", metrics)
         png = report.plot(table, tmp / "pass_rates.png", simulated=simulated)
         page = report.write_html(tmp / "report.html", rows=table, result=result,
                                  decision=decision.as_dict(), png=png, simulated=simulated,
-                                 batch_id=batch_id, run=f"{cfg.run.pipeline}/{cfg.run.run_id}")
+                                 batch_id=batch_id, run=f"{cfg.run.pipeline}/{cfg.run.run_id}",
+                                 agreement=agreement, warnings=warnings)
         mlflow.log_artifact(str(png), artifact_path="panel")
         mlflow.log_artifact(str(page), artifact_path="panel")
         # every answer beside the panel's verdicts on it, readable in MLflow
-        with storage.local_copy(join(cfg.step_uri("evaluate"), "responses.jsonl")) as path:
-            answers = [json.loads(line) for line in path.read_text("utf-8").splitlines()
-                       if line.strip()]
         tracking.log_answers(answers, tracking.JUDGED_TABLE, verdicts=rows)
 
         cand = result.scores.get("rlhf")
@@ -159,7 +187,6 @@ def gate(cfg) -> dict:
             tags={"airflow.dag_id": cfg.run.pipeline, "airflow.run_id": cfg.run.run_id,
                   "datasets": cfg.data.preference_uri, "base_model": cfg.model.base_model,
                   "heldout_accuracy": reward_info.get("heldout", {}).get("accuracy")})
-        ppo_summary = storage.read_json(join(cfg.step_uri("ppo", "model"), "ppo_summary.json"))
         tags = {
             "pass_rate": f"{cand.pass_rate:.4f}" if cand else None,
             "pass_rate_ci95": f"[{cand.ci_low:.4f}, {cand.ci_high:.4f}]" if cand else None,
@@ -192,7 +219,9 @@ def gate(cfg) -> dict:
                    "reward_model_name": registry.reward_model_name(cfg),
                    "reward_model_version": reward_version.version,
                    "needs_sign_off": bool(decision.promote and cfg.panel.approver),
-                   "approver": cfg.panel.approver, "mlflow_run_id": run_id}
+                   "approver": cfg.panel.approver, "warnings": warnings,
+                   "reward_agreement": {m: a[0] for m, a in agreement.items()},
+                   "mlflow_run_id": run_id}
         (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
         storage.put_dir(tmp, out_uri, extra={"step": "gate"})
     log.info("gate: %s\n%s", outcome if report_only else decision.summary,
@@ -201,7 +230,8 @@ def gate(cfg) -> dict:
             "version": version.version, "reward_model_version": reward_version.version,
             "needs_sign_off": summary["needs_sign_off"], "simulated": simulated,
             "pass_rates": {r["model"]: round(r["pass_rate"], 4) for r in table},
-            "report_uri": join(out_uri, "report.html"), "mlflow_run_id": run_id}
+            "report_uri": join(out_uri, "report.html"), "warnings": warnings,
+            "mlflow_run_id": run_id}
 
 
 SIGN_OFF_FILE = ("sign_off", "response.json")

@@ -87,6 +87,33 @@ def rl_data_description(cfg, prompts: int | None, pairs: int | None) -> str:
     return f"SFT + {text}" if cfg.rl_start == "sft" else text
 
 
+def drift_warnings(history: list[dict], bounds) -> list[str]:
+    """The RL curves' warnings (``ppo.drift``), read on the last update: KL, its slope,
+    entropy, clip fraction, and the response length against the first update's."""
+    if not history:
+        return []
+    first, last = history[0], history[-1]
+    out = []
+    checks = (("kl", bounds.kl_above, "KL to the reference {:.3f} is above {}"),
+              ("kl_slope", bounds.kl_slope_above, "KL still grows by {:.3f} per update "
+                                                  "(above {})"),
+              ("policy_clipfrac", bounds.clipfrac_above, "policy clip fraction {:.3f} is "
+                                                          "above {}"))
+    for key, bound, text in checks:
+        if bound is not None and last.get(key, 0.0) > bound:
+            out.append("ppo: " + text.format(last[key], bound))
+    if bounds.entropy_below is not None and last.get("entropy", 1.0) < bounds.entropy_below:
+        out.append(f"ppo: entropy {last['entropy']:.3f} is below {bounds.entropy_below} "
+                   "(the policy is collapsing onto few answers)")
+    ratio = bounds.length_ratio_above
+    if ratio is not None and first.get("response_length") and last.get("response_length"):
+        change = last["response_length"] / first["response_length"]
+        if change > ratio or change < 1 / ratio:
+            out.append(f"ppo: mean response length went from {first['response_length']:.1f} "
+                       f"to {last['response_length']:.1f} tokens (more than {ratio}x)")
+    return out
+
+
 def _accelerator(cfg):
     """An Accelerator when launched by ``accelerate launch`` on several processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -184,7 +211,11 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             return {"updates": result.updates, "rank": rank}
 
         first, last = result.history[0], result.history[-1]
+        warnings = drift_warnings(result.history, cfg.ppo.drift)
+        for warning in warnings:
+            log.warning("%s", warning)
         summary = {
+            "warnings": warnings,
             "updates": result.updates, "resumed_from": result.resumed_from,
             "reward_first": first["reward_mean"], "reward_last": last["reward_mean"],
             "kl_last": last["kl"], "seconds": round(time.perf_counter() - started, 1),
@@ -226,7 +257,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             "resumed_from": result.resumed_from,
             "reward_first": round(first["reward_mean"], 4),
             "reward_last": round(last["reward_mean"], 4), "kl_last": round(last["kl"], 4),
-            "weights_sha256": digest, "processes": world, "mlflow_run_id": run_id}
+            "weights_sha256": digest, "processes": world, "warnings": warnings,
+            "mlflow_run_id": run_id}
 
 
 def _log_curves(history: list[dict], path: Path) -> None:
@@ -238,9 +270,11 @@ def _log_curves(history: list[dict], path: Path) -> None:
     import mlflow
 
     steps = [h["update"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key, title in zip(axes, ("reward_mean", "kl", "response_length"),
-                              ("normalised reward", "KL to reference", "response length")):
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.2))
+    for ax, key, title in zip(axes, ("reward_mean", "kl", "entropy", "response_length",
+                                     "policy_clipfrac"),
+                              ("normalised reward", "KL to reference", "entropy",
+                               "response length", "clip fraction")):
         ax.plot(steps, [h[key] for h in history], marker=".")
         ax.set_title(title)
         ax.set_xlabel("PPO update")
