@@ -59,3 +59,50 @@ def test_demo_data_is_deterministic_and_separated(demo_dir, tmp_path):
     assert len(eval_prompts) == first["eval"] == 200 and not eval_prompts & train
     prefs = [l for l in open(tmp_path / "preferences.jsonl")]
     assert len(prefs) == first["preference_rows"] == 4010
+
+
+def test_annotators_do_not_check_the_figure_the_panel_checks():
+    """The preference annotators are not the panel: a bullet with a made-up number looks
+    as good to them as the strong one; the rubric fails it.  Other flaws they see."""
+    from rlhf_tasks.demo import annotators
+
+    strong = "Automated payroll system, cutting errors by 35%"
+    wrong_figure = "Automated payroll system, cutting errors by 50%"
+    assert annotators.seen_flaws(PROMPT, strong) == 0
+    assert annotators.seen_flaws(PROMPT, wrong_figure) == 0
+    assert not rubric.judge(PROMPT, wrong_figure).passed
+    assert annotators.seen_flaws(PROMPT, "Automated sales team, cutting errors by 35%") == 1
+    assert annotators.seen_flaws(PROMPT, "Responsible for the payroll system, cutting errors "
+                                         "by 35%") == 1
+    rng = random.Random(0)
+    quiet = annotators.Annotator("a", noise=0.0)
+    assert quiet.prefer(PROMPT, strong, wrong_figure, rng) is None
+    assert quiet.prefer(PROMPT, "Worked on the payroll system", strong, rng) == (
+        strong, "Worked on the payroll system")
+    noisy = annotators.Annotator("b", noise=1.0)
+    assert noisy.prefer(PROMPT, strong, "Worked on the payroll system", rng) == (
+        "Worked on the payroll system", strong)
+
+
+def test_the_demo_preferences_are_the_annotators_not_the_panels(tmp_path):
+    """Built from the annotators' view: most pairs agree with the panel's rubric, but some
+    prefer a bullet the panel fails to one it passes (their noise and the unchecked figure),
+    so the reward model cannot simply learn the panel's rule."""
+    from rlhf_tasks.demo.assets import build_datasets
+
+    build_datasets(tmp_path, random.Random(1234))
+    pairs = []
+    for line in open(tmp_path / "preferences.jsonl"):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if {"prompt", "chosen", "rejected"} <= set(row) and row["prompt"].strip():
+            pairs.append(row)
+    flaws = [(len(rubric.judge(r["prompt"], r["chosen"]).failed_checks),
+              len(rubric.judge(r["prompt"], r["rejected"]).failed_checks)) for r in pairs]
+    agree = sum(c < r for c, r in flaws) / len(flaws)
+    against_panel = sum(1 for r in pairs if not rubric.judge(r["prompt"], r["chosen"]).passed
+                        and rubric.judge(r["prompt"], r["rejected"]).passed)
+    assert 0.7 < agree < 0.97, agree
+    assert against_panel > 40, against_panel

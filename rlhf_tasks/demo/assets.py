@@ -2,7 +2,8 @@
 
 Writes into ``out_dir`` (default ``.rlhf/demo``):
 * ``prompts.jsonl`` (1,500 PPO prompts), ``eval.jsonl`` (200 held-out prompts),
-* ``preferences.jsonl`` (4,000 TRL-style pairs, with a handful of deliberately bad rows that
+* ``preferences.jsonl`` (4,000 TRL-style pairs ranked by simulated annotators who are not the
+  panel (:mod:`rlhf_tasks.demo.annotators`), with a handful of deliberately bad rows that
   validation must quarantine: duplicates, chosen = rejected, eval leakage, broken JSON,
   a missing field, an empty prompt), ``preferences_ranked.jsonl`` (ranked lists),
 * ``sft.jsonl`` (prompt + reference completion, 60% strong references),
@@ -18,7 +19,7 @@ import random
 import time
 from pathlib import Path
 
-from rlhf_tasks.demo import domain, rubric
+from rlhf_tasks.demo import annotators, domain, rubric
 
 INSTRUCTION = "Rewrite:"
 # the demo's own prompt layout (``model.prompt_format: template``): its tokenizer has no
@@ -34,7 +35,7 @@ def format_prompt(prompt: str) -> str:
 def format_response(response: str) -> str:
     return RESPONSE_PREFIX + response.strip()
 
-BUILD_VERSION = "demo-v1"
+BUILD_VERSION = "demo-v2"  # v2: preferences from annotators, not the rubric
 SIZES = {"eval": 200, "prompts": 1500, "preference_pairs": 4000, "ranked_lists": 300,
          "sft": 1000, "foundation_corpus": 4000}
 FOUNDATION = {"steps": 400, "batch_size": 48, "strong_share": 0.3}
@@ -51,20 +52,16 @@ def _write_jsonl(path: Path, rows: list, raw_lines: dict[int, str] | None = None
     tmp.replace(path)
 
 
-def _quality(case: domain.Case, text: str) -> int:
-    """Fewer failed rubric checks is better (0 = passes)."""
-    return len(rubric.judge(case.prompt, text).failed_checks)
-
-
-def _pair(case: domain.Case, rng: random.Random) -> dict | None:
-    """Two answers to one prompt, ranked the way a reviewer following the rubric would."""
+def _pair(case: domain.Case, rng: random.Random, pool: list[annotators.Annotator]
+          ) -> dict | None:
+    """Two answers to one prompt, ranked by one of the annotators (not the panel: their
+    own partial view of the quality bar and their own noise)."""
     a, _ = domain.answer(case, rng, 0.5)
     b, _ = domain.answer(case, rng, 0.5)
-    qa, qb = _quality(case, a), _quality(case, b)
-    if qa == qb:
+    ranked = rng.choice(pool).prefer(case.prompt, a, b, rng)
+    if ranked is None:
         return None
-    chosen, rejected = (a, b) if qa < qb else (b, a)
-    return {"prompt": case.prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": case.prompt, "chosen": ranked[0], "rejected": ranked[1]}
 
 
 def build_datasets(out: Path, rng: random.Random) -> dict:
@@ -77,8 +74,9 @@ def build_datasets(out: Path, rng: random.Random) -> dict:
 
     pairs: list[dict] = []
     seen: set[tuple] = set()
+    pool = annotators.annotators(rng)
     while len(pairs) < SIZES["preference_pairs"]:
-        pair = _pair(rng.choice(train_cases), rng)
+        pair = _pair(rng.choice(train_cases), rng, pool)
         key = pair and tuple(pair.values())
         if key and key not in seen:
             seen.add(key)
@@ -100,7 +98,8 @@ def build_datasets(out: Path, rng: random.Random) -> dict:
     for case in rng.sample(train_cases, SIZES["ranked_lists"]):
         answers = [domain.strong_answer(case, rng)] + [
             domain.flawed_answer(case, rng, f) for f in rng.sample(domain.FLAWS, 3)]
-        quality = [_quality(case, a) for a in answers]
+        # ranked by what the annotators look at (the figure unchecked): equal = equal rank
+        quality = [annotators.seen_flaws(case.prompt, a) for a in answers]
         if rng.random() < 0.5:  # best to worst
             order = sorted(range(4), key=lambda i: quality[i])
             ranked.append({"prompt": case.prompt, "responses": [answers[i] for i in order]})
