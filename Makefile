@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 
-.PHONY: venv demo test test-fast airflow bench-trl-venv clean
+.PHONY: venv demo demo-real test test-fast airflow bench-trl-venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP):
 
 demo: $(STAMP)
 	@bash scripts/demo.sh
+
+# the second demo: a real pretrained chat model (SmolLM2-135M-Instruct), converted once
+demo-real: $(STAMP)
+	@bash scripts/demo_real.sh
 
 test: $(STAMP)
 	@bash scripts/test.sh

