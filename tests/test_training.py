@@ -65,7 +65,8 @@ def test_reward_model_beats_chance_and_is_normalised(trained):
 
 
 def test_ppo_raises_the_reward_of_fresh_samples_within_the_kl_bound(trained):
-    """Fresh samples on held-out prompts: tuned policy vs base, scored by the reward model."""
+    """Fresh samples on held-out prompts: tuned policy vs the policy RL started from (the
+    SFT policy, its adapter disabled), scored by the reward model."""
     from peft import PeftModel
 
     from rlhf_tasks import models
@@ -75,11 +76,15 @@ def test_ppo_raises_the_reward_of_fresh_samples_within_the_kl_bound(trained):
     from rlhf_tasks.reward_model import load_reward_model
     from rlhf_tasks.steps.ppo import ppo_settings
 
-    cfg, results, _ = trained
+    from rlhf_tasks.steps.ppo import starting_policy
+    from rlhf_tasks.storage import Storage
+
+    cfg, results, tmp = trained
     tokenizer = models.load_tokenizer(cfg)
     scorer, info = load_reward_model(results["reward"]["model_uri"],
                                      base_model_dir=models.local_model_dir(cfg.model.base_model))
-    policy = PeftModel.from_pretrained(models.load_causal_lm(cfg), results["ppo"]["model_uri"])
+    start = starting_policy(cfg, Storage.from_config(cfg), tmp / "start-policy")
+    policy = PeftModel.from_pretrained(start, results["ppo"]["model_uri"])
     policy.eval()
     settings = ppo_settings(cfg)
     ids, mask = collate_prompts(_eval_prompts(cfg, tokenizer), tokenizer.pad_token_id, "cpu")
@@ -146,7 +151,7 @@ def test_ppo_resumes_to_the_same_weights(trained):
              "num_minibatches": 2}
     weights = {}
     for run_id in ("straight", "resumed"):
-        for step in ("validate_prompt", "reward"):
+        for step in ("validate_prompt", "reward", "sft"):
             shutil.copytree(f"{src}/{step}", f"{cfg.storage.artifact_root}/{cfg.run.pipeline}/"
                                              f"{run_id}/{step}")
         run_cfg = cfg.model_copy(deep=True)
@@ -163,15 +168,20 @@ def test_ppo_resumes_to_the_same_weights(trained):
     assert weights["straight"].keys() == weights["resumed"].keys()
     for name, tensor in weights["straight"].items():
         assert torch.equal(tensor, weights["resumed"][name]), name
-    # merge_adapter: a plain checkpoint that computes what base + adapter computes
+    # RL started from the SFT policy (sft.enabled): the saved adapter sits on the SFT
+    # weights merged into the base, and the merged checkpoint computes what they compute
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rlhf_tasks import models
+    from rlhf_tasks.steps.ppo import starting_policy
+    from rlhf_tasks.storage import Storage
 
     model_dir = f"{cfg.storage.artifact_root}/{cfg.run.pipeline}/straight/ppo/model"
+    summary = json.loads(open(f"{model_dir}/ppo_summary.json").read())
+    assert summary["init_from"] == "sft" and summary["init_model"].endswith("/sft/model")
     merged = AutoModelForCausalLM.from_pretrained(f"{model_dir}/merged", use_safetensors=True)
-    adapted = PeftModel.from_pretrained(models.load_causal_lm(cfg), model_dir)
+    adapted = PeftModel.from_pretrained(
+        starting_policy(cfg, Storage.from_config(cfg), tmp / "start"), model_dir)
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
@@ -209,7 +219,7 @@ def test_two_nodes_run_the_ppo_step_to_the_end(trained, tmp_path, strategy):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     run_cfg = config.load(str(config_file))
-    for step in ("validate_prompt", "reward"):
+    for step in ("validate_prompt", "reward", "sft"):
         shutil.copytree(f"{src}/{step}", run_cfg.step_uri(step))
     name = trainjob.job_name(run_cfg.run.run_id, "ppo", 1)
     result = trainjob.result_uri(run_cfg, "ppo", 1)
