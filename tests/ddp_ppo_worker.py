@@ -24,6 +24,50 @@ whitened = core.masked_whiten(values[mine], mask[mine],
                               reduce=lambda t: accelerator.reduce(t, reduction="sum"))
 whiten_error = (whitened - core.masked_whiten(values, mask)[mine]).abs().max().item()
 
+
+def minibatch_gradient_error() -> float:
+    """One token mean over the minibatch across processes: each process holds half of one
+    fixed batch (responses of different lengths); the gradient DDP averages equals one
+    process's gradient over the whole batch."""
+    from dataclasses import fields, replace
+
+    from rlhf_tasks.ppo.trainer import (PolicyAndValue, Processes, collate_prompts,
+                                        collect_rollouts, compute_advantages, ppo_update,
+                                        score_rollouts)
+    from tests.test_ppo_trainer import _GradientRecorder
+
+    torch.manual_seed(0)
+    stack = tiny(4, "shared")
+    s = PPOSettings(batch_size=8, num_minibatches=1, microbatch_size=2, ppo_epochs=1,
+                    max_new_tokens=8, max_grad_norm=1e9)
+    ids, mask = collate_prompts(prompts(8), PAD, "cpu")
+    local = PolicyAndValue(stack.policy, stack.critic)
+    torch.manual_seed(0)  # the same rollouts on both processes
+    batch = collect_rollouts(local, ids, mask, s, [EOS, *range(5, 40)], PAD, "cpu")
+    exp = compute_advantages(batch, score_rollouts(stack, local, batch, s, "cpu"), s,
+                             s.kl_coef, lambda t: t)
+    exp.logprobs = exp.logprobs - 0.3 * batch.maskf
+    params = [p for p in local.parameters() if p.requires_grad]
+    whole = _GradientRecorder(params)
+    ppo_update(local, local, whole, params, batch, exp, s, Processes(), 1, "cpu")
+
+    # the longer half on one process, the shorter on the other: unequal token counts
+    rows = torch.argsort(batch.lengths, descending=True, stable=True)[4 * rank: 4 * rank + 4]
+
+    def half(obj):
+        return replace(obj, **{f.name: getattr(obj, f.name)[rows] for f in fields(obj)
+                               if isinstance(getattr(obj, f.name), torch.Tensor)})
+
+    ddp = accelerator.prepare(local)
+    shared = _GradientRecorder(params)
+    ppo_update(ddp, local, shared, params, half(batch), half(exp), replace(s, batch_size=4),
+               Processes(accelerator), 1, "cpu")
+    assert batch.lengths.min() < batch.lengths.max(), "responses of different lengths"
+    return max((a - b).abs().max().item() for a, b in zip(whole.steps[0], shared.steps[0]))
+
+
+gradient_error = minibatch_gradient_error()
+
 # count DDP's gradient all-reduces (a comm hook on the model train() prepares)
 reduces: list[int] = []
 prepare = accelerator.prepare
@@ -63,4 +107,5 @@ with open(f"{out}/rank{rank}.json", "w") as fh:
                "reward_mean": result.history[-1]["reward_mean"],
                "betas": [h["kl_coef"] for h in result.history],
                "kls": [h["kl"] for h in result.history], "whiten_error": whiten_error,
+               "gradient_error": gradient_error,
                "all_reduces": len(reduces), "buckets": len(set(reduces))}, fh)

@@ -42,3 +42,6 @@ def test_two_processes_train_in_sync(tmp_path):
     assert ranks[0]["all_reduces"] == 12 * ranks[0]["buckets"], ranks[0]
     # whitening over the global batch: each process's rows as one process whitens them all
     assert ranks[0]["whiten_error"] < 1e-6 and ranks[1]["whiten_error"] < 1e-6
+    # one token mean over the minibatch's tokens on both processes together: the averaged
+    # gradient of two halves of a batch is one process's gradient of the whole batch
+    assert ranks[0]["gradient_error"] < 1e-6 and ranks[1]["gradient_error"] < 1e-6, ranks
