@@ -178,3 +178,15 @@ def test_a_reward_that_rose_while_the_pass_rate_did_not_is_flagged():
                                           for i in range(20)}}), k=3)
     assert reward_hacking({"rlhf": 1.3, "sft": 0.1}, better, "rlhf", "sft", 0.5) is None
     assert reward_hacking({"rlhf": 1.3}, result, "rlhf", None, 0.5) is None
+
+
+def test_the_candidate_is_compared_with_every_model_on_shared_prompts():
+    from rlhf_tasks.panel.gate import paired_comparisons
+
+    spec = {f"c{i}": ("rlhf", [i < 17] * 3, i) for i in range(20)}
+    spec.update({f"s{i}": ("sft", [3 <= i < 15] * 3, i) for i in range(20)})
+    result = aggregate(_rows(spec), k=3)
+    # rlhf passes 0..16, sft 3..14: rlhf alone on 0,1,2,15,16 (5), sft alone on none
+    assert paired_comparisons(result, "rlhf") == {"sft": {
+        "lift": pytest.approx(0.25), "better": 5, "worse": 0, "prompts": 20,
+        "p_value": 1 / 32}}

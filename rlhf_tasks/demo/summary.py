@@ -76,6 +76,10 @@ def print_summary(config_path: str) -> None:
     print(f"\nGate: {gate['decision'].upper()}{vs}")
     for reason in g["reasons"]:
         print(f"  - {reason}")
+    for other, c in (gate.get("comparisons") or {}).items():
+        if other != g["reference"]:
+            print(f"  vs {other}: lift {c['lift']:+.1%}, better on {c['better']} prompts, worse "
+                  f"on {c['worse']}, exact McNemar p = {c['p_value']:.2g} (reported, not gated)")
     agreement = gate.get("reward_agreement") or {}
     if agreement:
         print("Reward vs panel (AUC of the reward over the verdicts): " + ", ".join(

@@ -123,3 +123,22 @@ def reward_hacking(reward_means: dict[str, float], result: PanelResult, candidat
                 f"over {start}, while the expert pass rate did not "
                 f"({cand.pass_rate:.1%} against {base.pass_rate:.1%})")
     return None
+
+
+def paired_comparisons(result: PanelResult, candidate: str) -> dict[str, dict]:
+    """The candidate against every other model of the batch, paired on the prompts both
+    were decided on: lift, prompts only the candidate passed / only the other passed, and
+    the one-sided exact McNemar p (a report: the gate decides on its own reference)."""
+    out = {}
+    mine = result.outcomes.get(candidate, {})
+    for other, theirs in sorted(result.outcomes.items()):
+        if other == candidate:
+            continue
+        better, worse, shared = discordant_pairs(mine, theirs)
+        if not shared:
+            continue
+        ours = sum(mine[p] for p in theirs if p in mine) / shared
+        others = sum(theirs[p] for p in mine if p in theirs) / shared
+        out[other] = {"lift": ours - others, "better": better, "worse": worse,
+                      "prompts": shared, "p_value": mcnemar_exact(better, worse)}
+    return out

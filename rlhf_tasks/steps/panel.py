@@ -26,7 +26,7 @@ from rlhf_tasks import registry, tracking, training
 from rlhf_tasks.errors import BadInput
 from rlhf_tasks.panel import aggregate as agg
 from rlhf_tasks.panel import report
-from rlhf_tasks.panel.gate import GatePolicy, decide, reward_hacking
+from rlhf_tasks.panel.gate import GatePolicy, decide, paired_comparisons, reward_hacking
 from rlhf_tasks.panel.store import PanelStore, panel_store_url
 from rlhf_tasks.storage import Storage, join
 
@@ -166,6 +166,9 @@ def gate(cfg) -> dict:
         for m, (auc, n_pass, n_fail) in agreement.items():
             if auc is not None:
                 metrics[f"reward_agreement/{m}"] = auc
+        comparisons = paired_comparisons(result, "rlhf")
+        for m, c in comparisons.items():
+            metrics.update({f"vs_{m}/lift": c["lift"], f"vs_{m}/p_value": c["p_value"]})
         tracking.log_metrics("panel", metrics)
         png = report.plot(table, tmp / "pass_rates.png", simulated=simulated)
         page = report.write_html(tmp / "report.html", rows=table, result=result,
@@ -221,6 +224,7 @@ def gate(cfg) -> dict:
                    "needs_sign_off": bool(decision.promote and cfg.panel.approver),
                    "approver": cfg.panel.approver, "warnings": warnings,
                    "reward_agreement": {m: a[0] for m, a in agreement.items()},
+                   "comparisons": comparisons,
                    "mlflow_run_id": run_id}
         (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
         storage.put_dir(tmp, out_uri, extra={"step": "gate"})
