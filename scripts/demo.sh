@@ -3,26 +3,14 @@
 # `airflow dags test` (embedded defaults: SQLite, local artifacts, local MLflow).
 set -euo pipefail
 source "$(dirname "$0")/airflow_env.sh"
+source "$(dirname "$0")/demo_dag.sh"
 cd "$ROOT"
 started=$(date +%s)
 
 echo ">> demo assets (.rlhf/demo)"
 rlhf demo init --out .rlhf/demo
 
-echo ">> Airflow metadata DB ($AIRFLOW_HOME)"
-airflow db migrate > "$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/migrate.log"; exit 1; }
-
-echo ">> airflow dags test rlhf_tuning (log: .rlhf/last_demo.log)"
-# the demo plays the admin: its config is the base config (the form cannot override
-# governance fields, and only the admin's config lets a simulated panel promote)
-conf="{\"config_file\": \"$ROOT/.rlhf/demo/demo.yaml\"}"
-RLHF_BASE_CONFIG="$ROOT/.rlhf/demo/demo.yaml" AIRFLOW__LOGGING__LOGGING_LEVEL=INFO airflow dags test rlhf_tuning -c "$conf" > "$ROOT/.rlhf/last_demo.log" 2>&1 || true
-grep -oE "\[DAG TEST\] end task task_id=[a-z_.]+" "$ROOT/.rlhf/last_demo.log" | sed 's/.*task_id=/   done: /' || true
-if ! grep -qE "DagRun Finished: .*state=success" "$ROOT/.rlhf/last_demo.log"; then
-  grep -E "rlhf: error|exited with code" "$ROOT/.rlhf/last_demo.log" | tail -5 || true
-  echo "!! the DAG run did not succeed; full log: .rlhf/last_demo.log"; exit 1
-fi
-python -m rlhf_tasks.demo.summary "$ROOT/.rlhf/demo/demo.yaml"
+run_demo_dag "$ROOT/.rlhf/demo/demo.yaml" "$ROOT/.rlhf/last_demo.log"
 
 echo
 echo "Done in $(( $(date +%s) - started )) s."
