@@ -111,8 +111,8 @@ def latest_checkpoint(storage: Storage, checkpoints_uri: str) -> tuple[str, int]
 def resume_key(cfg, storage: Storage, step: str, inputs: tuple[str, ...]) -> str:
     """What a checkpoint must have been made from to be resumed: the step's config section
     (but ``checkpoint_every`` and ``train_steps``: training longer or shorter continues the
-    same run; nor the drift warnings' bounds), the model, precision and seed, and the digests of its input folders'
-    manifests (validated data, the reward model).  A checkpoint made under another config
+    same run; nor the drift warnings' bounds), the model, precision and seed, and the
+    digests of its input folders' manifests (validated data, the reward model).  A checkpoint made under another config
     or from other data is refused, never silently continued."""
     import hashlib
 

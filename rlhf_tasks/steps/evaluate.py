@@ -183,7 +183,7 @@ def evaluate(cfg) -> dict:
         for label, uri in compared.items():
             log.info("evaluate: %s (%s) answers %d prompts", label, uri, len(prompts))
             policy = load_policy(cfg, storage, uri, tmp / label)
-            form = served_form(tmp / label if (tmp / label).is_dir() else None, run_form)
+            form = served_form(tmp / label, run_form)
             forms[label] = form.describe()
             own = encoded if form is run_form else training.encode_prompts(form.renderer, frame)
             with training.autocast(cfg, device):
