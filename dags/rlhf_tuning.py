@@ -27,8 +27,6 @@ from rlhf_airflow.scheduling import (CHAMPION_ASSET, GPU_QUEUE, base_config, lim
                                      retraining_schedule)
 from rlhf_airflow.sign_off import SignOffOperator
 
-CONFIG = "{{ ti.xcom_pull(task_ids='prepare_run')['config_uri'] }}"
-BACKEND = "{{ ti.xcom_pull(task_ids='prepare_run')['backend'] }}"
 # GPU steps queue in this pool (create it: `airflow pools set gpu 4 "GPU pods"`), each
 # taking a slot per GPU it holds (training steps on several nodes: every node's GPUs);
 # limits come from the base config (parse time)
@@ -66,21 +64,22 @@ with DAG(
                      triggered_by=getattr(dag_run, "triggering_user_name", None))
 
     prepared = prepare_run()
-    # bookkeeping steps are light: they always run on the worker
-    start = RlhfStepOperator(task_id="start_tracking", step="start", config_uri=CONFIG)
+    # bookkeeping steps are light: they always run on the worker (backend "local"); the
+    # others run on the backend the run's config names
+    start = RlhfStepOperator(task_id="start_tracking", step="start", backend="local")
 
     with TaskGroup("validate", tooltip="Great Expectations suites per dataset") as validate:
         for kind in ("preference", "prompt", "eval"):
-            RlhfStepOperator(task_id=kind, step=f"validate_{kind}", config_uri=CONFIG,
-                             overrides=[PARENT], backend=BACKEND)
+            RlhfStepOperator(task_id=kind, step=f"validate_{kind}",
+                             overrides=[PARENT])
 
-    reward = RlhfStepOperator(task_id="reward", step="reward", config_uri=CONFIG,
-                              overrides=[PARENT], backend=BACKEND, **TRAINING,
+    reward = RlhfStepOperator(task_id="reward", step="reward",
+                              overrides=[PARENT], **TRAINING,
                               doc_md="TRL RewardTrainer + LoRA on the validated preferences.")
     # RL starts from the SFT policy when the run trains one (ppo.init_from): PPO waits for
     # SFT when it runs, and not when it is skipped
-    ppo = RlhfStepOperator(task_id="ppo", step="ppo", config_uri=CONFIG, overrides=[PARENT],
-                           backend=BACKEND, **TRAINING,
+    ppo = RlhfStepOperator(task_id="ppo", step="ppo", overrides=[PARENT],
+                           **TRAINING,
                            trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
                            doc_md="The project's PPO against the reward model, from the SFT "
                                   "policy when the run has one.")
@@ -92,14 +91,14 @@ with DAG(
         return bool(prepared.get("sft_enabled"))
 
     validate_sft = RlhfStepOperator(task_id="validate_sft", step="validate_sft",
-                                    config_uri=CONFIG, overrides=[PARENT], backend=BACKEND)
-    sft = RlhfStepOperator(task_id="sft", step="sft", config_uri=CONFIG, overrides=[PARENT],
-                           backend=BACKEND, **TRAINING,
+                                    overrides=[PARENT])
+    sft = RlhfStepOperator(task_id="sft", step="sft", overrides=[PARENT],
+                           **TRAINING,
                            doc_md="TRL SFTTrainer + LoRA: the baseline.")
 
     # evaluation waits for the SFT baseline when it runs (and not when it is skipped)
-    evaluate = RlhfStepOperator(task_id="evaluate", step="evaluate", config_uri=CONFIG,
-                                overrides=[PARENT], backend=BACKEND, **GPU,
+    evaluate = RlhfStepOperator(task_id="evaluate", step="evaluate",
+                                overrides=[PARENT], **GPU,
                                 trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
                                 doc_md="Every model answers the eval prompts; blinded batch.")
 
@@ -108,15 +107,13 @@ with DAG(
         return prepared.get("panel_mode") == "simulated"
 
     panel_simulate = RlhfStepOperator(task_id="panel_simulate", step="panel_simulate",
-                                      config_uri=CONFIG, overrides=[PARENT], backend=BACKEND,
+                                      overrides=[PARENT],
                                       doc_md="Rubric raters (labelled simulated) judge the batch.")
     wait_for_panel = PanelQuorumSensor(
-        task_id="wait_for_panel", config_uri=CONFIG, retries=0,
-        batch_id="{{ ti.xcom_pull(task_ids='evaluate')['batch_id'] }}",
+        task_id="wait_for_panel", retries=0,
         trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
         doc_md="Deferred until every item has its k verdicts, or the deadline.")
-    gate = RlhfStepOperator(task_id="gate", step="gate", config_uri=CONFIG, overrides=[PARENT],
-                            backend=BACKEND,
+    gate = RlhfStepOperator(task_id="gate", step="gate", overrides=[PARENT],
                             on_success_callback=[gate_decided(), write_gate_headline],
                             doc_md="Aggregate, report, register, and decide by the policy.")
 
@@ -127,20 +124,24 @@ with DAG(
         return ["sign_off"] if result["needs_sign_off"] else ["promote"]
 
     sign_off = SignOffOperator(
-        task_id="sign_off", config_uri=CONFIG,
+        task_id="sign_off",
         subject="Promote RLHF version {{ ti.xcom_pull(task_ids='gate')['version'] }}?",
         body="Expert pass rates: " + PASS_RATES + ". "
              "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}",
+        # on an Approve it promotes, with the approver's id from Airflow's record
+        outlets=[CHAMPION_ASSET],
         notifiers=[sign_off_waiting()], retries=1)  # a lost answer is asked for again
-    promote = RlhfStepOperator(task_id="promote", step="promote", config_uri=CONFIG,
+    promote = RlhfStepOperator(task_id="promote", step="promote", backend="local",
                                overrides=[PARENT], retries=0, outlets=[CHAMPION_ASSET],
                                trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
-                               doc_md="Alias champion moves here; the old one keeps previous.")
+                               doc_md="Alias champion moves here (runs that need no "
+                                      "sign-off; sign_off promotes the others); the old one "
+                                      "keeps previous.")
 
-    finish = RlhfStepOperator(task_id="finish_tracking", step="finish", config_uri=CONFIG,
+    finish = RlhfStepOperator(task_id="finish_tracking", step="finish", backend="local",
                               overrides=[PARENT],
                               trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    abort = RlhfStepOperator(task_id="abort_tracking", step="abort", config_uri=CONFIG,
+    abort = RlhfStepOperator(task_id="abort_tracking", step="abort", backend="local",
                              overrides=[PARENT],
                              trigger_rule=TriggerRule.ONE_FAILED, retries=0)
 
@@ -150,7 +151,6 @@ with DAG(
     [ppo, sft] >> evaluate >> simulated_panel(prepared) >> panel_simulate
     [evaluate, panel_simulate] >> wait_for_panel >> gate
     gate_decision(gate.output) >> [sign_off, promote]
-    sign_off >> promote
-    [gate, promote] >> finish
+    [gate, sign_off, promote] >> finish
     [validate, reward, ppo, validate_sft, sft, evaluate, panel_simulate, wait_for_panel, gate,
      sign_off, promote] >> abort

@@ -62,7 +62,7 @@ def _write_result(path: str | None, result: dict, cfg=None) -> None:
 def cmd_run(args) -> int:
     from rlhf_tasks import config, steps
 
-    cfg = config.load(args.config, args.set)
+    cfg = config.load(args.config, args.set, sha256=args.config_sha256)
     fn = steps.resolve(args.step)
     started = time.perf_counter()
     log.info("step %s starting (pipeline %s, run %s)", args.step, cfg.run.pipeline, cfg.run.run_id)
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one pipeline step")
     run.add_argument("step")
     run.add_argument("--config", help="YAML or JSON config file (local or s3://)")
+    run.add_argument("--config-sha256", metavar="HEX",
+                     help="the config file's sha256: any other file stops the step (exit 2)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set ppo.kl_coef=0.1")
     run.add_argument("--result", help="where to write the step's JSON result")

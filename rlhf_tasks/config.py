@@ -28,14 +28,22 @@ class Section(BaseModel):
 
 
 class RunSection(Section):
-    pipeline: str = Field("rlhf_tuning", pattern=r"^[A-Za-z0-9_.-]+$",
+    pipeline: str = Field("rlhf_tuning", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$",
                           description="Pipeline name; the first level of the artifact layout.")
-    run_id: str = Field("manual", pattern=r"^[A-Za-z0-9_.:+-]+$",
-                        description="Pipeline run id (the Airflow run_id); names the run folder.")
+    run_id: str = Field("manual", pattern=r"^[A-Za-z0-9_:+-][A-Za-z0-9_.:+-]*$",
+                        description="Pipeline run id (the Airflow run_id); names the run "
+                                    "folder, so it may not start with '.'.")
     seed: int = Field(0, ge=0)
     triggered_by: str | None = Field(None, max_length=200,
-                                     description="The Airflow user who triggered the run "
-                                                 "(set by prepare_run; never the approver).")
+                                     description="The name of the Airflow user who "
+                                                 "triggered the run (set by prepare_run).")
+    triggered_by_id: str | None = Field(None, max_length=200,
+                                        description="That user's id (set by prepare_run; "
+                                                    "never the approver's).")
+    approved_by: str | None = Field(None, max_length=200,
+                                    description="Set only on the command line of the promote "
+                                                "step that the sign_off task runs, from "
+                                                "Airflow's record of the approver's answer.")
 
 
 class ModelSection(Section):
@@ -49,6 +57,14 @@ class ModelSection(Section):
     tokenizer: str | None = Field(None, description="Tokenizer path; defaults to base_model.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code in the "
                                                        "checkpoint. Off unless you trust it.")
+    hub_repos: list[str] = Field(default_factory=list,
+                                 description="Hub ids the trigger form may name as the "
+                                             "foundation model (each with a 40-hex commit "
+                                             "as model.revision); the base config's own "
+                                             "model is the admin's choice.")
+    hub_downloads: bool = Field(False, description="Let steps download a hub model missing "
+                                                   "from the workers' Hugging Face cache "
+                                                   "(off: the cache only).")
     instruction: str = Field("", max_length=2000,
                              description="Instruction for every prompt: the system message "
                                          "in chat format, {instruction} in a template.")
@@ -261,6 +277,13 @@ class PanelSection(Section):
                                  description="Airflow user id who must sign off a promotion "
                                              "(None: no sign-off).  Never the user who "
                                              "triggered the run.")
+    user_ids: dict[str, str] = Field(
+        default_factory=dict, description="Airflow user name -> user id, for auth managers "
+                                          "whose ids are not the names (FAB, Keycloak): a run "
+                                          "records only its triggering user's name, and a "
+                                          "run that needs a sign-off stops when that user's "
+                                          "id is not known here.  The simple auth manager "
+                                          "needs none (its ids are the names).")
     sign_off_timeout_hours: float = Field(72.0, gt=0.0, le=24 * 90,
                                           description="How long the sign-off waits; no "
                                                       "answer by then means Reject.")
@@ -540,23 +563,43 @@ def parse_text(text: str, source: str) -> dict[str, Any]:
     return raw
 
 
-def load(source: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a config file (local or s3://), apply ``--set`` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if source:
-        if source.startswith("s3://"):
-            from rlhf_tasks.storage import read_text_unchecked
+def read_source(source: str) -> str:
+    """The text of a config file (local or s3://); BadInput when it is missing or not UTF-8."""
+    if source.startswith("s3://"):
+        from rlhf_tasks.storage import read_text_unchecked
 
-            text = read_text_unchecked(source)
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise BadInput(f"config file not found: {source}")
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise BadInput(f"config file {source} is not UTF-8 text ({exc.reason} at byte "
-                               f"{exc.start})") from None
+        return read_text_unchecked(source)
+    path = Path(source)
+    if not path.is_file():
+        raise BadInput(f"config file not found: {source}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"config file {source} is not UTF-8 text ({exc.reason} at byte "
+                       f"{exc.start})") from None
+
+
+def text_digest(text: str) -> str:
+    """The sha256 a run's config is pinned by (``prepare_run`` records it; steps check it)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load(source: str | None = None, overrides: list[str] | None = None, *,
+         sha256: str | None = None) -> PipelineConfig:
+    """Load a config file (local or s3://), apply ``--set`` overrides, validate.  With
+    ``sha256``, the file must be exactly the one that digest pins (a run's config, as
+    ``prepare_run`` wrote it): anything else is BadInput, read no further."""
+    raw: dict[str, Any] = {}
+    if sha256 is not None and not source:
+        raise BadInput("a config digest was given without a config file")
+    if source:
+        text = read_source(source)
+        if sha256 is not None and text_digest(text) != sha256.lower():
+            raise BadInput(f"config {source} is not the file this run was prepared with "
+                           f"(sha256 {text_digest(text)[:12]}..., expected {sha256[:12]}...): "
+                           "it changed after prepare_run wrote it", file=source)
         raw = parse_text(text, source)
     raw = apply_overrides(raw, overrides or [])
     return validate(raw, source or "--set overrides")

@@ -6,9 +6,10 @@ A model reference (``model.base_model``) is one of:
 * an ``s3://`` prefix (copied to a local cache, checked against its MANIFEST.json when it
   has one);
 * a Hugging Face hub id (``org/name``, with ``model.revision``), resolved through the
-  local Hugging Face cache.  Nothing is downloaded unless the user names a hub id; when it
-  is not cached and cannot be fetched (offline), the step exits 2 naming the id and the
-  cache folder.
+  local Hugging Face cache.  Nothing is downloaded unless the admin's base config allows
+  it (``model.hub_downloads``); when it is not cached (or cannot be fetched), the step
+  exits 2 naming the id and the cache folder.  Which hub ids a run may name, and that its
+  revision is a pinned commit, is the trigger form's rule (``model.hub_repos``).
 
 Weights from safetensors only (``use_safetensors=True``): a pickle checkpoint is refused.
 ``trust_remote_code`` stays False unless the config sets ``model.trust_remote_code``.
@@ -39,7 +40,7 @@ def hub_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def _resolve_hub(repo_id: str, revision: str | None) -> Path:
+def _resolve_hub(repo_id: str, revision: str | None, download: bool = False) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -51,6 +52,11 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
     except LocalEntryNotFoundError:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not download:
+        raise BadInput(f"{where} is not in the Hugging Face cache {hub_cache_dir()}, and the "
+                       "base config allows no downloads (model.hub_downloads); fill the cache "
+                       f"first (`hf download {repo_id}`) or use a local or s3:// folder",
+                       field="model.base_model")
     if not offline:
         try:
             return Path(snapshot_download(repo_id, revision=revision,
@@ -67,9 +73,9 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
 
 def local_model_dir(uri: str, storage: Storage | None = None,
                     cache_dir: str | Path = ".rlhf/cache/models",
-                    revision: str | None = None) -> Path:
+                    revision: str | None = None, download: bool = False) -> Path:
     """A local folder holding the checkpoint at ``uri`` (downloaded once from S3, or found
-    in the Hugging Face cache for a hub id)."""
+    in the Hugging Face cache for a hub id; fetched from the hub only with ``download``)."""
     if is_s3(uri):
         if storage is None:
             raise BadInput("an s3:// model needs the storage settings", file=uri)
@@ -84,14 +90,21 @@ def local_model_dir(uri: str, storage: Storage | None = None,
     if path.is_dir():
         return path
     if HUB_ID.match(uri) and not uri.startswith((".", "~")):
-        return _resolve_hub(uri, revision)
+        return _resolve_hub(uri, revision, download)
     raise BadInput("model folder not found (expected a Hugging Face checkpoint folder with "
                    "config.json and *.safetensors, an s3:// folder or a hub id)", file=uri,
                    field="model.base_model")
 
 
 def base_model_dir(cfg, storage: Storage | None = None) -> Path:
-    return local_model_dir(cfg.model.base_model, storage, revision=cfg.model.revision)
+    """The run's foundation model as a local folder.  With ``storage``, a local folder or
+    S3 prefix must lie inside its roots, checked again here after normalising (``..`` and
+    links resolved): the config could have been written by someone other than the form."""
+    uri = cfg.model.base_model
+    if storage is not None and (is_s3(uri) or Path(uri).expanduser().exists()):
+        storage.check_read(uri)
+    return local_model_dir(cfg.model.base_model, storage, revision=cfg.model.revision,
+                           download=cfg.model.hub_downloads)
 
 
 def require_safetensors(path: Path) -> None:
@@ -106,16 +119,19 @@ def require_safetensors(path: Path) -> None:
 def _weights_digest(folder: str) -> str:
     """sha256 over ``name:sha256`` of every safetensors file, sorted by name.
 
-    Free where the digests are known already: the hub cache names LFS blobs by their
-    sha256, and our MANIFEST.json lists them; otherwise the files are hashed."""
+    Each file is hashed, except a link into the Hugging Face cache's blobs, which the hub
+    names by their sha256 (huggingface_hub checks them when it downloads).  A MANIFEST.json
+    in the folder, or a link elsewhere, is not taken at its word: whoever wrote the folder
+    could have written either."""
     root = Path(folder)
-    manifest = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).exists() else {}
+    blobs = Path(os.path.realpath(hub_cache_dir()))
     lines = []
     for path in sorted(root.glob("*.safetensors")):
-        known = manifest.get("files", {}).get(path.name, {}).get("sha256")
-        blob = Path(os.path.realpath(path)).name
-        if known is None and path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", blob):
-            known = blob
+        target = Path(os.path.realpath(path))
+        known = None
+        if (path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", target.name)
+                and target.parent.name == "blobs" and blobs in target.parents):
+            known = target.name
         lines.append(f"{path.name}:{known or sha256_file(path)}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -131,13 +147,15 @@ def describe(cfg, storage: Storage | None = None) -> dict[str, str]:
 
 
 def load_tokenizer_from(uri: str, trust_remote_code: bool = False,
-                        storage: Storage | None = None, revision: str | None = None):
+                        storage: Storage | None = None, revision: str | None = None,
+                        download: bool = False):
     """The tokenizer; without a pad token it pads with EOS (no new token: the vocabulary
     and the embeddings stay as they are; masks, not token ids, mark the padding)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(local_model_dir(uri, storage, revision=revision),
-                                              trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        local_model_dir(uri, storage, revision=revision, download=download),
+        trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -147,7 +165,8 @@ def load_tokenizer(cfg, storage: Storage | None = None):
     """The configured tokenizer (``model.tokenizer``, else the base model's)."""
     revision = None if cfg.model.tokenizer else cfg.model.revision
     return load_tokenizer_from(cfg.model.tokenizer or cfg.model.base_model,
-                               cfg.model.trust_remote_code, storage, revision)
+                               cfg.model.trust_remote_code, storage, revision,
+                               download=cfg.model.hub_downloads)
 
 
 def renderer(cfg, tokenizer, storage: Storage | None = None):

@@ -140,16 +140,60 @@ def move_aliases(cfg, moves: list[tuple[str, str, str | None]]) -> None:
         raise RegistryFault(f"moving aliases failed at {exc}{detail}") from exc
 
 
+def _journal_moves(record: dict, name: str, version: str,
+                   reward: tuple[str, str] | None) -> list[tuple[str, str, str | None]]:
+    """The journal's moves, if each is one this promotion could make (the journal lies in
+    the artifact store: a forged one moves nothing else)."""
+    allowed_champions = {(name, version)} | ({(reward[0], str(reward[1]))} if reward else set())
+    names = {n for n, _ in allowed_champions}
+    moves = []
+    for move in record.get("moves", []):
+        model, alias, target = move
+        if alias == CHAMPION and (model, target) in allowed_champions:
+            moves.append((model, alias, target))
+        elif alias == PREVIOUS and model in names:
+            moves.append((model, alias, target))
+        else:
+            raise RegistryFault(f"the alias journal holds a move this promotion would not "
+                                f"make: {move}")
+    return moves
+
+
 def promote(cfg, name: str, version: str, *, expected_champion: str | None,
-            reward: tuple[str, str] | None = None) -> dict:
+            reward: tuple[str, str] | None = None, journal=None) -> dict:
     """``champion`` moves to ``version`` and the old champion keeps ``previous`` (and the
     same for the reward model, when given), as one move.  ``expected_champion`` is the
     version the gate compared against (None: there was none): when the champion is now
-    another version, nothing moves (ChampionChanged, exit 2: decide again).  A retry
-    after a success finds ``version`` already champion and changes nothing."""
+    another version, nothing moves (ChampionChanged, exit 2: decide again).
+
+    ``journal``: ``(storage, uri)`` of the run's alias journal.  The planned moves are
+    written there before the first one ("pending") and marked "done" after the last, so a
+    retry, or the next try after a process killed between two moves, completes exactly the
+    moves that were planned (the policy's and the reward model's together) instead of
+    finding the policy's champion moved and stopping.  Without a journal, a retry after a
+    success finds ``version`` already champion and changes nothing.  MLflow has no
+    compare-and-set for aliases: the champion is read again after the moves and a
+    concurrent promotion is reported (RegistryFault) rather than silently lost."""
     mlflow_client = client(cfg)
-    current = _alias(mlflow_client, name, CHAMPION)
     version = str(version)
+    record = None
+    if journal is not None:
+        storage, uri = journal
+        record = storage.read_json(uri) if storage.exists(uri) else None
+    if record is not None:
+        moves = _journal_moves(record, name, version, reward)
+        if record.get("status") != "done":
+            current = _alias(mlflow_client, name, CHAMPION)
+            if current not in (record.get("previous"), version):
+                raise ChampionChanged(
+                    f"the champion of {name} is version {current} now, neither the one this "
+                    f"run replaces ({record.get('previous')}) nor its own ({version}): run "
+                    "the pipeline again", field="registry.champion")
+            move_aliases(cfg, moves)
+            storage.write_json(uri, {**record, "status": "done"})
+        mlflow_client.set_model_version_tag(name, version, "gate.decision", "promote")
+        return {"champion": version, "previous": record.get("previous")}
+    current = _alias(mlflow_client, name, CHAMPION)
     if current == version:  # a retry after the moves went through
         return {"champion": version, "previous": _alias(mlflow_client, name, PREVIOUS)}
     if current != expected_champion:
@@ -162,7 +206,17 @@ def promote(cfg, name: str, version: str, *, expected_champion: str | None,
         reward_name, reward_version = reward
         moves += _champion_moves(reward_name, str(reward_version),
                                  _alias(mlflow_client, reward_name, CHAMPION))
+    if journal is not None:
+        storage.write_json(uri, {"status": "pending", "moves": [list(m) for m in moves],
+                                 "previous": current})
     move_aliases(cfg, moves)
+    if journal is not None:
+        storage.write_json(uri, {"status": "done", "moves": [list(m) for m in moves],
+                                 "previous": current})
+    now = _alias(mlflow_client, name, CHAMPION)
+    if now != version:
+        raise RegistryFault(f"champion of {name} is version {now} right after this run moved "
+                            f"it to {version}: another promotion ran at the same time")
     mlflow_client.set_model_version_tag(name, version, "gate.decision", "promote")
     return {"champion": version, "previous": current}
 

@@ -33,7 +33,8 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "gate": ("panel", "registry"),
 }
 # not settings of the run: where it lives and who it is
-_NOT_PARAMS = ("tracking.parent_run_id", "run.run_id", "run.triggered_by")
+_NOT_PARAMS = ("tracking.parent_run_id", "run.run_id", "run.triggered_by",
+               "run.triggered_by_id", "run.approved_by", "panel.user_ids")
 _PARAM_MAX = 6000  # MLflow's limit on a param value
 _CREDENTIALS = re.compile(r"(://[^/:@\s]+):[^/@\s]*@")
 PIPELINE_TAG = "rlhf.pipeline"
@@ -165,9 +166,11 @@ def config_params(cfg, sections: tuple[str, ...] | None = None) -> dict[str, str
     def walk(prefix: str, node) -> None:
         for key, value in node.items():
             name = f"{prefix}.{key}"
+            if name in _NOT_PARAMS:
+                continue
             if isinstance(value, dict):
                 walk(name, value)
-            elif name not in _NOT_PARAMS:
+            else:
                 out[name] = _param_value(value)
 
     for section, values in cfg.dump().items():
@@ -233,12 +236,12 @@ def log_dataset(df, *, name: str, source: str, digest: str, context: str) -> Non
     mlflow.log_input(dataset, context=context)
 
 
-ANSWERS_TABLE = "eval/answers.json"
+# the answers with their models and verdicts, logged by the gate once the batch is closed
 JUDGED_TABLE = "panel/answers.json"
 ANSWER_COLUMNS = ("prompt_index", "prompt", "model", "response", "reward", "ended")
 
 
-def log_answers(rows: list[dict], artifact_file: str = ANSWERS_TABLE,
+def log_answers(rows: list[dict], artifact_file: str = JUDGED_TABLE,
                 verdicts: list[dict] | None = None) -> None:
     """The models' answers as an MLflow table (the run's Evaluation/Artifacts view; read
     back with ``mlflow.load_table``).  With ``verdicts`` (the store's verdict rows), each

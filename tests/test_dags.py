@@ -49,10 +49,12 @@ def test_graph(dagbag):
     assert dag.get_task("wait_for_panel").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("gate").upstream_task_ids == {"wait_for_panel"}
     assert dag.get_task("gate_decision").downstream_task_ids == {"sign_off", "promote"}
-    assert dag.get_task("promote").upstream_task_ids == {"gate_decision", "sign_off"}
-    # a rejected sign-off skips the promotion whatever its trigger rule
+    # a run that needs a sign-off is promoted by sign_off itself (the approval never
+    # leaves Airflow's record); promote serves the runs that need none
+    assert dag.get_task("promote").upstream_task_ids == {"gate_decision"}
+    assert [a.name for a in dag.get_task("sign_off").outlets] == ["rlhf-champion"]
     assert dag.get_task("sign_off").ignore_downstream_trigger_rules is True
-    assert dag.get_task("finish_tracking").upstream_task_ids == {"gate", "promote"}
+    assert dag.get_task("finish_tracking").upstream_task_ids == {"gate", "sign_off", "promote"}
     assert dag.get_task("finish_tracking").trigger_rule == "none_failed_min_one_success"
     assert {"reward", "ppo", "sft", "evaluate", "gate", "promote", "wait_for_panel"} <= \
         dag.get_task("abort_tracking").upstream_task_ids
@@ -60,7 +62,7 @@ def test_graph(dagbag):
 
 def test_params_have_descriptions_and_bounds(dagbag):
     params = dagbag.dags["rlhf_tuning"].params
-    for name in ("preference_dataset", "prompt_dataset", "eval_dataset", "base_model",
+    for name in ("preference_dataset", "prompt_dataset", "base_model",
                  "prompt_sequence_length", "target_sequence_length", "reward_model_train_steps",
                  "reward_model_learning_rate_multiplier", "reinforcement_learning_train_steps",
                  "reinforcement_learning_rate_multiplier", "kl_coeff", "lora_rank", "instruction",
@@ -114,15 +116,17 @@ def test_build_config_layers_form_over_file(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_BASE_CONFIG", str(base))
     form = trigger_params()
     assert form["kl_coeff"].value == 0.2, "the form shows the base config's values"
-    assert form["eval_dataset"].value == "/data/eval.jsonl"
+    assert "eval_dataset" not in form, "the gating eval set is the admin's"
     assert form["kl_coeff"].schema["section"] == "Reinforcement learning (PPO)"
     assert form["kl_coeff"].schema["title"] == "KL coefficient"
-    params = {"config_file": str(base), "kl_coeff": 0.05, "lora_rank": 4, "eval_dataset": None}
+    params = {"config_file": str(base), "kl_coeff": 0.05, "lora_rank": 4,
+              "instruction": None}
     cfg = build_config(params, "rlhf_tuning", "manual__2026-01-01T00:00:00+00:00",
                        conf=params, triggered_by="ann")
     assert cfg.ppo.kl_coef == 0.05, "a value set for the run wins, even the default's value"
     assert cfg.reward.lora_rank == cfg.ppo.lora_rank == cfg.sft.lora_rank == 4
-    assert cfg.data.eval_uri == "/data/eval.jsonl", "an emptied field keeps the file's value"
+    assert cfg.data.eval_uri == "/data/eval.jsonl"
+    assert cfg.model.instruction == "", "an emptied field keeps the file's value"
     assert cfg.run.run_id == "manual____2026-01-01T00_3a00_3a00_2b00_3a00"
     assert cfg.run.triggered_by == "ann"
     assert cfg.storage.artifact_root.startswith("/")
@@ -199,9 +203,23 @@ def test_form_locations_stay_inside_the_allowed_roots(tmp_path, monkeypatch):
     inside = tmp_path / "data" / "prefs.jsonl"
     cfg = build_config({"preference_dataset": str(inside)}, "d", "r")
     assert cfg.data.preference_uri == str(inside)
-    assert build_config({"base_model": "org/model"}, "d", "r").model.base_model == "org/model"
+    # a hub model: on the admin's list, at a commit
+    (tmp_path / "admin" / "base.yaml").write_text(
+        (tmp_path / "admin" / "base.yaml").read_text() + "model: {hub_repos: [org/model]}\n")
+    pinned = {"base_model": "org/model", "model_revision": "a" * 40}
+    assert build_config(pinned, "d", "r").model.base_model == "org/model"
+    for form, field in (({**pinned, "base_model": "org/other"}, "base_model"),
+                        ({"base_model": "org/model"}, "model_revision"),
+                        ({**pinned, "model_revision": "refs/pr/42"}, "model_revision"),
+                        ({**pinned, "model_revision": "main"}, "model_revision")):
+        with pytest.raises(BadInput, match=f"trigger form field '{field}'"):
+            build_config(form, "d", "r")
+    # a path that climbs back in is stored as the steps will read it
+    climbing = tmp_path / "data" / "sub" / ".." / "prefs.jsonl"
+    assert build_config({"preference_dataset": str(climbing)}, "d", "r"
+                        ).data.preference_uri == str(inside)
     for name, value in (("preference_dataset", "/etc/passwd"),
-                        ("eval_dataset", str(tmp_path / "data" / ".." / "x.jsonl")),
+                        ("sft_dataset", str(tmp_path / "data" / ".." / "x.jsonl")),
                         ("base_model", "s3://someone-else/model"),
                         ("prompt_dataset", str(tmp_path / "elsewhere.jsonl"))):
         with pytest.raises(BadInput, match=f"trigger form field '{name}'.*outside"):

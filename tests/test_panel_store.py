@@ -67,7 +67,7 @@ def test_one_verdict_per_reviewer_and_item(store):
     store.record_verdict(item.id, "ann", True, "fine")
     with pytest.raises(AlreadyJudged):
         store.record_verdict(item.id, "ann", False)
-    store.record_verdict(item.id, "bob", False)
+    store.record_verdict(item.id, "bob", False, source="import")
     rows = store.verdict_rows(batch)
     assert [(r["reviewer"], r["passed"], r["comment"]) for r in rows] == [
         ("ann", True, "fine"), ("bob", False, "")]
@@ -94,7 +94,7 @@ def test_next_item_skips_judged_and_spreads_work(store):
 
 
 def test_concurrent_reviewers_lose_no_verdict(store):
-    batch = _batch(store, k=3, n_prompts=10)  # 20 items
+    batch = _batch(store, k=4, n_prompts=10)  # 20 items
     items = [i["id"] for i in store.items(batch)]
     reviewers = [f"r{i}" for i in range(4)]
     refused = []
@@ -103,7 +103,8 @@ def test_concurrent_reviewers_lose_no_verdict(store):
         for item in items:
             for _ in range(2):  # every verdict sent twice, as a double click would
                 try:
-                    store.record_verdict(item, name, hash((item, name)) % 2 == 0)
+                    store.record_verdict(item, name, hash((item, name)) % 2 == 0,
+                                         source="import")
                 except AlreadyJudged:
                     refused.append(name)
 
@@ -117,7 +118,69 @@ def test_concurrent_reviewers_lose_no_verdict(store):
     assert len(refused) == len(items) * len(reviewers)
     assert len({(r["item_id"], r["reviewer"]) for r in rows}) == len(rows)
     progress = store.progress(batch)
-    assert progress["complete"] and progress["verdicts_given"] == 60
+    assert progress["complete"] and progress["verdicts_given"] == 80
+
+
+def test_concurrent_verdicts_never_overfill_an_item(store):
+    """Four reviewers import verdicts on every item at once, k = 3: each item keeps
+    exactly three, the fourth is refused (counted under the lock, not before it)."""
+    from rlhf_tasks.panel.store import NotServed
+
+    batch = _batch(store, k=3, n_prompts=10)
+    items = [i["id"] for i in store.items(batch)]
+    refused = []
+
+    def work(name):
+        for item in items:
+            try:
+                store.record_verdict(item, name, True, source="import")
+            except NotServed:
+                refused.append((item, name))
+
+    threads = [threading.Thread(target=work, args=(f"r{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    per_item = {}
+    for row in store.verdict_rows(batch):
+        per_item[row["item_id"]] = per_item.get(row["item_id"], 0) + 1
+    assert set(per_item.values()) == {3} and len(per_item) == len(items)
+    assert len(refused) == len(items)
+
+
+def test_a_reviewer_judges_only_what_they_were_served(store):
+    """A member who knows item ids (an export, a colleague's screen) cannot pick them: a
+    verdict needs the store to have served that item to that reviewer."""
+    from rlhf_tasks.panel.store import NotServed
+
+    batch = _batch(store, k=2)
+    served = store.next_item(batch, "ann")
+    other = next(i["id"] for i in store.items(batch) if i["id"] != served.id)
+    with pytest.raises(NotServed, match="not served"):
+        store.record_verdict(other, "ann", True)
+    with pytest.raises(NotServed, match="not served"):
+        store.record_verdict(served.id, "bob", True)
+    store.record_verdict(served.id, "ann", True)
+    assert len(store.verdict_rows(batch)) == 1
+
+
+def test_the_runs_own_people_may_not_judge_its_batch(store):
+    """Whoever triggered the run (by name and id) and its approver are excluded: they are
+    served nothing, and a verdict from them is refused, even an import."""
+    from rlhf_tasks.panel.store import ConflictOfInterest
+
+    batch = store.create_batch(pipeline="p", run_id="coi", items=[
+        {"prompt_index": 0, "prompt": "q", "response": "a", "model": "m"}],
+        verdicts_per_item=1, quality_bar="bar", simulated=False,
+        excluded=["trig", "7", None, "approver"])
+    item = store.items(batch)[0]["id"]
+    for who in ("trig", "7", "approver"):
+        with pytest.raises(ConflictOfInterest):
+            store.next_item(batch, who)
+        with pytest.raises(ConflictOfInterest):
+            store.record_verdict(item, who, True, source="import")
+    assert store.next_item(batch, "ann").id == item
 
 
 def test_reviewer_tokens_are_hashed(store):

@@ -31,7 +31,7 @@ def test_trigger_fires_on_quorum_and_at_the_deadline(tmp_path):
     path, kwargs = PanelQuorumTrigger(url, batch, later, 0.05).serialize()
     assert path == "rlhf_airflow.panel_wait.PanelQuorumTrigger"
     for item in store.items(batch):
-        store.record_verdict(item["id"], "ann", True)
+        store.record_verdict(item["id"], "ann", True, source="import")
     event = _first_event(PanelQuorumTrigger(**kwargs))
     assert event["status"] == "quorum" and event["complete"] and event["items"] == 2
     store.dispose()
@@ -61,7 +61,7 @@ def test_trigger_retries_store_errors_with_backoff(tmp_path):
         batch = store.create_batch(pipeline="p", run_id="r", items=[
             {"prompt_index": 0, "prompt": "q", "response": "a", "model": "m"}],
             verdicts_per_item=1, quality_bar="bar", simulated=False)
-        store.record_verdict(store.items(batch)[0]["id"], "ann", True)
+        store.record_verdict(store.items(batch)[0]["id"], "ann", True, source="import")
         store.dispose()
         trigger.batch_id = batch
         return (await asyncio.wait_for(waiting, timeout=60)).payload

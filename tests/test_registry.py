@@ -128,40 +128,33 @@ def test_only_a_missing_alias_means_no_champion(make_config, monkeypatch):
         registry.alias_version(dead, cfg.registry.model_name, "champion")
 
 
-@pytest.mark.parametrize("recorded, error", [
-    (None, "marked successful by hand"),
-    ({"chosen_options": ["Reject"], "responded_by_user": {"id": "alice"}}, "not an approval"),
-    ({"chosen_options": ["Approve"], "responded_by_user": {"id": "bob"}},
-     "came from 'bob', not from the assigned approver 'alice'"),
-    ({"chosen_options": ["Approve"], "responded_by_user": None}, "came from None"),
-    ({"chosen_options": ["Approve", "Reject"], "responded_by_user": {"id": "alice"}},
-     "not an approval"),
+@pytest.mark.parametrize("run, error", [
+    ({}, "only the sign_off task promotes"),
+    ({"approved_by": "bob"}, "came from 'bob', not from the assigned approver '7'"),
+    ({"approved_by": "alice"}, "not from the assigned approver '7'"),  # a name is no id
+    ({"approved_by": "7", "triggered_by": "alice"}, "id of 'alice'.*is unknown"),
+    ({"approved_by": "7", "triggered_by": "tom", "triggered_by_id": "7"},
+     "triggered this run"),
 ])
-def test_promote_needs_a_recorded_approval_by_the_approver(make_config, recorded, error):
+def test_promote_needs_airflows_approval_by_the_approver(make_config, tmp_path, run, error):
+    """The approval is the run.approved_by the sign-off task puts on the promote step's
+    command line; a file in the store is no approval (written here, and ignored)."""
     from rlhf_tasks.steps.panel import SIGN_OFF_FILE, check_sign_off
 
-    cfg = make_config(panel={"approver": "alice"})
-    storage = Storage.from_config(cfg)
-    decision = {"needs_sign_off": True, "approver": "alice", "triggered_by": "tom"}
-    if recorded is not None:
-        storage.write_json(cfg.step_uri(*SIGN_OFF_FILE), recorded)
+    cfg = make_config(panel={"approver": "7"}, run=run)
+    Storage.from_config(cfg).write_json(cfg.step_uri(*SIGN_OFF_FILE), {
+        "chosen_options": ["Approve"], "responded_by_user": {"id": "7"}})
     with pytest.raises(BadInput, match=error):
-        check_sign_off(cfg, storage, decision)
+        check_sign_off(cfg)
 
 
 def test_an_approval_counts_only_from_the_approver_who_did_not_trigger(make_config):
-    from rlhf_tasks.steps.panel import SIGN_OFF_FILE, check_sign_off
+    from rlhf_tasks.steps.panel import check_sign_off
 
-    cfg = make_config(panel={"approver": "alice"})
-    storage = Storage.from_config(cfg)
-    storage.write_json(cfg.step_uri(*SIGN_OFF_FILE),
-                       {"chosen_options": ["Approve"], "responded_by_user": {"id": "alice"}})
-    assert check_sign_off(cfg, storage, {"needs_sign_off": True, "approver": "alice",
-                                         "triggered_by": "tom"}) == "alice"
-    with pytest.raises(BadInput, match="triggered this run"):
-        check_sign_off(cfg, storage, {"needs_sign_off": True, "approver": "alice",
-                                      "triggered_by": "alice"})
-    assert check_sign_off(cfg, storage, {"needs_sign_off": False}) is None
+    ok = make_config(panel={"approver": "7"}, run={"approved_by": "7", "triggered_by": "tom",
+                                                   "triggered_by_id": "12"})
+    assert check_sign_off(ok) == "7"
+    assert check_sign_off(make_config()) is None  # no approver: no sign-off
 
 
 def test_a_rejected_or_unanswered_sign_off_is_recorded_and_tagged(make_config, tmp_path):
@@ -177,22 +170,71 @@ def test_a_rejected_or_unanswered_sign_off_is_recorded_and_tagged(make_config, t
 
     cfg = make_config(panel={"approver": "alice", "sign_off_timeout_hours": 2})
     storage = Storage.from_config(cfg)
-    config_uri = storage.write_json(cfg.step_uri("config.json"), cfg.dump())
     name = cfg.registry.model_name
     version = registry.register(cfg, storage, name=name, run_id=None, tags={},
                                 source=_model_folder(storage, cfg, "r1")).version
     storage.write_json(cfg.step_uri("gate", "gate.json"),
                        {"model_name": name, "version": version})
-    op = SignOffOperator(task_id="sign_off", config_uri=config_uri, subject="s")
+    op = SignOffOperator(task_id="sign_off", subject="s")
     assert op.defaults == ["Reject"] and op.ignore_downstream_trigger_rules
-    op._record({"chosen_options": ["Reject"], "responded_by_user": {"id": "alice"},
-                "responded_at": datetime(2026, 1, 1, tzinfo=timezone.utc)}, timed_out=False)
+    op._config = lambda context: cfg  # the run's pinned config (resolved from the run)
+    op._record({}, {"chosen_options": ["Reject"], "responded_by_user": {"id": "alice"},
+                    "responded_at": datetime(2026, 1, 1, tzinfo=timezone.utc)}, timed_out=False)
     recorded = storage.read_json(cfg.step_uri(*SIGN_OFF_FILE))
     assert recorded["chosen_options"] == ["Reject"] and recorded["approver"] == "alice"
     tags = registry.client(cfg).get_model_version(name, version).tags
     assert tags["gate.decision"] == "sign_off_rejected"
     assert tags["gate.reason"] == "sign-off rejected by alice"
-    op._record({"chosen_options": ["Reject"], "responded_by_user": None,
-                "responded_at": None}, timed_out=True)
+    op._record({}, {"chosen_options": ["Reject"], "responded_by_user": None,
+                    "responded_at": None}, timed_out=True)
     tags = registry.client(cfg).get_model_version(name, version).tags
     assert tags["gate.reason"] == "sign-off rejected by nobody (timed out)"
+
+
+def test_a_crash_between_alias_moves_is_repaired_by_the_next_try(make_config, monkeypatch):
+    """The process dies after the policy's champion moved and before the reward model's
+    (no undo runs): the next try reads the journal, finds the policy already champion and
+    still completes the reward model's moves; a forged journal moves nothing else."""
+    import mlflow
+
+    cfg = make_config()
+    storage = Storage.from_config(cfg)
+    name, reward = cfg.registry.model_name, registry.reward_model_name(cfg)
+    for model in (name, reward):
+        for i in range(3):
+            registry.register(cfg, storage, name=model, run_id=None, tags={},
+                              source=_model_folder(storage, cfg, f"{model}-{i}"))
+    registry.promote(cfg, name, "1", expected_champion=None, reward=(reward, "1"))
+    journal = (storage, cfg.step_uri("promote", "alias_moves.json"))
+    real = mlflow.MlflowClient.set_registered_model_alias
+
+    class Killed(BaseException):  # not an Exception: no undo runs, as with SIGKILL
+        pass
+
+    def dies(self, model, alias, version):
+        if model == reward:
+            raise Killed()
+        return real(self, model, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", dies)
+    with pytest.raises(Killed):
+        registry.promote(cfg, name, "2", expected_champion="1", reward=(reward, "2"),
+                         journal=journal)
+    client = registry.client(cfg)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(reward, "champion").version) == "1"
+    assert storage.read_json(journal[1])["status"] == "pending"
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", real)
+    assert registry.promote(cfg, name, "2", expected_champion="1", reward=(reward, "2"),
+                            journal=journal)["champion"] == "2"
+    for model in (name, reward):
+        assert str(client.get_model_version_by_alias(model, "champion").version) == "2"
+        assert str(client.get_model_version_by_alias(model, "previous").version) == "1"
+    assert storage.read_json(journal[1])["status"] == "done"
+    # whoever writes the store cannot make a retry move the champion elsewhere
+    storage.write_json(journal[1], {"status": "pending", "previous": "1",
+                                    "moves": [[name, "champion", "3"]]})
+    with pytest.raises(registry.RegistryFault, match="would not make"):
+        registry.promote(cfg, name, "2", expected_champion="1", reward=(reward, "2"),
+                         journal=journal)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"

@@ -32,9 +32,13 @@ class StepBackend(Protocol):
     def run(self, step: str, argv: list[str], log: Callable[[str], None]) -> dict: ...
 
 
-def step_argv(step: str, config_uri: str, overrides: list[str], result: str) -> list[str]:
-    """The step contract's argv: identical for a local process and a pod."""
+def step_argv(step: str, config_uri: str, overrides: list[str], result: str,
+              config_sha256: str | None = None) -> list[str]:
+    """The step contract's argv: identical for a local process and a pod.  With the run
+    config's digest, the step reads that exact file or stops (exit 2)."""
     argv = ["rlhf", "run", step, "--config", config_uri]
+    if config_sha256:
+        argv += ["--config-sha256", config_sha256]
     for item in overrides:
         argv += ["--set", item]
     return argv + ["--result", result]

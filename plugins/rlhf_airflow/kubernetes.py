@@ -19,10 +19,10 @@ GPU_STEPS = frozenset({"reward", "sft", "ppo", "evaluate"})
 XCOM_RESULT = "/airflow/xcom/return.json"
 
 
-def step_command(step: str, config_uri: str, overrides: list[str], gpus: int
-                 ) -> tuple[list[str], list[str]]:
+def step_command(step: str, config_uri: str, overrides: list[str], gpus: int,
+                 config_sha256: str | None = None) -> tuple[list[str], list[str]]:
     """(command, args) of the container: ``rlhf run ...``, or under accelerate for gpus > 1."""
-    argv = step_argv(step, config_uri, overrides, XCOM_RESULT)
+    argv = step_argv(step, config_uri, overrides, XCOM_RESULT, config_sha256)
     if gpus > 1:
         return (["accelerate", "launch", "--multi_gpu", "--num_machines", "1",
                  "--num_processes", str(gpus), "-m", "rlhf_tasks.cli"], argv[1:])
@@ -42,13 +42,14 @@ def labels(cfg, step: str) -> dict[str, str]:
             "rlhf/pipeline": cfg.run.pipeline}
 
 
-def pod_settings(cfg, step: str, config_uri: str, overrides: list[str]) -> dict[str, Any]:
+def pod_settings(cfg, step: str, config_uri: str, overrides: list[str],
+                 config_sha256: str | None = None) -> dict[str, Any]:
     from kubernetes.client import models as k8s
 
     kube = cfg.compute.kubernetes
     trainer = step in GPU_STEPS
     gpus = cfg.compute.num_gpus if trainer else 0
-    cmds, arguments = step_command(step, config_uri, overrides, gpus)
+    cmds, arguments = step_command(step, config_uri, overrides, gpus, config_sha256)
     # a training step needs the trainer's memory on CPU nodes too (as its TrainJob gets)
     requests, limits = resources(kube, gpus, kube.memory if trainer else kube.cpu_step_memory)
     return {

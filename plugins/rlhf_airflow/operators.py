@@ -10,6 +10,10 @@
   trigger, node 0's log copied every ``logging_interval`` seconds, its result read back
   from the run's artifact store.
 
+The config is the run's own (``config_uri`` left at ``RUN_CONFIG``): derived from the run's
+identity and pinned by its digest (:mod:`rlhf_airflow.run_config`), never taken from an
+XCom; the backend is the one that config names.
+
 Returns the step's JSON result (XCom).  Exit code 2 (bad input or config) fails the task
 without retries on either backend; any other failure is an ordinary error, so Airflow
 retries and the step resumes from its checkpoints.
@@ -24,6 +28,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from rlhf_airflow.backends import StepFailed, get_backend, step_argv
 from rlhf_airflow.links import MlflowRunLink
+from rlhf_airflow.run_config import RUN_CONFIG
 
 
 def step_timeout(step: str):
@@ -37,6 +42,19 @@ def step_timeout(step: str):
     return timedelta(hours=cfg.compute.step_timeout(step))
 
 
+def announce(operator, context, result):
+    """A step's result: its MLflow page kept for the task's link, and what it produced
+    announced on the task's Assets (promote: the new champion's model and version)."""
+    if isinstance(result, dict):
+        operator.mlflow_run_url = result.get("mlflow_run_url")
+        for asset in operator.outlets or ():
+            context["outlet_events"][asset].extra = {
+                k: result[k] for k in ("model_name", "version", "champion")
+                if k in result} | {"dag_id": context["dag"].dag_id,
+                                   "run_id": context["run_id"]}
+    return result
+
+
 class RlhfStepOperator(KubernetesPodOperator):
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "config_uri",
                                       "overrides", "backend")
@@ -44,21 +62,29 @@ class RlhfStepOperator(KubernetesPodOperator):
     operator_extra_links = (MlflowRunLink(),)
     mlflow_run_url: str | None = None
 
-    def __init__(self, *, step: str, config_uri: str, overrides: list[str] | None = None,
-                 backend: str = "local", **kwargs):
+    def __init__(self, *, step: str, config_uri: str = RUN_CONFIG,
+                 overrides: list[str] | None = None, backend: str | None = None, **kwargs):
         kwargs.setdefault("deferrable", True)
         kwargs.setdefault("get_logs", True)
         kwargs.setdefault("do_xcom_push", True)
         kwargs.setdefault("reattach_on_restart", True)
         kwargs.setdefault("execution_timeout", step_timeout(step))
         super().__init__(**kwargs)
-        self.step, self.config_uri = step, config_uri
+        self.step, self.config_uri, self.config_sha256 = step, config_uri, None
         self.overrides, self.backend = list(overrides or []), backend
+
+    def _pin_config(self, context) -> None:
+        """The run's own config and its digest (RUN_CONFIG), before anything reads it."""
+        if self.config_uri == RUN_CONFIG:
+            from rlhf_airflow.run_config import resolve
+
+            self.config_uri, self.config_sha256 = resolve(context)
 
     # -- local -----------------------------------------------------------------------------
     def _run_local(self):
         backend = get_backend("local")
-        argv = step_argv(self.step, self.config_uri, self.overrides, "@RESULT@")
+        argv = step_argv(self.step, self.config_uri, self.overrides, "@RESULT@",
+                         self.config_sha256)
         try:
             return backend.run(self.step, argv, self.log.info)
         except StepFailed as exc:
@@ -75,7 +101,8 @@ class RlhfStepOperator(KubernetesPodOperator):
         from rlhf_airflow.kubernetes import pod_settings
 
         cfg = cfg or self._config()
-        for name, value in pod_settings(cfg, self.step, self.config_uri, self.overrides).items():
+        for name, value in pod_settings(cfg, self.step, self.config_uri, self.overrides,
+                                        self.config_sha256).items():
             setattr(self, name, value)
         self.on_finish_action = OnFinishAction(self.on_finish_action)
 
@@ -98,20 +125,13 @@ class RlhfStepOperator(KubernetesPodOperator):
     def _finished(self, context, result):
         """The step's result; its MLflow page kept for the task's link; what it produced
         announced on the task's Assets (promote: the new champion's model and version)."""
-        if isinstance(result, dict):
-            self.mlflow_run_url = result.get("mlflow_run_url")
-            for asset in self.outlets or ():
-                context["outlet_events"][asset].extra = {
-                    k: result[k] for k in ("model_name", "version", "champion")
-                    if k in result} | {"dag_id": context["dag"].dag_id,
-                                       "run_id": context["run_id"]}
-        return result
+        return announce(self, context, result)
 
     # -- kubernetes, several nodes: a TrainJob ----------------------------------------------
     def _config(self):
         from rlhf_tasks import config
 
-        return config.load(self.config_uri, self.overrides)
+        return config.load(self.config_uri, self.overrides, sha256=self.config_sha256)
 
     @staticmethod
     def _hook(cfg):
@@ -127,7 +147,8 @@ class RlhfStepOperator(KubernetesPodOperator):
         try_number = context["ti"].try_number
         name = trainjob.job_name(context["run_id"], self.step, try_number)
         body = trainjob.manifest(cfg, self.step, self.config_uri, self.overrides, name,
-                                 trainjob.result_uri(cfg, self.step, try_number))
+                                 trainjob.result_uri(cfg, self.step, try_number),
+                                 self.config_sha256)
         namespace = cfg.compute.kubernetes.namespace
         hook = self._hook(cfg)
         try:
@@ -187,6 +208,7 @@ class RlhfStepOperator(KubernetesPodOperator):
         from rlhf_airflow import trainjob
         from rlhf_tasks.storage import Storage
 
+        self._pin_config(context)
         cfg = self._config()
         hook = self._hook(cfg)
         name, state = event["name"], event["state"]
@@ -212,23 +234,45 @@ class RlhfStepOperator(KubernetesPodOperator):
                                       plural=trainjob.PLURAL, name=name, namespace=namespace)
         return self._finished(context, result)
 
+    def _backend(self, cfg) -> str:
+        """The backend the operator was given, else the one the run's config names."""
+        if cfg is None:
+            return self.backend or "local"
+        return self.backend or cfg.compute.backend
+
     def execute(self, context):
-        if self.backend == "local":
+        self._pin_config(context)
+        cfg = self._config_or_none()
+        backend = self._backend(cfg)
+        if backend == "local":
             return self._finished(context, self._run_local())
-        if self.backend != "kubernetes":
-            raise AirflowFailException(f"unknown backend {self.backend!r}; "
+        if backend != "kubernetes":
+            raise AirflowFailException(f"unknown backend {backend!r}; "
                                        "use 'local' or 'kubernetes'")
         from rlhf_airflow.trainjob import uses_trainjob
 
-        cfg = self._config()
+        cfg = cfg or self._config()
         if uses_trainjob(cfg, self.step):
             return self._start_trainjob(context, cfg)
         self.configure_pod(cfg)
         return self._finished(context, self._fail_fast_on_bad_input(
             lambda: super(RlhfStepOperator, self).execute(context)))
 
+    def _config_or_none(self):
+        """The run's config, checked against its digest (BadInput fails the task without
+        retries); None for an operator given no config (a step that needs none)."""
+        from rlhf_tasks.errors import BadInput
+
+        if not self.config_uri:
+            return None
+        try:
+            return self._config()
+        except BadInput as exc:
+            raise AirflowFailException(f"step {self.step}: {exc}") from None
+
     def trigger_reentry(self, context, event):
-        # a resumed task is a fresh operator: set the pod settings again first
+        # a resumed task is a fresh operator: pin the config and set the pod settings again
+        self._pin_config(context)
         self.configure_pod()
         return self._finished(context, self._fail_fast_on_bad_input(
             lambda: super(RlhfStepOperator, self).trigger_reentry(context, event)))

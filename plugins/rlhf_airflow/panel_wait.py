@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator, Sequence
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 MAX_BACKOFF_S = 900.0
@@ -106,18 +106,24 @@ def review_url(cfg) -> str:
 class PanelQuorumSensor(BaseOperator):
     """Wait for the panel's verdicts on the run's review batch (deferrable)."""
 
-    template_fields: Sequence[str] = ("config_uri", "batch_id")
     ui_color = "#fff3cd"
 
-    def __init__(self, *, config_uri: str, batch_id: str, **kwargs):
-        super().__init__(**kwargs)
-        self.config_uri, self.batch_id = config_uri, batch_id
-
     def execute(self, context):
+        from rlhf_airflow.run_config import resolve
         from rlhf_tasks import config
+        from rlhf_tasks.errors import BadInput
         from rlhf_tasks.panel.store import PanelStore, panel_store_url
+        from rlhf_tasks.storage import Storage
 
-        cfg = config.load(self.config_uri)
+        # the run's own config and batch (the evaluation's record in the run's folder),
+        # never a config or batch id handed over in an XCom
+        uri, digest = resolve(context)
+        try:
+            cfg = config.load(uri, sha256=digest)
+            self.batch_id = Storage.from_config(cfg).read_json(
+                cfg.step_uri("evaluate", "evaluate.json"))["batch_id"]
+        except BadInput as exc:
+            raise AirflowFailException(str(exc)) from None
         url = panel_store_url(cfg)
         store = PanelStore(url)
         try:

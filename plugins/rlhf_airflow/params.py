@@ -11,11 +11,12 @@ Who may set what (docs/ARCHITECTURE.md, Trust):
   locations, which must lie inside the admin's ``storage.allowed_roots``; training
   hyperparameters; precision.  Any other key in the run's conf stops ``prepare_run``
   with one line naming it.
-* Infrastructure and governance (``compute.backend`` and ``compute.kubernetes.*``,
-  ``model.trust_remote_code``, ``tracking``, ``storage``, the panel's mode, policy and
-  approver, ``data.max_bad_fraction``) come only from config files the admin controls:
-  ``$RLHF_BASE_CONFIG``, and files in the folder ``$RLHF_CONFIG_DIR``.  ``config_file``
-  may name only those.
+* Infrastructure and governance (``GOVERNANCE``: the ``panel``, ``registry``, ``storage``,
+  ``tracking`` and ``schedule`` sections, ``compute`` but for precision, the gating eval set
+  and its rules, ``model.trust_remote_code``) come only from the admin's base config,
+  ``$RLHF_BASE_CONFIG``.  ``config_file`` may name a file in the admin's folder
+  ``$RLHF_CONFIG_DIR``, which brings run defaults only: whatever it says about governance
+  is replaced by the base config's.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from rlhf_tasks import config as rlhf_config
 PARAM_TO_CONFIG: dict[str, list[str]] = {
     "preference_dataset": ["data.preference_uri"],
     "prompt_dataset": ["data.prompt_uri"],
-    "eval_dataset": ["data.eval_uri"],
     "sft_dataset": ["data.sft_uri"],
     "base_model": ["model.base_model"],
     "model_revision": ["model.revision"],
@@ -54,9 +54,18 @@ PARAM_TO_CONFIG: dict[str, list[str]] = {
 }
 
 # form fields that name data or a model: each must lie inside the allowed roots
-LOCATION_PARAMS = ("preference_dataset", "prompt_dataset", "eval_dataset", "sft_dataset",
-                   "base_model")
+LOCATION_PARAMS = ("preference_dataset", "prompt_dataset", "sft_dataset", "base_model")
 FORM_FIELDS = frozenset(PARAM_TO_CONFIG) | {"config_file"}
+# what only the base config decides: whole sections, and fields of the others (None: every
+# field of the section but those listed after it, which a run may choose)
+GOVERNANCE_SECTIONS = ("panel", "registry", "storage", "tracking", "schedule")
+GOVERNANCE_FIELDS: dict[str, tuple[str, ...]] = {
+    "data": ("eval_uri", "max_bad_fraction", "min_eval_rows", "expectations_dir",
+             "max_file_mb"),
+    "model": ("trust_remote_code", "hub_repos", "hub_downloads"),
+    "evaluation": ("max_prompts", "baselines"),
+}
+RUN_CHOSEN_COMPUTE = ("dtype", "gradient_checkpointing", "attn_implementation")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -89,9 +98,6 @@ FORM: dict[str, tuple[str, str, str]] = {
                            "Human preference data: JSONL, CSV or Parquet (pairs, ranked lists, "
                            "Vertex style or chat). Must lie inside the admin's allowed roots."),
     "prompt_dataset": ("data", "Prompt dataset", "Unlabelled prompts for the RL stage."),
-    "eval_dataset": ("data", "Evaluation dataset",
-                     "Held-out prompts for evaluation and the expert panel; must not overlap "
-                     "the training prompts. Rows may carry an expert-written `reference`."),
     "sft_dataset": ("data", "SFT dataset",
                     "Prompt + reference response pairs for the supervised baseline."),
     "prompt_sequence_length": ("data", "Prompt sequence length",
@@ -132,7 +138,7 @@ FORM: dict[str, tuple[str, str, str]] = {
                                "Recompute activations in the backward pass: less memory, "
                                "more compute."),
 }
-_NULLABLE = {"preference_dataset", "prompt_dataset", "eval_dataset", "sft_dataset",
+_NULLABLE = {"preference_dataset", "prompt_dataset", "sft_dataset",
              "base_model", "model_revision", "instruction"}
 
 
@@ -188,12 +194,14 @@ def trigger_params(base: rlhf_config.PipelineConfig | None = None) -> dict[str, 
 def safe_run_id(run_id: str) -> str:
     """The run folder's name for an Airflow run id, one-to-one: letters, digits, '.' and
     '-' stay; '_' becomes '__'; any other character becomes '_' + the hex of each of its
-    UTF-8 bytes ('_3a' for ':', '_2b' for '+'), so ``x:1`` and ``x+1`` never share a folder."""
+    UTF-8 bytes ('_3a' for ':', '_2b' for '+'), so ``x:1`` and ``x+1`` never share a folder.
+    A leading '.' becomes '_2e': no run folder is '.', '..' or hidden."""
     def escape(match: re.Match) -> str:
         char = match.group()
         return "__" if char == "_" else "".join(f"_{b:02x}" for b in char.encode("utf-8"))
 
-    return re.sub(r"[^A-Za-z0-9.-]", escape, run_id)
+    folder = re.sub(r"[^A-Za-z0-9.-]", escape, run_id)
+    return "_2e" + folder[1:] if folder.startswith(".") else folder
 
 
 def admin_config_source(requested: str | None) -> str | None:
@@ -234,6 +242,29 @@ def admin_config_source(requested: str | None) -> str | None:
                    field="config_file")
 
 
+def admin_base_config(source: str | None, loaded: rlhf_config.PipelineConfig
+                      ) -> rlhf_config.PipelineConfig:
+    """``$RLHF_BASE_CONFIG`` (``loaded`` when the run started from it; the defaults when
+    no base config is set)."""
+    base = os.environ.get("RLHF_BASE_CONFIG", "").strip() or None
+    if base is None:
+        return rlhf_config.PipelineConfig()
+    return loaded if source == base else rlhf_config.load(base)
+
+
+def with_governance(raw: dict[str, Any], admin: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with every governance setting replaced by the admin's base config's."""
+    for section in GOVERNANCE_SECTIONS:
+        raw[section] = admin[section]
+    for section, fields in GOVERNANCE_FIELDS.items():
+        for field in fields:
+            raw[section][field] = admin[section][field]
+    for field, value in admin["compute"].items():
+        if field not in RUN_CHOSEN_COMPUTE:
+            raw["compute"][field] = value
+    return raw
+
+
 def check_form_keys(conf: dict[str, Any]) -> None:
     """Only the form's own fields may come from the run's conf: one line naming the
     first other key (sorted, so the message is stable)."""
@@ -247,15 +278,37 @@ def check_form_keys(conf: dict[str, Any]) -> None:
                        field=extra[0])
 
 
-def check_location(name: str, value: str, storage) -> None:
-    """A dataset or model named in the form lies inside the allowed roots (a model may
-    also be a hub id, read from the workers' Hugging Face cache)."""
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def check_hub_model(value: str, revision: str | None, hub_repos: list[str]) -> None:
+    """A hub id named in the form: on the admin's list (``model.hub_repos``) and pinned to
+    a commit (``model_revision``: 40 hex digits; a branch, tag or ``refs/pr/N`` moves)."""
     from rlhf_tasks.errors import BadInput
 
-    if name == "base_model" and _HUB_ID.match(value) and not Path(value).exists():
-        return
+    if value not in hub_repos:
+        raise BadInput(f"trigger form field 'base_model': hub model {value!r} is not on the "
+                       f"admin's list (model.hub_repos: {', '.join(hub_repos) or 'none'})",
+                       field="base_model")
+    if not revision or not _COMMIT.match(revision):
+        raise BadInput(f"trigger form field 'model_revision': a hub model is pinned to a "
+                       f"commit (40 hex digits), got {revision!r}", field="model_revision")
+
+
+def is_hub_id(value: str) -> bool:
+    return bool(_HUB_ID.match(value)) and not Path(value).exists()
+
+
+def check_location(name: str, value: str, storage) -> str:
+    """A dataset or model named in the form lies inside the allowed roots; returns it
+    normalised (``..`` and links resolved, S3 keys tidied), as the steps will read it.  A
+    model may also be a hub id (``check_hub_model``), returned as it is."""
+    from rlhf_tasks.errors import BadInput
+
+    if name == "base_model" and is_hub_id(value):
+        return value
     try:
-        storage.check_read(value)
+        return storage.check_read(value)
     except BadInput as exc:
         raise BadInput(f"trigger form field '{name}': {exc}", field=name) from None
 
@@ -278,7 +331,8 @@ def build_config(params: dict[str, Any], dag_id: str, run_id: str, *,
     check_form_keys(conf or {})
     source = admin_config_source(params.get("config_file"))
     base = rlhf_config.load(source) if source else rlhf_config.PipelineConfig()
-    raw = base.dump()
+    raw = with_governance(base.dump(), admin_base_config(source, base).dump())
+    base = rlhf_config.validate(raw, source or "the default config")
     explicit = set(conf) if conf is not None else set(params)
     shown: dict[str, Any] = {}
     if source and source != os.environ.get("RLHF_BASE_CONFIG", "").strip():
@@ -289,6 +343,7 @@ def build_config(params: dict[str, Any], dag_id: str, run_id: str, *,
     from rlhf_tasks.tracking import resolve_uri
 
     storage = Storage.from_config(base)
+    chosen: set[str] = set()
     for name, paths in PARAM_TO_CONFIG.items():
         value = params.get(name)
         if name not in explicit or value is None or value == "":
@@ -296,13 +351,23 @@ def build_config(params: dict[str, Any], dag_id: str, run_id: str, *,
         if name in shown and value == shown[name]:
             continue  # the base config's value, unedited, on a run of another file
         if name in LOCATION_PARAMS:
-            check_location(name, str(value), storage)
+            value = check_location(name, str(value), storage)
         for path in paths:
             section, field = path.split(".")
             raw[section][field] = value
+        chosen.add(name)
+    model = raw["model"]["base_model"]
+    if {"base_model", "model_revision"} & chosen and is_hub_id(model):
+        # the run chose the hub model or its revision: the admin's list and a pinned commit
+        # (the base config's own model, at a commit, needs no listing)
+        admin_model = admin_base_config(source, base).model.base_model
+        check_hub_model(model, raw["model"]["revision"],
+                        list(raw["model"]["hub_repos"]) + [admin_model])
     raw["run"]["pipeline"] = dag_id
     raw["run"]["run_id"] = safe_run_id(run_id)
     raw["run"]["triggered_by"] = triggered_by
+    # who the run's people are is set by prepare_run and the sign-off, never by a file
+    raw["run"]["triggered_by_id"] = raw["run"]["approved_by"] = None
 
     # relative paths become absolute here, so every step process agrees on them
     raw["storage"]["artifact_root"] = Storage.normalise(raw["storage"]["artifact_root"])

@@ -64,7 +64,7 @@ def torchrun_command(name: str) -> list[str]:
 
 
 def manifest(cfg, step: str, config_uri: str, overrides: list[str], name: str,
-             result: str) -> dict[str, Any]:
+             result: str, config_sha256: str | None = None) -> dict[str, Any]:
     kube, compute = cfg.compute.kubernetes, cfg.compute
     gpus = compute.num_gpus
     requests, limits = resources(kube, gpus, kube.memory)
@@ -92,7 +92,7 @@ def manifest(cfg, step: str, config_uri: str, overrides: list[str], name: str,
             "trainer": {
                 "image": kube.image,
                 "command": torchrun_command(name),
-                "args": step_argv(step, config_uri, overrides, result)[1:],
+                "args": step_argv(step, config_uri, overrides, result, config_sha256)[1:],
                 "numNodes": compute.num_nodes,
                 "numProcPerNode": max(1, gpus),
                 "resourcesPerNode": {"requests": requests, "limits": limits},

@@ -44,6 +44,16 @@ def _format(path: Path) -> str:
     return suffix[1:]
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: str) -> str:
+    """A cell a spreadsheet shows as text: one starting like a formula (``=``, ``+``,
+    ``-``, ``@``, tab, carriage return) gets a leading apostrophe (OWASP's advice on CSV
+    injection), so a model's answer cannot run in the reviewer's spreadsheet."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def export_batch(store: PanelStore, batch_id: str, path: Path) -> int:
     batch = store.batch(batch_id)
     rows = [{"item_id": i["id"], "prompt": i["prompt"], "response": i["response"],
@@ -54,7 +64,7 @@ def export_batch(store: PanelStore, batch_id: str, path: Path) -> int:
         if _format(path) == "csv":
             writer = csv.DictWriter(fh, fieldnames=COLUMNS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
         else:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")

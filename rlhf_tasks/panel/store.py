@@ -57,7 +57,16 @@ class ReviewBatch(Base):
     quality_bar: Mapped[str] = mapped_column(Text)
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # JSON list of the identities with a stake in the run (who triggered it, by name and
+    # id; the approver): they may not judge its batch
+    excluded: Mapped[str | None] = mapped_column(Text, nullable=True)
     __table_args__ = (UniqueConstraint("pipeline", "run_id", name="uq_batch_run"),)
+
+    @property
+    def excluded_reviewers(self) -> frozenset[str]:
+        import json
+
+        return frozenset(json.loads(self.excluded or "[]"))
 
 
 class ReviewItem(Base):
@@ -111,6 +120,15 @@ class UnknownItem(Exception):
 
 class BatchClosed(Exception):
     """The gate has decided on this batch: it takes no more verdicts."""
+
+
+class ConflictOfInterest(Exception):
+    """The reviewer triggered the batch's run or approves it: they may not judge it."""
+
+
+class NotServed(Exception):
+    """A verdict on an item the store never served to that reviewer, or one that already
+    has its k verdicts: a reviewer does not choose what they judge."""
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -170,12 +188,16 @@ class PanelStore:
 
     # -- batches ---------------------------------------------------------------------------
     def create_batch(self, *, pipeline: str, run_id: str, items: Iterable[dict],
-                     verdicts_per_item: int, quality_bar: str, simulated: bool) -> str:
+                     verdicts_per_item: int, quality_bar: str, simulated: bool,
+                     excluded: Iterable[str | None] = ()) -> str:
         """A blinded batch from ``items`` (``prompt_index``, ``prompt``, ``response``,
         ``model``), shuffled by the operating system's cryptographic random source (never
         the run's seed, which is logged and could replay the order); item ids are random
         too.  A batch already made for this pipeline run is returned as it is (a retried
-        evaluate step must not make a second one)."""
+        evaluate step must not make a second one).  ``excluded``: identities that may not
+        judge it (the run's triggering user and approver)."""
+        import json
+
         with self.session() as s:
             found = s.scalar(select(ReviewBatch.id).where(ReviewBatch.pipeline == pipeline,
                                                           ReviewBatch.run_id == run_id))
@@ -183,7 +205,8 @@ class PanelStore:
                 return found
             batch = ReviewBatch(id=uuid.uuid4().hex, pipeline=pipeline, run_id=run_id,
                                 verdicts_per_item=verdicts_per_item, quality_bar=quality_bar,
-                                simulated=simulated)
+                                simulated=simulated,
+                                excluded=json.dumps(sorted({e for e in excluded if e})))
             rows = list(items)
             secrets.SystemRandom().shuffle(rows)
             s.add(batch)
@@ -288,6 +311,9 @@ class PanelStore:
         at a time in this process), its load is counted again under the lock, and the hold
         is committed before the lock is released."""
         batch = self.batch(batch_id)
+        if reviewer in batch.excluded_reviewers:
+            raise ConflictOfInterest(f"{reviewer} triggered or approves the run of batch "
+                                     f"{batch_id}: they may not judge it")
         if batch.closed_at is not None:
             return None
         skipped: list[str] = []
@@ -353,9 +379,17 @@ class PanelStore:
 
     def record_verdict(self, item_id: str, reviewer: str, passed: bool, comment: str = "",
                        source: str = "web") -> int:
+        """One verdict.  Refused: on a closed batch (BatchClosed); from a reviewer the
+        batch excludes (ConflictOfInterest); on an item never served to this reviewer,
+        unless it is an offline import by the admin, or one that already has its k
+        verdicts (NotServed: counted under the batch's lock, so concurrent verdicts never
+        overfill it); a second verdict of the same reviewer (AlreadyJudged).  A served
+        item whose lease ran out is still taken while it is short of k."""
         if len(comment) > 5000:
             raise BadInput("a comment is at most 5000 characters", field="comment")
-        with self.session() as s:
+        # the count and the insert under one lock: the batch row's (PostgreSQL) or this
+        # process's (SQLite, which has no row locks)
+        with self._claim_lock, self.session() as s:
             item = s.get(ReviewItem, item_id)
             if item is None:
                 raise UnknownItem(item_id)
@@ -366,6 +400,19 @@ class PanelStore:
             if batch.closed_at is not None:
                 raise BatchClosed(f"review batch {batch.id} closed at "
                                   f"{_aware(batch.closed_at).isoformat()}: the gate has decided")
+            if reviewer in batch.excluded_reviewers:
+                raise ConflictOfInterest(f"{reviewer} triggered or approves the run of batch "
+                                         f"{batch.id}: they may not judge it")
+            if s.scalar(select(Verdict.id).where(Verdict.item_id == item_id,
+                                                 Verdict.reviewer == reviewer)) is not None:
+                raise AlreadyJudged(f"{reviewer} has already judged item {item_id}")
+            if source != "import" and s.get(Assignment, (item_id, reviewer)) is None:
+                raise NotServed(f"item {item_id} was not served to {reviewer}")
+            given = s.scalar(select(func.count()).select_from(Verdict)
+                             .where(Verdict.item_id == item_id))
+            if given >= batch.verdicts_per_item:
+                raise NotServed(f"item {item_id} already has its {batch.verdicts_per_item} "
+                                "verdicts")
             verdict = Verdict(item_id=item_id, reviewer=reviewer, passed=bool(passed),
                               comment=comment or "", source=source)
             s.add(verdict)

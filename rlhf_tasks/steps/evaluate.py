@@ -45,7 +45,9 @@ def _reference_rows(frame, prompts, encoded, renderer, reward_model, norm, token
 
     if "reference" not in frame.columns:
         return [], None
-    found = [(i, text) for i, text in enumerate(frame["reference"])
+    # stripped as the models' answers are: raw whitespace would tell a reviewer which
+    # answer a person wrote
+    found = [(i, text.strip()) for i, text in enumerate(frame["reference"])
              if isinstance(text, str) and text.strip()]
     if not found:
         return [], None
@@ -222,7 +224,9 @@ def evaluate(cfg) -> dict:
             compared[REFERENCE] = "expert-written reference answers (eval data)"
 
         mlflow.log_dict(forms, "eval/forms.json")
-        tracking.log_answers(rows)
+        # no answers table here: it names each answer's model, and reviewers judge the batch
+        # blinded while anyone who can read this run could read it; the gate logs it once
+        # the batch is closed (panel/answers.json)
         tracking.log_histograms(
             {label: [r["reward"] for r in rows if r["model"] == label] for label in compared},
             "eval/reward_scores.png", title="Reward scores on the eval prompts",
@@ -231,7 +235,8 @@ def evaluate(cfg) -> dict:
         batch_id = store.create_batch(
             pipeline=cfg.run.pipeline, run_id=cfg.run.run_id, items=rows,
             verdicts_per_item=cfg.panel.verdicts_per_item, quality_bar=cfg.panel.quality_bar,
-            simulated=cfg.panel.mode == "simulated")
+            simulated=cfg.panel.mode == "simulated",
+            excluded=[cfg.run.triggered_by, cfg.run.triggered_by_id, cfg.panel.approver])
         store.dispose()
         local = tmp / "out"
         local.mkdir()

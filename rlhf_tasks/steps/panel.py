@@ -216,6 +216,7 @@ def gate(cfg) -> dict:
                             decision=outcome)
         summary = {"decision": outcome, "champion_version": evaluation.get("champion_version"),
                    "closed_at": closed_at.isoformat(), "triggered_by": cfg.run.triggered_by,
+                   "triggered_by_id": cfg.run.triggered_by_id,
                    "gate": decision.as_dict(), "table": table, "kappa": result.kappa,
                    "progress": progress, "simulated": simulated, "batch_id": batch_id,
                    "model_name": cfg.registry.model_name, "version": version.version,
@@ -238,30 +239,34 @@ def gate(cfg) -> dict:
             "mlflow_run_id": run_id}
 
 
-SIGN_OFF_FILE = ("sign_off", "response.json")
+SIGN_OFF_FILE = ("sign_off", "response.json")  # the answer, kept for the record only
 
 
-def check_sign_off(cfg, storage: Storage, decision: dict) -> str | None:
-    """The approver who approved, when the decision needs a sign-off; BadInput unless the
-    recorded response is an Approve by the assigned approver, who did not trigger the run."""
-    if not decision.get("needs_sign_off"):
+def check_sign_off(cfg) -> str | None:
+    """The approver who approved, when the run's config names one (``panel.approver``);
+    BadInput unless this promote step was started by the sign-off task with Airflow's
+    record of an Approve by that approver (``run.approved_by``, on the step's command
+    line: no file, XCom or task state a user can change stands for an approval), who did
+    not trigger the run."""
+    approver = cfg.panel.approver
+    if not approver:
         return None
-    approver = decision.get("approver")
-    uri = cfg.step_uri(*SIGN_OFF_FILE)
-    if not storage.exists(uri):
-        raise BadInput("no recorded sign-off for this run (was the sign_off task marked "
-                       "successful by hand?): nothing is promoted", file=uri)
-    response = storage.read_json(uri)
-    by = (response.get("responded_by_user") or {}).get("id")
-    if response.get("chosen_options") != ["Approve"]:
-        raise BadInput(f"the sign-off was {response.get('chosen_options')}, not an approval",
-                       file=uri)
-    if by is None or by != approver:
+    by = cfg.run.approved_by
+    if by is None:
+        raise BadInput(f"no approval by {approver!r}: with panel.approver set, only the "
+                       "sign_off task promotes, after Airflow records the approver's Approve "
+                       "(was this step started by hand, or the sign-off marked successful?)",
+                       field="run.approved_by")
+    if by != approver:
         raise BadInput(f"the approval came from {by!r}, not from the assigned approver "
-                       f"{approver!r}", file=uri, field="responded_by_user")
-    if by == decision.get("triggered_by"):
-        raise BadInput(f"{by!r} triggered this run and cannot also sign it off", file=uri,
-                       field="responded_by_user")
+                       f"{approver!r}", field="run.approved_by")
+    if cfg.run.triggered_by and not cfg.run.triggered_by_id:
+        raise BadInput(f"the id of {cfg.run.triggered_by!r}, who triggered this run, is "
+                       "unknown: an approval cannot be told from a self-approval",
+                       field="run.triggered_by_id")
+    if by == cfg.run.triggered_by_id:
+        raise BadInput(f"{by!r} triggered this run and cannot also sign it off",
+                       field="run.approved_by")
     return by
 
 
@@ -277,12 +282,13 @@ def promote(cfg) -> dict:
     if decision.get("simulated") and not cfg.panel.simulated_may_promote:
         raise BadInput("a simulated panel may not promote here "
                        "(panel.simulated_may_promote is off)", file=uri)
-    approved_by = check_sign_off(cfg, storage, decision)
+    approved_by = check_sign_off(cfg)
     name, version = decision["model_name"], decision["version"]
     aliases = registry.promote(cfg, name, version,
                                expected_champion=decision.get("champion_version"),
                                reward=(decision["reward_model_name"],
-                                       decision["reward_model_version"]))
+                                       decision["reward_model_version"]),
+                               journal=(storage, cfg.step_uri("promote", "alias_moves.json")))
     if approved_by:
         registry.client(cfg).set_model_version_tag(name, version, "gate.signed_off_by",
                                                    approved_by)
