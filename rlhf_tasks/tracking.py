@@ -125,7 +125,12 @@ def ui_url(cfg) -> str | None:
     uri = cfg.tracking.tracking_uri
     found = (cfg.tracking.ui_url or (uri if uri.startswith(("http://", "https://")) else None)
              or os.environ.get("RLHF_MLFLOW_UI_URL") or None)
-    return found.rstrip("/") if found else None
+    if not found:
+        return None
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(found)  # a link never carries the tracking URI's credentials
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
 
 
 def run_url(cfg, run_id: str) -> str | None:
@@ -137,7 +142,10 @@ def run_url(cfg, run_id: str) -> str | None:
         return None
     setup(cfg)
     experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    from urllib.parse import quote
+
+    return (f"{base}/#/experiments/{quote(str(experiment_id), safe='')}"
+            f"/runs/{quote(run_id, safe='')}")
 
 
 def end_pipeline_run(cfg, status: str = "FINISHED") -> None:

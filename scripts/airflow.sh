@@ -9,15 +9,23 @@ MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 
 echo ">> demo assets (.rlhf/demo)"
 rlhf demo init --out .rlhf/demo > /dev/null
-export RLHF_BASE_CONFIG="$ROOT/.rlhf/demo/demo.yaml"   # the trigger form's default config
-export RLHF_CONFIG_DIR="$ROOT/.rlhf/demo"                # admin config files the form may name
-# the same recipe with people as the panel: trigger with config_file=human-panel.yaml
+# the same recipe with people as the panel, sized so that one person can finish it
+# (k = 1, 20 eval prompts): `PANEL=human make airflow`.  The panel is governance, so it
+# is the base config's: a run's config_file cannot switch it
 python - <<'PY'
 import yaml
 raw = yaml.safe_load(open(".rlhf/demo/demo.yaml"))
-raw["panel"].update(mode="human", simulated_may_promote=False)
+raw["panel"].update(mode="human", simulated_may_promote=False, verdicts_per_item=1)
+raw["evaluation"]["max_prompts"] = 20
 open(".rlhf/demo/human-panel.yaml", "w").write(yaml.safe_dump(raw, sort_keys=False))
 PY
+PANEL="${PANEL:-simulated}"
+case "$PANEL" in
+  simulated) export RLHF_BASE_CONFIG="$ROOT/.rlhf/demo/demo.yaml" ;;
+  human) export RLHF_BASE_CONFIG="$ROOT/.rlhf/demo/human-panel.yaml" ;;
+  *) echo "PANEL is simulated or human, not '$PANEL'" >&2; exit 2 ;;
+esac
+export RLHF_CONFIG_DIR="$ROOT/.rlhf/demo"                # run defaults the form may name
 # the Airflow user "reviewer" is on the panel (the review page refuses everyone else)
 rlhf review add-reviewer reviewer --airflow-user --config "$RLHF_BASE_CONFIG" > /dev/null
 export AIRFLOW__API__PORT="$AIRFLOW_PORT"
@@ -47,7 +55,7 @@ for _ in $(seq 1 180); do
   sleep 1
 done
 python - "$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE" "$AIRFLOW_PORT" "$MLFLOW_PORT" <<'PY'
-import json, sys
+import json, os, sys
 passwords = json.load(open(sys.argv[1]))
 airflow, mlflow = sys.argv[2], sys.argv[3]
 print(f"""
@@ -56,8 +64,12 @@ print(f"""
   expert review   http://localhost:{airflow}/rlhf-review/   (Browse > Expert review; as the logged-in user)
   MLflow UI       http://localhost:{mlflow}/   (experiment rlhf-tuning: tick two runs, Compare)
 
-  Trigger rlhf_tuning with config_file=human-panel.yaml to review outputs yourself (as
-  "reviewer"), or leave the demo's simulated panel.
+  The panel: """ + ("people: review the outputs yourself as \"reviewer\" (k = 1); for k = 3,\n"
+  "  add two more (rlhf review add-reviewer NAME --airflow-user) and raise\n"
+  "  panel.verdicts_per_item in .rlhf/demo/human-panel.yaml"
+  if "human-panel" in os.environ["RLHF_BASE_CONFIG"] else
+  "the demo's simulated raters; `PANEL=human make airflow` to judge the outputs\n"
+  "  yourself") + """
   Ctrl-C stops Airflow and MLflow.""")
 PY
 wait

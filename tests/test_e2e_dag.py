@@ -34,10 +34,13 @@ def airflow_home(tmp_path_factory):
 
 
 def dags_test(home: Path, conf: dict, **env) -> subprocess.CompletedProcess:
-    """``airflow dags test rlhf_tuning -c CONF``; the test plays the admin, whose config
-    folder ($RLHF_CONFIG_DIR) holds the config file it names."""
+    """``airflow dags test rlhf_tuning -c CONF``; the test plays the admin, whose base
+    config ($RLHF_BASE_CONFIG: governance, storage, tracking) is the config file it names,
+    in the admin's config folder ($RLHF_CONFIG_DIR)."""
     if conf.get("config_file") and "RLHF_CONFIG_DIR" not in env:
         env["RLHF_CONFIG_DIR"] = str(Path(conf["config_file"]).parent)
+    if conf.get("config_file") and "RLHF_BASE_CONFIG" not in env:
+        env["RLHF_BASE_CONFIG"] = conf["config_file"]
     return subprocess.run([str(Path(sys.executable).parent / "airflow"), "dags", "test",
                            "rlhf_tuning", "-c", json.dumps(conf)],
                           env={**airflow_env(home), **env}, capture_output=True, text=True,
@@ -396,24 +399,24 @@ def test_trigger_form_attacks_stop_at_prepare_run(airflow_home, demo_dir, tmp_pa
     env = {"RLHF_CONFIG_DIR": str(admin),
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "alice:user,dag_test:admin"}
     ok = str(admin / "ok.yaml")
+    # (base config, form): the approver is the base config's, never a run's file's
     attacks = [
-        ({"config_file": str(evil)}, "trigger form field 'config_file'"),
-        ({"config_file": ok, "panel_mode": "simulated", "approver": "dag_test"},
+        ((ok, {"config_file": str(evil)}), "trigger form field 'config_file'"),
+        ((ok, {"config_file": ok, "panel_mode": "simulated", "approver": "dag_test"}),
          "trigger form field 'approver' may not be set"),
-        ({"config_file": ok, "preference_dataset": "/etc/passwd"},
+        ((ok, {"config_file": ok, "preference_dataset": "/etc/passwd"}),
          "trigger form field 'preference_dataset': /etc/passwd is outside"),
-        ({"config_file": str(admin / "self.yaml")},
-         "panel.approver 'dag_test' triggered this run"),
-        ({"config_file": str(admin / "ghost.yaml")},
-         "panel.approver 'mallory' is not an Airflow user"),
+        ((str(admin / "self.yaml"), {}), "panel.approver 'dag_test' triggered this run"),
+        ((str(admin / "ghost.yaml"), {}), "panel.approver 'mallory' is not an Airflow user"),
     ]
     # the `airflow dags test` command itself, once per attack, in one process (the CLI's
     # start-up would otherwise cost ~15 s per attack)
     script = (
-        "import json, sys\n"
+        "import json, os, sys\n"
         "from airflow.cli import cli_parser\n"
-        "for conf in json.loads(sys.argv[1]):\n"
+        "for base, conf in json.loads(sys.argv[1]):\n"
         "    print('=== ATTACK', flush=True)\n"
+        "    os.environ['RLHF_BASE_CONFIG'] = base\n"
         "    args = cli_parser.get_parser().parse_args(\n"
         "        ['dags', 'test', 'rlhf_tuning', '-c', json.dumps(conf)])\n"
         "    try:\n"

@@ -211,7 +211,7 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         s3.create_bucket(Bucket=bucket)
     for name in ("preferences.jsonl", "prompts.jsonl", "eval.jsonl"):
         s3.upload_file(str(demo_model_dir / name), "rlhf-data", f"demo/{name}")
-    s3.put_object(Bucket="rlhf-data", Key="demo/eval-broken.jsonl",
+    s3.put_object(Bucket="rlhf-data", Key="demo/preferences-broken.jsonl",
                   Body=b'{"prompt": ""}\n{"no_prompt": 1}\n')
     _upload_dir(s3, demo_model_dir / "foundation", "rlhf-data", "demo/foundation")
 
@@ -224,7 +224,9 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "mlflow.log", "w"))
     store = PanelStore(panel_db)
-    tokens = {name: store.add_reviewer(name) for name in ("ann", "bob", "cara")}
+    tokens = {name: store.add_reviewer(name) for name in ("ann", "cara", "dan")}
+    # bob is on the panel too, but he triggers run 1: its batch is not his to judge
+    bob_token = store.add_reviewer("bob")
     try:
         wait_http(f"{mlflow_uri}/health", mlflow_server, timeout=120)
         # people, k = 2; the candidate alone (no baseline) under a lenient policy, so the
@@ -302,6 +304,8 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
                                   headers=bob).json()["state"]
                 assert state == "running", "the run must wait for the panel"
                 assert http.get(f"api/batches/{batch['id']}/next").status_code == 401
+                assert http.get(f"api/batches/{batch['id']}/next", headers={
+                    "Authorization": f"Bearer {bob_token}"}).status_code == 403
                 assert _review(http, tokens, batch["id"], per_reviewer=4) == 12
             _sign_off(api, users, run_1, running, tmp_path / "scheduler.log")
             state = _wait_run(api, bob, "rlhf_tuning", run_1, running)
@@ -312,8 +316,10 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
                 f"{trigger}/{run_1}/taskInstances", headers=bob).json()["task_instances"]}
             states = {task: ti["state"] for task, ti in tis.items()}
             assert states["panel_simulate"] == "skipped", states
-            for task in ("wait_for_panel", "gate", "sign_off", "promote", "finish_tracking"):
+            for task in ("wait_for_panel", "gate", "sign_off", "finish_tracking"):
                 assert states[task] == "success", (task, states)
+            # the approval never left Airflow's record: sign_off promoted itself
+            assert states["promote"] == "skipped", states
             # the run's note holds the headline
             note = httpx.get(f"{trigger}/{run_1}", headers=bob).json()["note"]
             assert note.startswith("promote: version 1; expert pass rates rlhf "), note
@@ -342,24 +348,26 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
                    for queue in ("gpu", "default")}
             assert ran["gpu"] == {"reward", "ppo", "evaluate", "smoke_test"}, ran
             assert ran["default"] >= {"prepare_run", "validate.preference", "gate",
-                                      "sign_off", "promote", "announced"}, ran
+                                      "sign_off", "announced"}, ran
             assert not ran["gpu"] & ran["default"], ran
             assert {t: tis[t]["queue"] for t in ("reward", "gate")} == {"reward": "gpu",
                                                                        "gate": "default"}
 
-            # run 2: another kl_coeff and broken eval data; it fails, and the team is told
+            # run 2: another kl_coeff and broken preference data; it fails, and the team is
+            # told
             created = httpx.post(trigger, headers=bob, json={"logical_date": None, "conf": {
-                **form, "kl_coeff": 0.2, "eval_dataset": "s3://rlhf-data/demo/eval-broken.jsonl"}})
+                **form, "kl_coeff": 0.2,
+                "preference_dataset": "s3://rlhf-data/demo/preferences-broken.jsonl"}})
             assert created.status_code == 200, created.text
             run_2 = created.json()["dag_run_id"]
             assert _wait_run(api, bob, "rlhf_tuning", run_2, running) == "failed"
             failed = {t["task_id"]: t for t in httpx.get(
                 f"{trigger}/{run_2}/taskInstances", headers=bob).json()["task_instances"]}
-            assert failed["validate.eval"]["state"] == "failed"
-            assert failed["validate.eval"]["try_number"] == 1, "bad input is not retried"
+            assert failed["validate.preference"]["state"] == "failed"
+            assert failed["validate.preference"]["try_number"] == 1, "bad input is not retried"
             assert failed["abort_tracking"]["state"] == "success"
             deadline = time.monotonic() + 60
-            while not any("failed at validate.eval" in m["subject"] for m in mails):
+            while not any("failed at validate.preference" in m["subject"] for m in mails):
                 assert time.monotonic() < deadline, [m["subject"] for m in mails]
                 time.sleep(1)
 
@@ -375,7 +383,8 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
                    for kl in ("0.1", "0.2")}
         assert parents["0.1"].iloc[0]["status"] == "FINISHED"
         assert parents["0.2"].iloc[0]["status"] == "FAILED"
-        assert parents["0.2"].iloc[0]["params.data.eval_uri"].endswith("eval-broken.jsonl")
+        assert parents["0.2"].iloc[0]["params.data.preference_uri"].endswith(
+            "preferences-broken.jsonl")
         runs = mlflow.search_runs()
         step_run = {s: r for s, r in zip(runs["tags.rlhf.step"], runs["run_id"]) if s}
         for task, run_id in ((t, step_run[t]) for t in ("reward", "ppo", "gate")):
@@ -403,7 +412,7 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         assert any(k.endswith("panel/report.html") for k in mlflow_keys)
         # the verdict store is PostgreSQL: every verdict, with who gave it
         rows = store.verdict_rows(batch["id"])
-        assert {r["reviewer"] for r in rows} == {"ann", "bob", "cara"} and len(rows) == 12
+        assert {r["reviewer"] for r in rows} == {"ann", "cara", "dan"} and len(rows) == 12
         assert {r["source"] for r in rows} == {"api"}
     finally:
         store.dispose()

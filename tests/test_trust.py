@@ -291,3 +291,32 @@ def test_sign_ins_are_limited_the_cookie_is_strict_and_docs_are_off(tmp_path):
         assert client.get(path).status_code == 404
     store.dispose()
     store2.dispose()
+
+
+def test_links_carry_no_credentials():
+    from rlhf_tasks.tracking import ui_url
+
+    cfg = config.validate({"tracking": {"tracking_uri": "https://bot:s3cret@mlflow.example/"}})
+    assert ui_url(cfg) == "https://mlflow.example"
+
+
+def test_verdicts_and_the_close_use_the_stores_clock(tmp_path, monkeypatch):
+    """The review app's and the gate's clocks may disagree; the store's does not with
+    itself: a process whose clock is years off still stamps verdicts and the close with
+    the store's time, so no verdict given before the close is dropped."""
+    from datetime import datetime, timezone
+
+    from rlhf_tasks.panel import store as store_mod
+
+    store = store_mod.PanelStore(f"sqlite:///{tmp_path}/p.db")
+    batch = store.create_batch(pipeline="p", run_id="r", items=[
+        {"prompt_index": 0, "prompt": "q", "response": "a", "model": "m"}],
+        verdicts_per_item=1, quality_bar="bar", simulated=False)
+    item = store.next_item(batch, "ann")
+    monkeypatch.setattr(store_mod, "_now", lambda: datetime(2030, 1, 1, tzinfo=timezone.utc))
+    store.record_verdict(item.id, "ann", True)  # the review app's clock runs years ahead
+    monkeypatch.setattr(store_mod, "_now", lambda: datetime(2001, 1, 1, tzinfo=timezone.utc))
+    closed = store.close_batch(batch)  # the gate's clock is years behind
+    assert abs((closed - datetime.now(timezone.utc)).total_seconds()) < 120
+    assert len(store.verdict_rows(batch)) == 1
+    store.dispose()

@@ -106,7 +106,9 @@ class Verdict(Base):
     passed: Mapped[bool] = mapped_column(Boolean)
     comment: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[str] = mapped_column(String(20), default="web")  # web, api, import, simulated
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # the store's clock, like the batch's closed_at: verdicts and the close are ordered by
+    # one clock, whatever the clocks of the review app and the gate say
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=func.now())
     __table_args__ = (UniqueConstraint("item_id", "reviewer", name="uq_verdict_item_reviewer"),)
 
 
@@ -238,8 +240,9 @@ class PanelStore:
             if batch is None:
                 raise BadInput(f"no review batch {batch_id!r} in the panel store")
             if batch.closed_at is None:
-                batch.closed_at = _now()
+                batch.closed_at = func.now()  # the store's clock (see Verdict.created_at)
                 s.commit()
+                s.refresh(batch)
             return _aware(batch.closed_at)
 
     def batches(self) -> list[ReviewBatch]:
