@@ -87,8 +87,10 @@ with DAG(
     # the supervised baseline runs only when the form (or the base config) asks for it;
     # skipping it skips its validation and training, nothing else
     @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def sft_enabled(prepared: dict) -> bool:
-        return bool(prepared.get("sft_enabled"))
+    def sft_enabled(**context) -> bool:
+        from rlhf_airflow.run_config import load_run_config
+
+        return load_run_config(context).sft.enabled
 
     validate_sft = RlhfStepOperator(task_id="validate_sft", step="validate_sft",
                                     overrides=[PARENT])
@@ -103,8 +105,10 @@ with DAG(
                                 doc_md="Every model answers the eval prompts; blinded batch.")
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def simulated_panel(prepared: dict) -> bool:
-        return prepared.get("panel_mode") == "simulated"
+    def simulated_panel(**context) -> bool:
+        from rlhf_airflow.run_config import load_run_config
+
+        return load_run_config(context).panel.mode == "simulated"
 
     panel_simulate = RlhfStepOperator(task_id="panel_simulate", step="panel_simulate",
                                       overrides=[PARENT],
@@ -146,9 +150,9 @@ with DAG(
                              trigger_rule=TriggerRule.ONE_FAILED, retries=0)
 
     prepared >> start >> validate >> reward >> ppo
-    validate >> sft_enabled(prepared) >> validate_sft >> sft
+    validate >> sft_enabled() >> validate_sft >> sft
     sft >> ppo
-    [ppo, sft] >> evaluate >> simulated_panel(prepared) >> panel_simulate
+    [ppo, sft] >> evaluate >> simulated_panel() >> panel_simulate
     [evaluate, panel_simulate] >> wait_for_panel >> gate
     gate_decision(gate.output) >> [sign_off, promote]
     [gate, sign_off, promote] >> finish

@@ -109,17 +109,15 @@ class PanelQuorumSensor(BaseOperator):
     ui_color = "#fff3cd"
 
     def execute(self, context):
-        from rlhf_airflow.run_config import resolve
-        from rlhf_tasks import config
+        from rlhf_airflow.run_config import load_run_config
         from rlhf_tasks.errors import BadInput
         from rlhf_tasks.panel.store import PanelStore, panel_store_url
         from rlhf_tasks.storage import Storage
 
         # the run's own config and batch (the evaluation's record in the run's folder),
         # never a config or batch id handed over in an XCom
-        uri, digest = resolve(context)
+        cfg = load_run_config(context)
         try:
-            cfg = config.load(uri, sha256=digest)
             self.batch_id = Storage.from_config(cfg).read_json(
                 cfg.step_uri("evaluate", "evaluate.json"))["batch_id"]
         except BadInput as exc:

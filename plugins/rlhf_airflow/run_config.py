@@ -66,3 +66,15 @@ def resolve(context) -> tuple[str, str]:
         raise AirflowFailException(f"{PREPARE_TASK}'s XCom has no valid config_sha256: the "
                                    "run's config cannot be checked, so it is not used")
     return uri, digest
+
+
+def load_run_config(context):
+    """The run's config itself, derived, digest-checked (AirflowFailException otherwise)."""
+    from rlhf_tasks import config
+    from rlhf_tasks.errors import BadInput
+
+    uri, digest = resolve(context)
+    try:
+        return config.load(uri, sha256=digest)
+    except BadInput as exc:
+        raise AirflowFailException(str(exc)) from None

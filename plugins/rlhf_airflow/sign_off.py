@@ -42,15 +42,9 @@ class SignOffOperator(ApprovalOperator):
     @staticmethod
     def _config(context):
         """The run's own config (derived from the run, pinned by its digest)."""
-        from rlhf_airflow.run_config import resolve
-        from rlhf_tasks import config
-        from rlhf_tasks.errors import BadInput
+        from rlhf_airflow.run_config import load_run_config
 
-        uri, digest = resolve(context)
-        try:
-            return config.load(uri, sha256=digest)
-        except BadInput as exc:
-            raise AirflowFailException(str(exc)) from None
+        return load_run_config(context)
 
     def execute(self, context):
         cfg = self._config(context)
