@@ -130,6 +130,71 @@ def run_config(tmp_path: Path, demo_dir: Path, panel: dict | None = None, **data
     return path
 
 
+# (before the main run: each run's base config names its own preference file, and Airflow
+# marks an Asset whose name another file already holds inactive)
+def test_new_preference_data_queues_a_retraining_run(airflow_home, demo_dir, tmp_path):
+    """The ingest DAG emits the Asset event only when the data changed, and the event
+    queues rlhf_tuning when the base config asks for retraining on new data."""
+    import shutil
+
+    import yaml
+
+    prefs = tmp_path / "prefs.jsonl"
+    shutil.copy(demo_dir / "preferences.jsonl", prefs)
+    config = run_config(tmp_path, demo_dir, preference_uri=str(prefs))
+    raw = yaml.safe_load(config.read_text())
+    raw["schedule"] = {"cron": "0 3 * * 1", "on_new_preferences": True}
+    config.write_text(yaml.safe_dump(raw))
+    env = {"RLHF_BASE_CONFIG": str(config)}
+    # the Airflow CLI's own commands, in one process (each start-up costs ~10 s): make
+    # the DAGs known, unpause rlhf_tuning (a paused DAG is not queued by asset events),
+    # then ingest three times (new file, same file, changed file), counting the Asset's
+    # events and queued runs after each
+    script = (
+        "import json, sys\n"
+        "from sqlalchemy import select, func\n"
+        "from airflow.cli import cli_parser\n"
+        "from airflow.models.asset import AssetEvent, AssetModel, AssetDagRunQueue\n"
+        "from airflow.utils.session import create_session\n"
+        "prefs = sys.argv[1]\n"
+        "def cli(*argv):\n"
+        "    args = cli_parser.get_parser().parse_args(list(argv))\n"
+        "    args.func(args)\n"
+        "def count():\n"
+        "    with create_session() as s:\n"
+        "        a = s.scalar(select(AssetModel).where(AssetModel.uri == prefs))\n"
+        "        events = s.scalar(select(func.count()).select_from(AssetEvent)"
+        ".where(AssetEvent.asset_id == a.id))\n"
+        "        queued = s.scalars(select(AssetDagRunQueue.target_dag_id)"
+        ".where(AssetDagRunQueue.asset_id == a.id)).all()\n"
+        "    print('=== COUNT', json.dumps([events, sorted(queued)]), flush=True)\n"
+        "cli('dags', 'reserialize')\n"
+        "cli('dags', 'unpause', 'rlhf_tuning')\n"
+        "for change in (None, None, sys.argv[2]):\n"
+        "    if change:\n"
+        "        open(sys.argv[3], 'a').write(change)\n"
+        "    print('=== INGEST', flush=True)\n"
+        "    cli('dags', 'test', 'rlhf_ingest_preferences')\n"
+        "    count()\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"d = DagBag(dag_folder={str(ROOT / 'dags')!r}, bundle_path={str(ROOT / 'dags')!r})"
+        ".dags['rlhf_tuning']\n"
+        "print('=== SCHEDULE', type(d.timetable).__name__, flush=True)\n")
+    change = ('{"prompt": "ran payroll", "chosen": "Cut payroll errors by 20%", '
+              '"rejected": "Did payroll"}\n')
+    proc = subprocess.run([sys.executable, "-c", script, prefs.as_uri(), change, str(prefs)],
+                          env={**airflow_env(airflow_home), **env}, capture_output=True,
+                          text=True, timeout=900, cwd=airflow_home)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    ingests = log.split("=== INGEST")[1:]
+    counts = [json.loads(part.split("=== COUNT", 1)[1].splitlines()[0]) for part in ingests]
+    assert counts[0] == [1, ["rlhf_tuning"]], counts
+    assert "preference data unchanged" in ingests[1] and counts[1][0] == 1, counts
+    assert counts[2][0] == 2, counts
+    assert "=== SCHEDULE AssetOrTimeSchedule" in log
+
+
 def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path):
     import mlflow
 
@@ -261,69 +326,6 @@ def pd_isna(value) -> bool:
     return bool(pd.isna(value))
 
 
-def test_new_preference_data_queues_a_retraining_run(airflow_home, demo_dir, tmp_path):
-    """The ingest DAG emits the Asset event only when the data changed, and the event
-    queues rlhf_tuning when the base config asks for retraining on new data."""
-    import shutil
-
-    import yaml
-
-    prefs = tmp_path / "prefs.jsonl"
-    shutil.copy(demo_dir / "preferences.jsonl", prefs)
-    config = run_config(tmp_path, demo_dir, preference_uri=str(prefs))
-    raw = yaml.safe_load(config.read_text())
-    raw["schedule"] = {"cron": "0 3 * * 1", "on_new_preferences": True}
-    config.write_text(yaml.safe_dump(raw))
-    env = {"RLHF_BASE_CONFIG": str(config)}
-    # the Airflow CLI's own commands, in one process (each start-up costs ~10 s): make
-    # the DAGs known, unpause rlhf_tuning (a paused DAG is not queued by asset events),
-    # then ingest three times (new file, same file, changed file), counting the Asset's
-    # events and queued runs after each
-    script = (
-        "import json, sys\n"
-        "from sqlalchemy import select, func\n"
-        "from airflow.cli import cli_parser\n"
-        "from airflow.models.asset import AssetEvent, AssetModel, AssetDagRunQueue\n"
-        "from airflow.utils.session import create_session\n"
-        "prefs = sys.argv[1]\n"
-        "def cli(*argv):\n"
-        "    args = cli_parser.get_parser().parse_args(list(argv))\n"
-        "    args.func(args)\n"
-        "def count():\n"
-        "    with create_session() as s:\n"
-        "        a = s.scalar(select(AssetModel).where(AssetModel.uri == prefs))\n"
-        "        events = s.scalar(select(func.count()).select_from(AssetEvent)"
-        ".where(AssetEvent.asset_id == a.id))\n"
-        "        queued = s.scalars(select(AssetDagRunQueue.target_dag_id)"
-        ".where(AssetDagRunQueue.asset_id == a.id)).all()\n"
-        "    print('=== COUNT', json.dumps([events, sorted(queued)]), flush=True)\n"
-        "cli('dags', 'reserialize')\n"
-        "cli('dags', 'unpause', 'rlhf_tuning')\n"
-        "for change in (None, None, sys.argv[2]):\n"
-        "    if change:\n"
-        "        open(sys.argv[3], 'a').write(change)\n"
-        "    print('=== INGEST', flush=True)\n"
-        "    cli('dags', 'test', 'rlhf_ingest_preferences')\n"
-        "    count()\n"
-        "from airflow.dag_processing.dagbag import DagBag\n"
-        f"d = DagBag(dag_folder={str(ROOT / 'dags')!r}, bundle_path={str(ROOT / 'dags')!r})"
-        ".dags['rlhf_tuning']\n"
-        "print('=== SCHEDULE', type(d.timetable).__name__, flush=True)\n")
-    change = ('{"prompt": "ran payroll", "chosen": "Cut payroll errors by 20%", '
-              '"rejected": "Did payroll"}\n')
-    proc = subprocess.run([sys.executable, "-c", script, prefs.as_uri(), change, str(prefs)],
-                          env={**airflow_env(airflow_home), **env}, capture_output=True,
-                          text=True, timeout=900, cwd=airflow_home)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    ingests = log.split("=== INGEST")[1:]
-    counts = [json.loads(part.split("=== COUNT", 1)[1].splitlines()[0]) for part in ingests]
-    assert counts[0] == [1, ["rlhf_tuning"]], counts
-    assert "preference data unchanged" in ingests[1] and counts[1][0] == 1, counts
-    assert counts[2][0] == 2, counts
-    assert "=== SCHEDULE AssetOrTimeSchedule" in log
-
-
 def test_review_page_in_airflow_uses_the_airflow_login(airflow_home, tmp_path):
     """The plugin mounted in a real Airflow API server: 401 without the Airflow login;
     403 for a logged-in user who is not on the panel (a Viewer, an Admin); members are the
@@ -368,6 +370,10 @@ def test_review_page_in_airflow_uses_the_airflow_login(airflow_home, tmp_path):
         # a member by role
         assert httpx.get(f"{base}/rlhf-review/api/me", headers=users["olga"]).json() == \
             {"reviewer": "olga"}
+        # a verdict is taken on an item the store served to that reviewer
+        served = httpx.get(f"{base}/rlhf-review/api/batches/{batch}/next",
+                           headers=users["olga"]).json()
+        assert served["id"] == item
         voted = httpx.post(f"{base}/rlhf-review/api/items/{item}/verdict",
                            headers=users["olga"], json={"passed": True})
         assert voted.status_code == 201 and voted.json()["reviewer"] == "olga"
@@ -382,9 +388,11 @@ def test_review_page_in_airflow_uses_the_airflow_login(airflow_home, tmp_path):
 
 def test_trigger_form_attacks_stop_at_prepare_run(airflow_home, demo_dir, tmp_path):
     """Through real `airflow dags test` runs: a config file the admin did not provide, a
-    governed field in the conf, a dataset outside the allowed roots, the triggering user
-    as approver, an approver who is not an Airflow user.  Each stops prepare_run with one
-    line naming the field, and nothing else runs."""
+    governed field in the conf, the triggering user as approver, an approver who is not an
+    Airflow user.  Each stops prepare_run with one line naming the field, and nothing else
+    runs.  And prepare_run's XCom changed mid-run (through Airflow's XCom model, right after
+    prepare_run succeeded) to name a file that lets a simulated panel promote: the next
+    task fails without running its step, and nothing reads that file."""
     import yaml
 
     admin = tmp_path / "admin"
@@ -401,22 +409,33 @@ def test_trigger_form_attacks_stop_at_prepare_run(airflow_home, demo_dir, tmp_pa
     ok = str(admin / "ok.yaml")
     # (base config, form): the approver is the base config's, never a run's file's
     attacks = [
-        ((ok, {"config_file": str(evil)}), "trigger form field 'config_file'"),
-        ((ok, {"config_file": ok, "panel_mode": "simulated", "approver": "dag_test"}),
+        ((ok, {"config_file": str(evil)}, ""), "trigger form field 'config_file'"),
+        ((ok, {"config_file": ok, "panel_mode": "simulated", "approver": "dag_test"}, ""),
          "trigger form field 'approver' may not be set"),
-        ((ok, {"config_file": ok, "preference_dataset": "/etc/passwd"}),
-         "trigger form field 'preference_dataset': /etc/passwd is outside"),
-        ((str(admin / "self.yaml"), {}), "panel.approver 'dag_test' triggered this run"),
-        ((str(admin / "ghost.yaml"), {}), "panel.approver 'mallory' is not an Airflow user"),
+        ((str(admin / "self.yaml"), {}, ""), "panel.approver 'dag_test' triggered this run"),
+        ((str(admin / "ghost.yaml"), {}, ""), "panel.approver 'mallory' is not an Airflow user"),
+        ((ok, {}, str(evil)), "XCom was changed after prepare_run wrote it"),
     ]
     # the `airflow dags test` command itself, once per attack, in one process (the CLI's
     # start-up would otherwise cost ~15 s per attack)
     script = (
         "import json, os, sys\n"
         "from airflow.cli import cli_parser\n"
-        "for base, conf in json.loads(sys.argv[1]):\n"
+        "from airflow.listeners import hookimpl\n"
+        "from airflow.sdk.listener import get_listener_manager\n"
+        "class PatchXCom:\n"
+        "    @hookimpl\n"
+        "    def on_task_instance_success(self, previous_state, task_instance):\n"
+        "        if os.environ['PATCH'] and task_instance.task_id == 'prepare_run':\n"
+        "            from airflow.models.xcom import XComModel\n"
+        "            XComModel.set(key='return_value', value={'config_uri': os.environ['PATCH'],\n"
+        "                          'config_sha256': '0' * 64}, dag_id=task_instance.dag_id,\n"
+        "                          task_id='prepare_run', run_id=task_instance.run_id)\n"
+        "            print('=== PATCHED', flush=True)\n"
+        "get_listener_manager().add_listener(PatchXCom())\n"
+        "for base, conf, patch in json.loads(sys.argv[1]):\n"
         "    print('=== ATTACK', flush=True)\n"
-        "    os.environ['RLHF_BASE_CONFIG'] = base\n"
+        "    os.environ['RLHF_BASE_CONFIG'], os.environ['PATCH'] = base, patch\n"
         "    args = cli_parser.get_parser().parse_args(\n"
         "        ['dags', 'test', 'rlhf_tuning', '-c', json.dumps(conf)])\n"
         "    try:\n"
@@ -439,7 +458,11 @@ def test_trigger_form_attacks_stop_at_prepare_run(airflow_home, demo_dir, tmp_pa
         assert message in log, (conf, log[-4000:])
         assert "=== EXIT DagRun failed" in log, conf
         states = json.loads(log.split("=== STATES", 1)[1].splitlines()[0])
-        assert states["prepare_run"] == "failed", (conf, states)
+        refused = "start_tracking" if conf[2] else "prepare_run"
+        assert states[refused] == "failed", (conf, states)
         assert states["reward"] == states["gate"] == "upstream_failed", (conf, states)
-        assert "rlhf_tasks.cli run reward" not in log
-    assert not (tmp_path / "artifacts").exists(), "nothing may be written for a refused run"
+        assert "rlhf_tasks.cli run" not in log, conf  # no step ran, none read a config
+    assert "=== PATCHED" in logs[-1]
+    # only the patched run wrote anything: its config, nothing that followed
+    written = sorted(p.name for p in (tmp_path / "artifacts").rglob("*") if p.is_file())
+    assert written == ["config.json"], written

@@ -320,3 +320,13 @@ def test_verdicts_and_the_close_use_the_stores_clock(tmp_path, monkeypatch):
     assert abs((closed - datetime.now(timezone.utc)).total_seconds()) < 120
     assert len(store.verdict_rows(batch)) == 1
     store.dispose()
+
+
+def test_reference_answers_are_stripped_like_the_models():
+    import pandas as pd
+
+    from rlhf_tasks.steps.evaluate import reference_answers
+
+    frame = pd.DataFrame({"reference": ["  Led a team of 5.\n", None, "   ", "Cut costs 10%."]})
+    assert reference_answers(frame) == [(0, "Led a team of 5."), (3, "Cut costs 10%.")]
+    assert reference_answers(pd.DataFrame({"prompt": ["x"]})) == []

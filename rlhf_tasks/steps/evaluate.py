@@ -36,6 +36,15 @@ CANDIDATE = "rlhf"
 REFERENCE = "reference"
 
 
+def reference_answers(frame) -> list[tuple[int, str]]:
+    """(row, text) of the eval data's non-empty expert references, stripped as the models'
+    answers are: raw whitespace would tell a reviewer which answer a person wrote."""
+    if "reference" not in frame.columns:
+        return []
+    return [(i, text.strip()) for i, text in enumerate(frame["reference"])
+            if isinstance(text, str) and text.strip()]
+
+
 def _reference_rows(frame, prompts, encoded, renderer, reward_model, norm, tokenizer,
                     device) -> tuple[list[dict], dict | None]:
     """Review rows of the experts' reference answers, scored as the models' are (the
@@ -43,12 +52,7 @@ def _reference_rows(frame, prompts, encoded, renderer, reward_model, norm, token
     metrics (None when the eval data carry no reference answer)."""
     from rlhf_tasks.reward_model import score_sequences
 
-    if "reference" not in frame.columns:
-        return [], None
-    # stripped as the models' answers are: raw whitespace would tell a reviewer which
-    # answer a person wrote
-    found = [(i, text.strip()) for i, text in enumerate(frame["reference"])
-             if isinstance(text, str) and text.strip()]
+    found = reference_answers(frame)
     if not found:
         return [], None
     answers = [renderer.response_ids(text) for _, text in found]
