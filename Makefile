@@ -1,5 +1,7 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 # .venv is (re)built only when requirements.txt or pyproject.toml change (stamp file).
+# PyTorch: TORCH_VARIANT=cpu (default: a local wheel, else PyTorch's CPU index) or a CUDA
+# build such as TORCH_VARIANT=cu128 (scripts/install_torch.sh).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +17,7 @@ $(STAMP):
 	@echo ">> setting up $(VENV) (requirements changed or first run)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip==26.3"
-	$(PY) -m pip install -q "torch==2.13.0"
+	bash scripts/install_torch.sh $(PY)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-*
@@ -47,7 +49,7 @@ bench-trl-venv: $(BENCH_TRL)/.installed
 $(BENCH_TRL)/.installed: requirements.txt
 	@test -x $(BENCH_TRL)/bin/python || $(PYTHON) -m venv $(BENCH_TRL)
 	$(BENCH_TRL)/bin/python -m pip install -q --upgrade "pip==26.3"
-	$(BENCH_TRL)/bin/python -m pip install -q "torch==2.13.0"
+	bash scripts/install_torch.sh $(BENCH_TRL)/bin/python
 	$(BENCH_TRL)/bin/python -m pip install -q -r requirements.txt
 	$(BENCH_TRL)/bin/python -m pip install -q --no-deps trl==1.12.0
 	@touch $@
