@@ -1,7 +1,8 @@
 """Turn verdicts into decisions: per-item majority, per-model pass rate with a Wilson
 interval, Fleiss' kappa for agreement, and the exact McNemar test of candidate against
 champion on the prompts both answered (the data are paired: the same eval prompts).
-Pure functions on plain data; the hand-computed tests are in
+Pure functions on plain data; the exact binomial test and the Wilson interval are
+SciPy's (``scipy.stats.binomtest``), checked against hand-computed values in
 tests/test_panel_aggregate.py.
 
 References:
@@ -16,11 +17,8 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-
-Z95 = 1.959963984540054  # the 97.5% quantile of N(0, 1)
 
 
 def majority(votes: list[bool]) -> bool:
@@ -29,15 +27,15 @@ def majority(votes: list[bool]) -> bool:
     return sum(votes) * 2 > len(votes)
 
 
-def wilson_interval(passes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval for a binomial proportion; (0, 1) when n = 0."""
+def wilson_interval(passes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval (no continuity correction) for a binomial proportion;
+    (0, 1) when n = 0."""
+    from scipy.stats import binomtest
+
     if n == 0:
         return 0.0, 1.0
-    p = passes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(passes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
 def fleiss_kappa(counts: list[tuple[int, ...]]) -> float | None:
@@ -59,21 +57,17 @@ def fleiss_kappa(counts: list[tuple[int, ...]]) -> float | None:
     return (p_bar - p_e) / (1 - p_e)
 
 
-def binomial_tail_half(successes: int, trials: int) -> float:
-    """P(X >= successes) for X ~ Binomial(trials, 1/2), exactly (integer arithmetic)."""
-    if successes <= 0:
-        return 1.0
-    if successes > trials:
-        return 0.0
-    return sum(math.comb(trials, i) for i in range(successes, trials + 1)) / 2 ** trials
-
-
 def mcnemar_exact(better: int, worse: int) -> float:
     """One-sided exact McNemar test for H1: the candidate passes more often than the
     reference on the same prompts.  ``better``: prompts where only the candidate passed,
     ``worse``: where only the reference passed; prompts where both agree carry no
-    information.  Under H0 each discordant prompt goes either way with probability 1/2."""
-    return binomial_tail_half(better, better + worse)
+    information.  Under H0 each discordant prompt goes either way with probability 1/2:
+    P(X >= better), X ~ Binomial(better + worse, 1/2) (SciPy's exact binomial test)."""
+    from scipy.stats import binomtest
+
+    if better + worse == 0:
+        return 1.0
+    return float(binomtest(better, better + worse, 0.5, alternative="greater").pvalue)
 
 
 def discordant_pairs(candidate: dict, reference: dict) -> tuple[int, int, int]:
