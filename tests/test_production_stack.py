@@ -195,6 +195,27 @@ def _failure_report(home: Path, tmp_path: Path, dag_id: str, run_id: str) -> str
     return "\n".join(parts)[-12000:]
 
 
+@pytest.fixture()
+def s3_endpoint(tmp_path, monkeypatch):
+    """moto's S3 server in a process of its own, as a real S3 service is: not a thread of
+    the test process, whose interpreter lock it would share with whatever the suite left
+    running there (every S3 call of the pipeline goes through it)."""
+    port = free_port()
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(key, value)
+    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "moto.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/moto-api/", server, timeout=60)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoint,
                                             postgres_database):
     import boto3
