@@ -140,9 +140,11 @@ def airflow_services(home: Path, tmp_path: Path, env: dict, users: str):
     components = {"api-server": (["api-server", "--port", str(port)], {}),
                   "scheduler": (["scheduler"], {}), "dag-processor": (["dag-processor"], {}),
                   "triggerer": (["triggerer"], {}), **workers}
+    # each component in a process group of its own: stopping it stops what it forked too
+    # (a Celery worker's pool and log server would otherwise outlive the test)
     procs = {name: subprocess.Popen([str(BIN / "airflow"), *argv], env={**env, **extra},
                                     cwd=home, stdout=open(tmp_path / f"{name}.log", "w"),
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, start_new_session=True)
              for name, (argv, extra) in components.items()}
 
     def running() -> None:
@@ -158,13 +160,22 @@ def airflow_services(home: Path, tmp_path: Path, env: dict, users: str):
             headers[user] = {"Authorization": f"Bearer {token['access_token']}"}
         yield base, headers, running
     finally:
+        import signal
+
+        def signal_group(proc, sig) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+
         for proc in procs.values():
-            proc.terminate()
+            signal_group(proc, signal.SIGTERM)
         for proc in procs.values():
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        time.sleep(2)
+        for proc in procs.values():  # whatever the group left behind
+            signal_group(proc, signal.SIGKILL)
 
 
 def _wait_run(api: str, headers: dict, dag_id: str, run_id: str, running,
