@@ -42,6 +42,17 @@ def step_timeout(step: str):
     return timedelta(hours=cfg.compute.step_timeout(step))
 
 
+def run_local_step(step: str, argv: list[str], log) -> dict:
+    """``rlhf run`` as a subprocess on the worker; exit 2 (bad input) fails the task
+    without retries, any other failure is an ordinary error (retried)."""
+    try:
+        return get_backend("local").run(step, argv, log)
+    except StepFailed as exc:
+        if exc.bad_input:
+            raise AirflowFailException(str(exc)) from None
+        raise RuntimeError(str(exc)) from None
+
+
 def announce(operator, context, result):
     """A step's result: its MLflow page kept for the task's link, and what it produced
     announced on the task's Assets (promote: the new champion's model and version)."""
@@ -82,15 +93,9 @@ class RlhfStepOperator(KubernetesPodOperator):
 
     # -- local -----------------------------------------------------------------------------
     def _run_local(self):
-        backend = get_backend("local")
         argv = step_argv(self.step, self.config_uri, self.overrides, "@RESULT@",
                          self.config_sha256)
-        try:
-            return backend.run(self.step, argv, self.log.info)
-        except StepFailed as exc:
-            if exc.bad_input:
-                raise AirflowFailException(str(exc)) from None
-            raise RuntimeError(str(exc)) from None
+        return run_local_step(self.step, argv, self.log.info)
 
     # -- kubernetes ------------------------------------------------------------------------
     def configure_pod(self, cfg=None) -> None:

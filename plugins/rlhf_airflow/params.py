@@ -246,10 +246,10 @@ def admin_base_config(source: str | None, loaded: rlhf_config.PipelineConfig
                       ) -> rlhf_config.PipelineConfig:
     """``$RLHF_BASE_CONFIG`` (``loaded`` when the run started from it; the defaults when
     no base config is set)."""
+    from rlhf_airflow.run_config import runtime_base_config
+
     base = os.environ.get("RLHF_BASE_CONFIG", "").strip() or None
-    if base is None:
-        return rlhf_config.PipelineConfig()
-    return loaded if source == base else rlhf_config.load(base)
+    return loaded if base is not None and source == base else runtime_base_config()
 
 
 def with_governance(raw: dict[str, Any], admin: dict[str, Any]) -> dict[str, Any]:

@@ -78,8 +78,8 @@ class SignOffOperator(ApprovalOperator):
         """The promote step, with the approver's id from Airflow's record of the answer."""
         import json
 
-        from rlhf_airflow.backends import StepFailed, get_backend, step_argv
-        from rlhf_airflow.operators import announce
+        from rlhf_airflow.backends import step_argv
+        from rlhf_airflow.operators import announce, run_local_step
         from rlhf_airflow.run_config import resolve
 
         cfg = self._config(context)
@@ -94,13 +94,7 @@ class SignOffOperator(ApprovalOperator):
         argv = step_argv("promote", uri, [f"tracking.parent_run_id={parent}",
                                           f"run.approved_by={json.dumps(str(by))}"],
                          "@RESULT@", digest)
-        try:
-            result = get_backend("local").run("promote", argv, self.log.info)
-        except StepFailed as exc:
-            if exc.bad_input:
-                raise AirflowFailException(str(exc)) from None
-            raise RuntimeError(str(exc)) from None
-        return announce(self, context, result)
+        return announce(self, context, run_local_step("promote", argv, self.log.info))
 
     def _record(self, context, event: dict[str, Any], timed_out: bool) -> None:
         from rlhf_tasks import registry
