@@ -346,6 +346,10 @@ class TrackingSection(Section):
                                description="The MLflow UI that task links point at; default: "
                                            "the tracking URI when it is a server, else "
                                            "$RLHF_MLFLOW_UI_URL.")
+    panel_views: bool = Field(True, description="After the close, the gate copies the "
+                              "panel into MLflow's GenAI views: an evaluation run per model, "
+                              "a trace per answer, every verdict as feedback, the eval set "
+                              "as an evaluation dataset (panel/mlflow_views.py).")
     parent_run_id: str | None = None
 
 

@@ -87,8 +87,23 @@ def register(cfg, storage, *, name: str, source: str, run_id: str | None, tags: 
         if version.source == source:
             return version
     clean = {k: str(v) for k, v in tags.items() if v is not None}
+    logged = logged_model(cfg, name=name, source=source, run_id=run_id, tags=clean)
     return mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=clean,
-                                              description=description)
+                                              description=description,
+                                              model_id=logged.model_id)
+
+
+def logged_model(cfg, *, name: str, source: str, run_id: str | None, tags: dict):
+    """The version's MLflow LoggedModel (an external model: its weights stay in the
+    artifact store at ``source``), so the Models view lists it beside the run that trained
+    it, and evaluations link to it."""
+    import mlflow
+
+    experiment_id = tracking.setup(cfg)
+    return mlflow.create_external_model(
+        name=name, source_run_id=run_id, experiment_id=experiment_id,
+        model_type="reward-model" if name == reward_model_name(cfg) else "policy",
+        tags={**{k: v for k, v in tags.items() if len(v) <= 5000}, "source": source})
 
 
 def _alias(mlflow_client, name: str, alias: str) -> str | None:

@@ -22,4 +22,4 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "!! missing ${missing[*]} and not root: those tests will skip"
   fi
 fi
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=30 "$@"

@@ -54,11 +54,19 @@ def browser(tmp_path):
 
 
 def _wait_for(predicate, timeout=60.0):
-    """Until ``predicate()`` holds: a condition, with a generous bound for a loaded machine."""
+    """Until ``predicate()`` holds: a condition, with a generous bound for a loaded machine.
+
+    An element the page re-renders between ``find_element`` and the check is "not yet", as
+    WebDriverWait treats it, and is looked up again on the next try."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     end = time.time() + timeout
     while time.time() < end:
-        if predicate():
-            return
+        try:
+            if predicate():
+                return
+        except StaleElementReferenceException:
+            pass
         time.sleep(0.1)
     raise AssertionError("timed out waiting for the page")
 

@@ -26,7 +26,7 @@ from rlhf_tasks import registry, tracking, training
 from rlhf_tasks.errors import BadInput
 from rlhf_tasks.panel import aggregate as agg
 from rlhf_tasks.panel import report
-from rlhf_tasks.panel.gate import GatePolicy, decide, paired_comparisons, reward_hacking
+from rlhf_tasks.panel.gate import EXPERT, GatePolicy, decide, paired_comparisons, reward_hacking
 from rlhf_tasks.panel.store import PanelStore, panel_store_url
 from rlhf_tasks.storage import Storage, join
 
@@ -211,6 +211,19 @@ def gate(cfg) -> dict:
             cfg, storage, name=cfg.registry.model_name, source=cfg.step_uri("ppo", "served"),
             run_id=ppo_summary.get("mlflow_run_id"), tags=tags,
             description=f"RLHF candidate of {cfg.run.pipeline}/{cfg.run.run_id}")
+        if cfg.tracking.panel_views:
+            from rlhf_tasks.panel import mlflow_views
+
+            model_ids = {"rlhf": version.model_id}
+            if champion is not None and getattr(champion, "model_id", None):
+                model_ids["champion"] = champion.model_id
+            views = mlflow_views.publish(
+                cfg, batch_id=batch_id, answers=answers, verdicts=rows, k=k,
+                outcomes=result.outcomes, model_ids=model_ids,
+                references={int(a["prompt_index"]): a["response"] for a in answers
+                            if a["model"] == EXPERT})
+        else:
+            views = {}
         if not decision.promote:
             registry.reject(cfg, cfg.registry.model_name, version.version, decision.summary,
                             decision=outcome)
@@ -225,7 +238,7 @@ def gate(cfg) -> dict:
                    "needs_sign_off": bool(decision.promote and cfg.panel.approver),
                    "approver": cfg.panel.approver, "warnings": warnings,
                    "reward_agreement": {m: a[0] for m, a in agreement.items()},
-                   "comparisons": comparisons,
+                   "comparisons": comparisons, "evaluation_runs": views,
                    "mlflow_run_id": run_id}
         (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
         storage.put_dir(tmp, out_uri, extra={"step": "gate"})
