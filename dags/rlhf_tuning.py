@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 
-from rlhf_airflow.notify import PASS_RATES, run_failed, sign_off_waiting
+from rlhf_airflow.notify import LINKS, PASS_RATES, run_failed, sign_off_waiting
 from rlhf_airflow.notify import gate_decision as gate_decided
 from rlhf_airflow.operators import RlhfStepOperator
 from rlhf_airflow.panel_wait import PanelQuorumSensor
@@ -114,10 +114,13 @@ with DAG(
                                       overrides=[PARENT],
                                       doc_md="Rubric raters (labelled simulated) judge the batch.")
     wait_for_panel = PanelQuorumSensor(
-        task_id="wait_for_panel", retries=0,
+        task_id="wait_for_panel", retries=0, soft_fail=True,
         trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
-        doc_md="Deferred until every item has its k verdicts, or the deadline.")
+        doc_md="Deferred until every item has its k verdicts; skipped at the deadline.")
+    # after a wait skipped at the deadline the gate still runs: it closes the batch and
+    # rejects (the panel has not spoken)
     gate = RlhfStepOperator(task_id="gate", step="gate", overrides=[PARENT],
+                            trigger_rule=TriggerRule.NONE_FAILED,
                             on_success_callback=[gate_decided(), write_gate_headline],
                             doc_md="Aggregate, report, register, and decide by the policy.")
 
@@ -130,8 +133,7 @@ with DAG(
     sign_off = SignOffOperator(
         task_id="sign_off",
         subject="Promote RLHF version {{ ti.xcom_pull(task_ids='gate')['version'] }}?",
-        body="Expert pass rates: " + PASS_RATES + ". "
-             "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}",
+        body="Expert pass rates: " + PASS_RATES + ".\n\n" + LINKS,
         # on an Approve it promotes, with the approver's id from Airflow's record
         outlets=[CHAMPION_ASSET],
         notifiers=[sign_off_waiting()], retries=1)  # a lost answer is asked for again

@@ -148,6 +148,14 @@ def run_url(cfg, run_id: str) -> str | None:
             f"/runs/{quote(run_id, safe='')}")
 
 
+def artifact_url(cfg, run_id: str, path: str) -> str | None:
+    """The MLflow UI page of artifact ``path`` of ``run_id`` (None without a UI)."""
+    from urllib.parse import quote
+
+    page = run_url(cfg, run_id)
+    return f"{page}/artifacts/{quote(path, safe='/')}" if page else None
+
+
 def end_pipeline_run(cfg, status: str = "FINISHED") -> None:
     import mlflow
 

@@ -48,6 +48,15 @@ def test_graph(dagbag):
     assert dag.get_task("wait_for_panel").upstream_task_ids == {"evaluate", "panel_simulate"}
     assert dag.get_task("wait_for_panel").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("gate").upstream_task_ids == {"wait_for_panel"}
+    # the wait is a sensor: at the panel's deadline it is skipped (soft_fail), and the gate
+    # still runs (none_failed) to close the batch and reject; its link opens the review page
+    wait = dag.get_task("wait_for_panel")
+    from airflow.sdk import BaseSensorOperator
+
+    assert isinstance(wait, BaseSensorOperator)
+    assert wait.soft_fail is True and wait.deferrable is True
+    assert dag.get_task("gate").trigger_rule == "none_failed"
+    assert "Review page" in {link.name for link in wait.operator_extra_links}
     assert dag.get_task("gate_decision").downstream_task_ids == {"sign_off", "promote"}
     # a run that needs a sign-off is promoted by sign_off itself (the approval never
     # leaves Airflow's record); promote serves the runs that need none

@@ -11,12 +11,16 @@ from conftest import smtp_connection, smtp_server, webhook_connection, webhook_r
 def _context():
     from airflow.sdk import DAG
 
+    run = "http://mlflow:5000/#/experiments/1/runs/abc"
+    xcoms = {"gate": {"decision": "promote", "version": "3", "pass_rates": {"rlhf": 0.87},
+                      "reasons": ["lift 0.11"], "report_uri": "s3://r/report.html",
+                      "mlflow_run_id": "abc", "mlflow_run_url": run,
+                      "report_url": f"{run}/artifacts/panel/report.html"},
+             "wait_for_panel": {"status": "quorum",
+                                "review_url": "http://airflow:8080/rlhf-review/"}}
     ti = SimpleNamespace(task_id="reward", dag_id="rlhf_tuning", run_id="manual__1",
                          try_number=2, log_url="http://airflow/log",
-                         xcom_pull=lambda task_ids: {"decision": "promote", "version": "3",
-                                                     "pass_rates": {"rlhf": 0.87},
-                                                     "reasons": ["lift 0.11"],
-                                                     "report_uri": "s3://r/report.html"})
+                         xcom_pull=lambda task_ids: xcoms.get(task_ids))
     return {"ti": ti, "task_instance": ti, "run_id": "manual__1",
             "dag": DAG("rlhf_tuning", schedule=None),
             "dag_run": SimpleNamespace(dag_id="rlhf_tuning", run_id="manual__1"),
@@ -50,8 +54,31 @@ def test_gate_decision_and_review_batch_are_mailed(monkeypatch):
         "[rlhf] review batch waiting: 80 answers, 3 verdicts each"]
     assert messages[0]["to"] == ["panel@example.org", "ml-team@example.org"]
     assert "Expert pass rates: rlhf 87.0%\n" in messages[0]["body"]
+    # links a person can open: the gate's MLflow run, its report there, the review page;
+    # never the artifact's path on a worker or in the store
+    assert "MLflow run: http://mlflow:5000/#/experiments/1/runs/abc\n" in messages[0]["body"]
+    assert ("Report: http://mlflow:5000/#/experiments/1/runs/abc/artifacts/panel/report.html"
+            in messages[0]["body"])
+    assert "Review page: http://airflow:8080/rlhf-review/" in messages[0]["body"]
+    assert "s3://" not in messages[0]["body"]
     assert "http://airflow/rlhf-review/" in messages[1]["body"]
     assert "240 in all" in messages[1]["body"]
+
+
+def test_without_an_mlflow_ui_the_mail_names_the_run_and_no_path(monkeypatch):
+    from rlhf_airflow.notify import sign_off_waiting
+
+    context = _context()
+    gate = {"decision": "promote", "version": "3", "pass_rates": {"rlhf": 0.87},
+            "mlflow_run_id": "abc", "mlflow_run_url": None, "report_url": None,
+            "report_uri": "/worker/tmp/report.html"}
+    context["ti"].xcom_pull = lambda task_ids: gate if task_ids == "gate" else None
+    with smtp_server() as (port, messages):
+        monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", smtp_connection(port))
+        sign_off_waiting()(context)
+    body = messages[0]["body"]
+    assert "MLflow run: run abc (no MLflow UI address is configured: tracking.ui_url)" in body
+    assert "/worker/" not in body and "Report:" not in body and "Review page:" not in body
 
 
 def test_no_connection_sends_nothing_and_a_dead_receiver_never_fails(monkeypatch, caplog):

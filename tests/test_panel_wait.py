@@ -79,3 +79,102 @@ def test_trigger_gives_up_after_many_store_errors_in_a_row(tmp_path, monkeypatch
     event = _first_event(PanelQuorumTrigger(f"sqlite:///{tmp_path}/no/such/dir/p.db", "b",
                                             later, 0.01))
     assert event["status"] == "error" and "unable to open database" in event["error"]
+
+
+def _sensor_run(tmp_path, monkeypatch, *, judged: bool, deadline_hours: float = 72.0):
+    """A run config (as ``load_run_config`` gives it), its evaluation record and batch."""
+    import json
+
+    import rlhf_airflow.run_config as run_config
+    from rlhf_tasks import config
+
+    url = f"sqlite:///{tmp_path}/panel.db"
+    store = PanelStore(url)
+    batch = store.create_batch(pipeline="p", run_id="r", items=[
+        {"prompt_index": i, "prompt": "q", "response": "a", "model": "m"} for i in range(2)],
+        verdicts_per_item=1, quality_bar="bar", simulated=False)
+    if judged:
+        for item in store.items(batch):
+            store.record_verdict(item["id"], "ann", True, source="import")
+    store.dispose()
+    cfg = config.PipelineConfig.model_validate({
+        "run": {"pipeline": "p", "run_id": "r"},
+        "storage": {"artifact_root": str(tmp_path / "art")},
+        "panel": {"mode": "human", "store_url": url, "deadline_hours": deadline_hours,
+                  "review_url": "https://review.example.org/rlhf-review/"}})
+    record = tmp_path / "art" / "p" / "r" / "evaluate" / "evaluate.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"batch_id": batch}))
+    monkeypatch.setattr(run_config, "load_run_config", lambda context: cfg)
+    return batch
+
+
+def test_the_sensor_returns_on_quorum_with_the_review_page(tmp_path, monkeypatch):
+    from rlhf_airflow.panel_wait import PanelQuorumSensor, ReviewPageLink
+
+    _sensor_run(tmp_path, monkeypatch, judged=True)
+    sensor = PanelQuorumSensor(task_id="wait_for_panel", soft_fail=True)
+    result = sensor.execute({})
+    assert result["status"] == "quorum" and result["complete"]
+    assert result["review_url"] == "https://review.example.org/rlhf-review/"
+    assert ReviewPageLink().get_link(sensor, ti_key=None) == result["review_url"]
+    # the timeout defaults to the panel's deadline from the run's config
+    assert sensor.deadline_seconds == 72 * 3600 and sensor.poll_interval == 60
+
+
+def test_the_sensor_defers_and_times_out_at_the_deadline(tmp_path, monkeypatch):
+    """Before quorum it defers to the trigger (with the deadline and a backstop timeout);
+    the trigger's deadline event is a sensor timeout, which soft_fail turns into a skip
+    (the gate then rejects); a store that kept failing fails the task even so."""
+    import pytest
+    from airflow.sdk.exceptions import (AirflowSensorTimeout, AirflowSkipException,
+                                        TaskDeferred)
+
+    from rlhf_airflow.panel_wait import PanelQuorumSensor
+
+    monkeypatch.setattr("rlhf_airflow.notify.review_waiting", lambda *a, **kw: None)
+    _sensor_run(tmp_path, monkeypatch, judged=False)
+    sensor = PanelQuorumSensor(task_id="wait_for_panel", soft_fail=True, poll_interval=5)
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute({})
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, PanelQuorumTrigger) and trigger.poll_seconds == 5
+    assert timedelta(hours=72) < deferred.value.timeout < timedelta(hours=72, minutes=2)
+
+    event = {"status": "deadline", "items": 2, "items_complete": 0, "verdicts_given": 0}
+    with pytest.raises(AirflowSensorTimeout, match="no quorum by the panel's deadline"):
+        PanelQuorumSensor(task_id="w").execute_complete({}, event)
+    soft = PanelQuorumSensor(task_id="w", soft_fail=True)
+    with pytest.raises(AirflowSkipException):
+        soft.resume_execution("execute_complete", {"event": event}, {})
+    with pytest.raises(RuntimeError, match="kept failing"):
+        soft.resume_execution("execute_complete",
+                              {"event": {"status": "error", "error": "db gone"}}, {})
+
+
+def test_the_sensor_pokes_when_not_deferrable(tmp_path, monkeypatch):
+    from rlhf_airflow.panel_wait import PanelQuorumSensor
+
+    _sensor_run(tmp_path, monkeypatch, judged=True)
+    sensor = PanelQuorumSensor(task_id="w", deferrable=False, mode="poke")
+    sensor._prepare({})
+    done = sensor.poke({})
+    assert done.is_done and done.xcom_value["status"] == "quorum"
+
+
+def test_the_gate_leaves_an_open_batch_alone_before_its_deadline(tmp_path, monkeypatch):
+    """A wait marked successful by hand (or ended early) does not let the gate close the
+    batch under its reviewers: without quorum, only the deadline closes it."""
+    import pytest
+
+    import rlhf_airflow.run_config as run_config
+    from rlhf_tasks.errors import BadInput
+    from rlhf_tasks.steps import panel
+
+    batch = _sensor_run(tmp_path, monkeypatch, judged=False)
+    cfg = run_config.load_run_config({})
+    with pytest.raises(BadInput, match="the batch stays open"):
+        panel.gate(cfg)
+    store = PanelStore(cfg.panel.store_url)
+    assert store.batch(batch).closed_at is None
+    store.dispose()

@@ -426,6 +426,23 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         assert len(judged) == 6 and (judged["passes"] + judged["fails"] == 2).all()
 
         client = mlflow.MlflowClient()
+        # the closed panel in MLflow's GenAI views: per model an evaluation run whose pass
+        # rate is the gate's, the answers as traces with each reviewer's HUMAN feedback
+        views = mlflow.search_runs(filter_string="tags.`rlhf.panel.view_complete` = 'true'")
+        gate_metrics = client.get_run(step_run["gate"]).data.metrics
+        assert sorted(views["tags.rlhf.panel.model"]) == ["foundation", "rlhf"]
+        for model, rate in zip(views["tags.rlhf.panel.model"],
+                               views["metrics.panel_majority/mean"]):
+            assert rate == pytest.approx(gate_metrics[f"panel/{model}/pass_rate"]), model
+        assert set(views["tags.mlflow.runType"]) == {"genai_evaluate"}
+        experiment = mlflow.get_experiment_by_name("rlhf-tuning").experiment_id
+        traces = mlflow.search_traces(locations=[experiment], return_type="list")
+        assert sorted((t.info.tags["rlhf.model"], t.info.tags["rlhf.prompt_index"])
+                      for t in traces) == sorted((m, str(i)) for m, i in zip(
+                          judged["model"], judged["prompt_index"]))
+        human = [a for t in traces for a in t.info.assessments if a.name == "expert_pass"]
+        assert len(human) == 12 and {a.source.source_type for a in human} == {"HUMAN"}
+        assert {a.source.source_id for a in human} == {"ann", "cara", "dan"}
         champion = client.get_model_version_by_alias("resume-assistant", "champion")
         assert champion.source.startswith("s3://rlhf-artifacts/runs/rlhf_tuning/")
         assert champion.tags["gate.decision"] == "promote"

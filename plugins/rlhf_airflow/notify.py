@@ -127,6 +127,16 @@ PASS_RATES = ("{% for m, r in (ti.xcom_pull(task_ids='gate')['pass_rates'] or {}
           "{{ m }} {{ '%.1f' | format(r * 100) }}%{{ ', ' if not loop.last }}{% endfor %}")
 
 
+# where a person reads more: the gate's MLflow run, its report there, the review page
+# (links of the MLflow UI and Airflow, never a path on a worker)
+LINKS = ("{% set gate = ti.xcom_pull(task_ids='gate') or {} %}"
+         "{% set wait = ti.xcom_pull(task_ids='wait_for_panel') or {} %}"
+         "MLflow run: {{ gate.get('mlflow_run_url') or 'run ' ~ gate.get('mlflow_run_id') ~ "
+         "' (no MLflow UI address is configured: tracking.ui_url)' }}\n"
+         "{% if gate.get('report_url') %}Report: {{ gate['report_url'] }}\n{% endif %}"
+         "{% if wait.get('review_url') %}Review page: {{ wait['review_url'] }}\n{% endif %}")
+
+
 def gate_decision() -> RlhfNotifier:
     return RlhfNotifier(
         "gate_decision",
@@ -135,8 +145,7 @@ def gate_decision() -> RlhfNotifier:
         text="Decision: {{ ti.xcom_pull(task_ids='gate')['decision'] }} "
              "(version {{ ti.xcom_pull(task_ids='gate')['version'] }}).\n"
              "Expert pass rates: " + PASS_RATES + "\n"
-             "Reasons: {{ ti.xcom_pull(task_ids='gate')['reasons'] | join('; ') }}\n"
-             "Report: {{ ti.xcom_pull(task_ids='gate')['report_uri'] }}")
+             "Reasons: {{ ti.xcom_pull(task_ids='gate')['reasons'] | join('; ') }}\n" + LINKS)
 
 
 def sign_off_waiting() -> RlhfNotifier:
@@ -147,7 +156,8 @@ def sign_off_waiting() -> RlhfNotifier:
         text="The gate decided to promote version {{ ti.xcom_pull(task_ids='gate')['version'] }}"
              " of {{ dag.dag_id }} run {{ run_id }}; your sign-off is required.\n"
              "Expert pass rates: " + PASS_RATES + "\n"
-             "Answer in Airflow (Required actions), or it counts as Reject when the wait ends.")
+             "Answer in Airflow (Required actions), or it counts as Reject when the wait "
+             "ends.\n" + LINKS)
 
 
 async def run_overdue(context=None, **kwargs) -> None:

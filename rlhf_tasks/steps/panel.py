@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from rlhf_tasks import registry, tracking, training
@@ -108,6 +109,19 @@ def gate(cfg) -> dict:
     batch_id = evaluation["batch_id"]
     store = PanelStore(panel_store_url(cfg))
     try:
+        batch, progress = store.batch(batch_id), store.progress(batch_id)
+        if batch.closed_at is None and not progress["complete"]:
+            created = batch.created_at if batch.created_at.tzinfo else \
+                batch.created_at.replace(tzinfo=timezone.utc)
+            deadline = created + timedelta(hours=cfg.panel.deadline_hours)
+            if datetime.now(timezone.utc) < deadline:
+                # a wait marked done by hand, or ended early: closing now would take the
+                # batch from its reviewers
+                raise BadInput(f"the panel has no quorum yet ({progress['items_complete']} of "
+                               f"{progress['items']} items) and its deadline "
+                               f"{deadline:%Y-%m-%d %H:%M} UTC has not passed: the batch "
+                               "stays open",
+                               field="panel.deadline_hours")
         # the decision is made on a closed batch: no verdict can arrive after it
         closed_at = store.close_batch(batch_id)
         batch = store.batch(batch_id)
@@ -249,6 +263,8 @@ def gate(cfg) -> dict:
             "needs_sign_off": summary["needs_sign_off"], "simulated": simulated,
             "pass_rates": {r["model"]: round(r["pass_rate"], 4) for r in table},
             "report_uri": join(out_uri, "report.html"), "warnings": warnings,
+            # links for people (mails, the sign-off): pages of the MLflow UI, never a path
+            "report_url": tracking.artifact_url(cfg, run_id, "panel/report.html"),
             "mlflow_run_id": run_id}
 
 
