@@ -12,7 +12,6 @@ imports no torch, transformers, trl or great_expectations (a test guards that).
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
@@ -23,21 +22,13 @@ from rlhf_airflow.operators import RlhfStepOperator
 from rlhf_airflow.panel_wait import PanelQuorumSensor
 from rlhf_airflow.params import trigger_params
 from rlhf_airflow.run_note import write_gate_headline
-from rlhf_airflow.scheduling import (CHAMPION_ASSET, GPU_QUEUE, base_config, limits,
-                                     retraining_schedule)
+from rlhf_airflow.scheduling import CHAMPION_ASSET, base_config, limits, retraining_schedule
 from rlhf_airflow.sign_off import SignOffOperator
 
-# GPU steps queue in this pool (create it: `airflow pools set gpu 4 "GPU pods"`), each
-# taking a slot per GPU it holds (training steps on several nodes: every node's GPUs);
-# limits come from the base config (parse time)
-GPU_POOL = os.environ.get("RLHF_GPU_POOL", "default_pool")
+# GPU steps take the GPU queue and the `gpu` pool by themselves (RlhfStepOperator:
+# rlhf_airflow.operators.placement); the run's deadline alert comes from the base config
 BASE = base_config()
 LIMITS = limits(BASE)
-GPU = {"pool": GPU_POOL, "pool_slots": LIMITS["gpu_slots"], "queue": GPU_QUEUE}
-TRAINING = {"pool": GPU_POOL, "pool_slots": LIMITS["training_gpu_slots"],
-            "queue": GPU_QUEUE}
-PARENT = ("tracking.parent_run_id="
-          "{{ (ti.xcom_pull(task_ids='start_tracking') or {}).get('parent_run_id', '') }}")
 
 with DAG(
     dag_id="rlhf_tuning",
@@ -65,98 +56,111 @@ with DAG(
 
     prepared = prepare_run()
     # bookkeeping steps are light: they always run on the worker (backend "local"); the
-    # others run on the backend the run's config names
+    # others run on the backend the run's config names.  Every step logs under the
+    # pipeline's MLflow parent run, which start_tracking finds or creates (an XComArg)
     start = RlhfStepOperator(task_id="start_tracking", step="start", backend="local")
+    parent = start.output["parent_run_id"]
 
     with TaskGroup("validate", tooltip="Great Expectations suites per dataset") as validate:
-        for kind in ("preference", "prompt", "eval"):
-            RlhfStepOperator(task_id=kind, step=f"validate_{kind}",
-                             overrides=[PARENT])
+        checks = [RlhfStepOperator(task_id=kind, step=f"validate_{kind}",
+                                   parent_run_id=parent)
+                  for kind in ("preference", "prompt", "eval")]
 
-    reward = RlhfStepOperator(task_id="reward", step="reward",
-                              overrides=[PARENT], **TRAINING,
-                              doc_md="TRL RewardTrainer + LoRA on the validated preferences.")
-    # RL starts from the SFT policy when the run trains one (ppo.init_from): PPO waits for
-    # SFT when it runs, and not when it is skipped
-    ppo = RlhfStepOperator(task_id="ppo", step="ppo", overrides=[PARENT],
-                           **TRAINING,
-                           trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
-                           doc_md="The project's PPO against the reward model, from the SFT "
-                                  "policy when the run has one.")
+        # the supervised baseline runs only when the form (or the base config) asks for
+        # it; skipping it skips its validation and training, nothing else
+        @task.short_circuit(ignore_downstream_trigger_rules=False)
+        def sft_enabled(**context) -> bool:
+            from rlhf_airflow.run_config import load_run_config
 
-    # the supervised baseline runs only when the form (or the base config) asks for it;
-    # skipping it skips its validation and training, nothing else
-    @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def sft_enabled(**context) -> bool:
-        from rlhf_airflow.run_config import load_run_config
+            return load_run_config(context).sft.enabled
 
-        return load_run_config(context).sft.enabled
+        validate_sft = RlhfStepOperator(task_id="sft", step="validate_sft",
+                                        parent_run_id=parent)
+        sft_enabled() >> validate_sft
 
-    validate_sft = RlhfStepOperator(task_id="validate_sft", step="validate_sft",
-                                    overrides=[PARENT])
-    sft = RlhfStepOperator(task_id="sft", step="sft", overrides=[PARENT],
-                           **TRAINING,
-                           doc_md="TRL SFTTrainer + LoRA: the baseline.")
+    # ids without the group's prefix: other tasks, mails and users refer to them by name
+    with TaskGroup("training", prefix_group_id=False,
+                   tooltip="Reward model, SFT baseline, RL (GPU pool)") as training:
+        reward = RlhfStepOperator(
+            task_id="reward", step="reward", parent_run_id=parent,
+            doc_md="TRL RewardTrainer + LoRA on the validated preferences.")
+        sft = RlhfStepOperator(task_id="sft", step="sft", parent_run_id=parent,
+                               doc_md="TRL SFTTrainer + LoRA: the baseline.")
+        # RL starts from the SFT policy when the run trains one (ppo.init_from): PPO
+        # waits for SFT when it runs, and not when it is skipped
+        ppo = RlhfStepOperator(
+            task_id="ppo", step="ppo", parent_run_id=parent,
+            trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+            doc_md="The project's RL against the reward model, from the SFT policy when the "
+                   "run has one.")
+        [reward, sft] >> ppo
 
-    # evaluation waits for the SFT baseline when it runs (and not when it is skipped)
-    evaluate = RlhfStepOperator(task_id="evaluate", step="evaluate",
-                                overrides=[PARENT], **GPU,
-                                trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
-                                doc_md="Every model answers the eval prompts; blinded batch.")
+    with TaskGroup("panel", prefix_group_id=False,
+                   tooltip="Blinded answers, the expert panel's verdicts") as panel:
+        # evaluation waits for the SFT baseline when it runs (and not when it is skipped)
+        evaluate = RlhfStepOperator(
+            task_id="evaluate", step="evaluate", parent_run_id=parent,
+            trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+            doc_md="Every model answers the eval prompts; blinded batch.")
 
-    @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def simulated_panel(**context) -> bool:
-        from rlhf_airflow.run_config import load_run_config
+        @task.short_circuit(ignore_downstream_trigger_rules=False)
+        def simulated_panel(**context) -> bool:
+            from rlhf_airflow.run_config import load_run_config
 
-        return load_run_config(context).panel.mode == "simulated"
+            return load_run_config(context).panel.mode == "simulated"
 
-    panel_simulate = RlhfStepOperator(task_id="panel_simulate", step="panel_simulate",
-                                      overrides=[PARENT],
-                                      doc_md="Rubric raters (labelled simulated) judge the batch.")
-    wait_for_panel = PanelQuorumSensor(
-        task_id="wait_for_panel", retries=0, soft_fail=True,
-        trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
-        doc_md="Deferred until every item has its k verdicts; skipped at the deadline.")
-    # after a wait skipped at the deadline the gate still runs: it closes the batch and
-    # rejects (the panel has not spoken)
-    gate = RlhfStepOperator(task_id="gate", step="gate", overrides=[PARENT],
-                            trigger_rule=TriggerRule.NONE_FAILED,
-                            on_success_callback=[gate_decided(), write_gate_headline],
-                            doc_md="Aggregate, report, register, and decide by the policy.")
+        panel_simulate = RlhfStepOperator(
+            task_id="panel_simulate", step="panel_simulate", parent_run_id=parent,
+            doc_md="Rubric raters (labelled simulated) judge the batch.")
+        wait_for_panel = PanelQuorumSensor(
+            task_id="wait_for_panel", retries=0, soft_fail=True,
+            trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+            doc_md="Deferred until every item has its k verdicts; skipped at the deadline.")
+        evaluate >> simulated_panel() >> panel_simulate
+        [evaluate, panel_simulate] >> wait_for_panel
 
-    @task.branch
-    def gate_decision(result: dict) -> list[str]:
-        if result["decision"] != "promote":
-            return []  # rejected: the version is tagged with the reason, no alias moves
-        return ["sign_off"] if result["needs_sign_off"] else ["promote"]
+    with TaskGroup("release", prefix_group_id=False,
+                   tooltip="Gate, sign-off, promotion") as release:
+        # after a wait skipped at the deadline the gate still runs: it closes the batch and
+        # rejects (the panel has not spoken)
+        gate = RlhfStepOperator(task_id="gate", step="gate", parent_run_id=parent,
+                                trigger_rule=TriggerRule.NONE_FAILED,
+                                on_success_callback=[gate_decided(), write_gate_headline],
+                                doc_md="Aggregate, report, register, and decide by the policy.")
 
-    sign_off = SignOffOperator(
-        task_id="sign_off",
-        subject="Promote RLHF version {{ ti.xcom_pull(task_ids='gate')['version'] }}?",
-        body="Expert pass rates: " + PASS_RATES + ".\n\n" + LINKS,
-        # on an Approve it promotes, with the approver's id from Airflow's record
-        outlets=[CHAMPION_ASSET],
-        notifiers=[sign_off_waiting()], retries=1)  # a lost answer is asked for again
-    promote = RlhfStepOperator(task_id="promote", step="promote", backend="local",
-                               overrides=[PARENT], retries=0, outlets=[CHAMPION_ASSET],
-                               trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
-                               doc_md="Alias champion moves here (runs that need no "
-                                      "sign-off; sign_off promotes the others); the old one "
-                                      "keeps previous.")
+        @task.branch
+        def gate_decision(result: dict) -> list[str]:
+            if result["decision"] != "promote":
+                return []  # rejected: the version is tagged with the reason, no alias moves
+            return ["sign_off"] if result["needs_sign_off"] else ["promote"]
+
+        sign_off = SignOffOperator(
+            task_id="sign_off",
+            subject="Promote RLHF version {{ ti.xcom_pull(task_ids='gate')['version'] }}?",
+            body="Expert pass rates: " + PASS_RATES + ".\n\n" + LINKS,
+            # on an Approve it promotes, with the approver's id from Airflow's record
+            outlets=[CHAMPION_ASSET],
+            notifiers=[sign_off_waiting()], retries=1)  # a lost answer is asked for again
+        promote = RlhfStepOperator(
+            task_id="promote", step="promote", backend="local", parent_run_id=parent,
+            retries=0, outlets=[CHAMPION_ASSET],
+            trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+            doc_md="Alias champion moves here (runs that need no sign-off; sign_off promotes "
+                   "the others); the old one keeps previous.")
+        gate_decision(gate.output) >> [sign_off, promote]
 
     finish = RlhfStepOperator(task_id="finish_tracking", step="finish", backend="local",
-                              overrides=[PARENT],
+                              parent_run_id=parent,
                               trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     abort = RlhfStepOperator(task_id="abort_tracking", step="abort", backend="local",
-                             overrides=[PARENT],
+                             parent_run_id=parent,
                              trigger_rule=TriggerRule.ONE_FAILED, retries=0)
 
-    prepared >> start >> validate >> reward >> ppo
-    validate >> sft_enabled() >> validate_sft >> sft
-    sft >> ppo
-    [ppo, sft] >> evaluate >> simulated_panel() >> panel_simulate
-    [evaluate, panel_simulate] >> wait_for_panel >> gate
-    gate_decision(gate.output) >> [sign_off, promote]
+    prepared >> start >> validate
+    checks >> reward
+    validate_sft >> sft
+    [ppo, sft] >> evaluate
+    wait_for_panel >> gate
     [gate, sign_off, promote] >> finish
-    [validate, reward, ppo, validate_sft, sft, evaluate, panel_simulate, wait_for_panel, gate,
+    [*checks, validate_sft, reward, ppo, sft, evaluate, panel_simulate, wait_for_panel, gate,
      sign_off, promote] >> abort

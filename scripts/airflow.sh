@@ -38,6 +38,11 @@ export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$AIRFLOW_HOME/password
 export AIRFLOW__LOGGING__LOGGING_LEVEL=INFO
 
 airflow db migrate > "$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/migrate.log"; exit 1; }
+# GPU steps run in the `gpu` pool (a slot per GPU a step holds): as many slots as GPUs
+# here, at least one; RLHF_GPU_SLOTS sets another number
+GPUS=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
+airflow pools set gpu "${RLHF_GPU_SLOTS:-$(( GPUS > 0 ? GPUS : 1 ))}" "GPU steps (rlhf)" \
+  >> "$AIRFLOW_HOME/migrate.log" 2>&1
 mlflow ui --backend-store-uri "sqlite:///$ROOT/.rlhf/mlflow.db" --host 127.0.0.1 \
   --port "$MLFLOW_PORT" > .rlhf/mlflow-ui.log 2>&1 &
 MLFLOW_PID=$!

@@ -25,29 +25,47 @@ def test_no_import_errors(dagbag):
 
 
 def test_graph(dagbag):
+    from rlhf_airflow.operators import RlhfStepOperator
+
     dag = dagbag.dags["rlhf_tuning"]
     ids = set(dag.task_ids)
     assert {"prepare_run", "start_tracking", "validate.preference", "validate.prompt",
-            "validate.eval", "finish_tracking", "abort_tracking"} <= ids
-    assert dag.get_task("validate.preference").upstream_task_ids == {"start_tracking"}
+            "validate.eval", "validate.sft", "finish_tracking", "abort_tracking"} <= ids
+    # every step logs under the MLflow parent run start_tracking made: an XComArg, so an
+    # edge from start_tracking; the other edges are the stages'
+    for task in dag.tasks:
+        if isinstance(task, RlhfStepOperator) and task.task_id != "start_tracking":
+            assert "start_tracking" in task.upstream_task_ids, task.task_id
+
+    def up(task_id):
+        return dag.get_task(task_id).upstream_task_ids - {"start_tracking"}
+
     assert dag.get_task("start_tracking").upstream_task_ids == {"prepare_run"}
+    assert up("validate.preference") == set()
     assert dag.get_task("validate.eval").step == "validate_eval"
+    # task groups: validate (with the SFT data), training, panel, release
+    groups = {t.task_id: t.task_group.group_id for t in dag.tasks}
+    assert {groups[t] for t in ("validate.preference", "validate.sft",
+                                "validate.sft_enabled")} == {"validate"}
+    assert {groups[t] for t in ("reward", "sft", "ppo")} == {"training"}
+    assert {groups[t] for t in ("evaluate", "panel_simulate", "wait_for_panel")} == {"panel"}
+    assert {groups[t] for t in ("gate", "sign_off", "promote")} == {"release"}
     # training: reward after every validation, PPO after the reward model; SFT is gated
-    assert dag.get_task("reward").upstream_task_ids == {
-        "validate.preference", "validate.prompt", "validate.eval"}
+    assert up("reward") == {"validate.preference", "validate.prompt", "validate.eval"}
     # RL starts from the SFT policy when SFT runs: PPO waits for it, not when it is skipped
-    assert dag.get_task("ppo").upstream_task_ids == {"reward", "sft"}
+    assert up("ppo") == {"reward", "sft"}
     assert dag.get_task("ppo").trigger_rule == "none_failed_min_one_success"
-    assert dag.get_task("validate_sft").upstream_task_ids == {"sft_enabled"}
-    assert dag.get_task("sft").upstream_task_ids == {"validate_sft"}
-    assert dag.get_task("sft_enabled").ignore_downstream_trigger_rules is False
+    assert up("validate.sft") == {"validate.sft_enabled"}
+    assert dag.get_task("validate.sft").step == "validate_sft"
+    assert up("sft") == {"validate.sft"}
+    assert dag.get_task("validate.sft_enabled").ignore_downstream_trigger_rules is False
     # evaluation after PPO and (when it runs) SFT; the panel; the gate; promotion
-    assert dag.get_task("evaluate").upstream_task_ids == {"ppo", "sft"}
+    assert up("evaluate") == {"ppo", "sft"}
     assert dag.get_task("evaluate").trigger_rule == "none_failed_min_one_success"
-    assert dag.get_task("panel_simulate").upstream_task_ids == {"simulated_panel"}
-    assert dag.get_task("wait_for_panel").upstream_task_ids == {"evaluate", "panel_simulate"}
+    assert up("panel_simulate") == {"simulated_panel"}
+    assert up("wait_for_panel") == {"evaluate", "panel_simulate"}
     assert dag.get_task("wait_for_panel").trigger_rule == "none_failed_min_one_success"
-    assert dag.get_task("gate").upstream_task_ids == {"wait_for_panel"}
+    assert up("gate") == {"wait_for_panel"}
     # the wait is a sensor: at the panel's deadline it is skipped (soft_fail), and the gate
     # still runs (none_failed) to close the batch and reject; its link opens the review page
     wait = dag.get_task("wait_for_panel")
@@ -60,10 +78,10 @@ def test_graph(dagbag):
     assert dag.get_task("gate_decision").downstream_task_ids == {"sign_off", "promote"}
     # a run that needs a sign-off is promoted by sign_off itself (the approval never
     # leaves Airflow's record); promote serves the runs that need none
-    assert dag.get_task("promote").upstream_task_ids == {"gate_decision"}
+    assert up("promote") == {"gate_decision"}
     assert [a.name for a in dag.get_task("sign_off").outlets] == ["rlhf-champion"]
     assert dag.get_task("sign_off").ignore_downstream_trigger_rules is True
-    assert dag.get_task("finish_tracking").upstream_task_ids == {"gate", "sign_off", "promote"}
+    assert up("finish_tracking") == {"gate", "sign_off", "promote"}
     assert dag.get_task("finish_tracking").trigger_rule == "none_failed_min_one_success"
     assert {"reward", "ppo", "sft", "evaluate", "gate", "promote", "wait_for_panel"} <= \
         dag.get_task("abort_tracking").upstream_task_ids
@@ -190,6 +208,25 @@ def test_config_file_must_be_an_admin_file(tmp_path, monkeypatch):
     monkeypatch.delenv("RLHF_CONFIG_DIR")
     with pytest.raises(BadInput, match="config_file"):
         build_config({"config_file": str(folder / "team.yaml")}, "d", "r")
+
+
+def test_the_form_lists_the_admins_config_files(tmp_path, monkeypatch):
+    """config_file offers the base config and the admin folder's files by name (not a
+    link out of the folder, not other files); each one offered is one prepare_run takes."""
+    from rlhf_airflow.params import build_config, trigger_params
+
+    base, folder = _admin(tmp_path, monkeypatch)
+    (folder / "notes.txt").write_text("not a config")
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("panel: {pass_rate_threshold: 0}\n")
+    (folder / "link.yaml").symlink_to(evil)
+    schema = trigger_params()["config_file"].schema
+    assert schema["examples"][0] == str(base)
+    assert "link.yaml" not in schema["examples"] and "notes.txt" not in schema["examples"]
+    assert "team.yaml" in schema["examples"]
+    assert schema["values_display"][str(base)].endswith("(base config)")
+    for choice in schema["examples"]:
+        build_config({"config_file": choice}, "d", "r")
 
 
 @pytest.mark.parametrize("key", ["panel_mode", "approver", "verdicts_per_item",

@@ -206,7 +206,7 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     # the SFT baseline is off: its two tasks are skipped, and the run still finishes
     assert "rlhf_tasks.cli run sft" not in log and "rlhf_tasks.cli run validate_sft" not in log
     states = task_states(airflow_home, log)
-    assert states["validate_sft"] == states["sft"] == "skipped", states
+    assert states["validate.sft"] == states["sft"] == "skipped", states
     assert states["reward"] == states["ppo"] == states["finish_tracking"] == "success", states
     for task in ("evaluate", "simulated_panel", "panel_simulate", "wait_for_panel", "gate"):
         assert states[task] == "success", (task, states)

@@ -290,6 +290,10 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
                                  env={**airflow_env(home), **db_env},
                                  capture_output=True, text=True, timeout=600)
         assert migrate.returncode == 0, migrate.stderr[-3000:]
+        pool = subprocess.run([str(BIN / "airflow"), "pools", "set", "gpu", "1", "GPU steps"],
+                              env={**airflow_env(home), **db_env}, capture_output=True,
+                              text=True, timeout=300)
+        assert pool.returncode == 0, pool.stderr[-3000:]
 
         with smtp_server() as (smtp_port, mails), airflow_services(
                 home, tmp_path, {**db_env, "AIRFLOW_CONN_RLHF_NOTIFICATIONS":

@@ -14,8 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf_airflow.backends import step_argv
-
-GPU_STEPS = frozenset({"reward", "sft", "ppo", "evaluate"})
+from rlhf_tasks.steps import GPU_STEPS
 XCOM_RESULT = "/airflow/xcom/return.json"
 
 

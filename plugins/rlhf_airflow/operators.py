@@ -21,7 +21,8 @@ retries and the step resumes from its checkpoints.
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Any, Sequence
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk.exceptions import AirflowFailException
@@ -40,6 +41,21 @@ def step_timeout(step: str):
 
     cfg = base_config() or PipelineConfig()
     return timedelta(hours=cfg.compute.step_timeout(step))
+
+
+def placement(step: str) -> dict:
+    """Where a step runs in Airflow: a GPU step (``rlhf_tasks.steps.GPU_STEPS``) on the GPU
+    queue, in the ``gpu`` pool (``$RLHF_GPU_POOL``), taking a slot per GPU it holds (a
+    training step on several nodes: every node's GPUs; the base config's sizes, read at
+    parse time); the others on Airflow's defaults."""
+    from rlhf_airflow.scheduling import GPU_POOL, GPU_QUEUE, base_config, limits
+    from rlhf_tasks.steps import GPU_STEPS, TRAINING_STEPS
+
+    if step not in GPU_STEPS:
+        return {}
+    slots = limits(base_config())["training_gpu_slots" if step in TRAINING_STEPS
+                                  else "gpu_slots"]
+    return {"queue": GPU_QUEUE, "pool": GPU_POOL, "pool_slots": slots}
 
 
 def run_local_step(step: str, argv: list[str], log) -> dict:
@@ -68,28 +84,42 @@ def announce(operator, context, result):
 
 class RlhfStepOperator(KubernetesPodOperator):
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "config_uri",
-                                      "overrides", "backend")
+                                      "overrides", "backend", "parent_run_id")
     ui_color = "#e8d5f5"
     operator_extra_links = (MlflowRunLink(),)
     mlflow_run_url: str | None = None
 
     def __init__(self, *, step: str, config_uri: str = RUN_CONFIG,
-                 overrides: list[str] | None = None, backend: str | None = None, **kwargs):
+                 overrides: list[str] | None = None, backend: str | None = None,
+                 parent_run_id: Any = None, **kwargs):
         kwargs.setdefault("deferrable", True)
         kwargs.setdefault("get_logs", True)
         kwargs.setdefault("do_xcom_push", True)
         kwargs.setdefault("reattach_on_restart", True)
         kwargs.setdefault("execution_timeout", step_timeout(step))
+        for name, value in placement(step).items():
+            kwargs.setdefault(name, value)
         super().__init__(**kwargs)
         self.step, self.config_uri, self.config_sha256 = step, config_uri, None
         self.overrides, self.backend = list(overrides or []), backend
+        self.parent_run_id = parent_run_id
 
     def _pin_config(self, context) -> None:
-        """The run's own config and its digest (RUN_CONFIG), before anything reads it."""
+        """The run's own config and its digest (RUN_CONFIG), before anything reads it; the
+        pipeline's MLflow parent run (``parent_run_id``, rendered from start_tracking's
+        XComArg) as the step's one extra setting."""
         if self.config_uri == RUN_CONFIG:
             from rlhf_airflow.run_config import resolve
 
             self.config_uri, self.config_sha256 = resolve(context)
+        if self.parent_run_id:
+            run_id = str(self.parent_run_id)
+            if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+                raise AirflowFailException(f"step {self.step}: {run_id[:80]!r} is not an MLflow "
+                                           "run id (start_tracking's result was changed?)")
+            setting = f"tracking.parent_run_id={run_id}"
+            if setting not in self.overrides:
+                self.overrides.append(setting)
 
     # -- local -----------------------------------------------------------------------------
     def _run_local(self):

@@ -179,16 +179,39 @@ def trigger_params(base: rlhf_config.PipelineConfig | None = None) -> dict[str, 
 
         base = base_config()
     defaults = form_defaults(base)
+    choices = admin_config_choices()
     params = {"config_file": Param(
         os.environ.get("RLHF_BASE_CONFIG", ""), type="string", maxLength=2048,
         title="Config file", section=SECTIONS["config"],
         description="The admin's base config, or a file in the admin's config folder "
                     "($RLHF_CONFIG_DIR). The fields below show the base config's values; "
-                    "what you change wins over the file, even a value equal to a default.")}
+                    "what you change wins over the file, even a value equal to a default.",
+        # the form offers the admin's files as a list; prepare_run refuses any other
+        **({"examples": list(choices), "values_display": choices} if choices else {}))}
     for name, (section, title, description) in FORM.items():
         params[name] = Param(defaults[name], title=title, description=description,
                              section=SECTIONS[section], **_schema(name))
     return params
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def admin_config_choices() -> dict[str, str]:
+    """The config files a run may start from, for the form's list (value -> label): the
+    base config, and the files of a local ``$RLHF_CONFIG_DIR`` by name (parse time; an S3
+    folder is not listed, its files are typed by name)."""
+    base = os.environ.get("RLHF_BASE_CONFIG", "").strip()
+    folder = os.environ.get("RLHF_CONFIG_DIR", "").strip()
+    choices = {base: f"{Path(base).name} (base config)"} if base else {}
+    if folder and "://" not in folder and Path(folder).is_dir():
+        root = Path(folder).resolve()
+        for path in sorted(Path(folder).iterdir()):
+            real = path.resolve()  # a link out of the folder is not an admin file
+            if path.suffix in CONFIG_SUFFIXES and real.is_file() and \
+                    real.is_relative_to(root) and (not base or real != Path(base).resolve()):
+                choices[path.name] = path.name
+    return choices
 
 
 def safe_run_id(run_id: str) -> str:

@@ -33,6 +33,9 @@ CHAMPION_ASSET = Asset(name="rlhf-champion")
 # the workers on GPU machines serve it (`airflow celery worker --queues gpu`); the Local
 # and Kubernetes executors ignore queues.
 GPU_QUEUE = os.environ.get("RLHF_GPU_QUEUE", "gpu")
+# the pool that throttles GPU steps (`make airflow`, the compose stack and the Helm chart
+# create it: `airflow pools set gpu <number of GPUs> "GPU steps"`)
+GPU_POOL = os.environ.get("RLHF_GPU_POOL", "gpu")
 
 
 def limits(cfg: rlhf_config.PipelineConfig | None) -> dict:

@@ -30,9 +30,9 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from rlhf_airflow.backends import step_argv
 from rlhf_airflow.kubernetes import labels, resources
+from rlhf_tasks.steps import TRAINING_STEPS
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
-TRAINING_STEPS = frozenset({"reward", "sft", "ppo"})
 NODE = "node"  # the torch runtime's replicated job and trainer container
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"

@@ -27,6 +27,12 @@ STEPS: dict[str, str] = {
     "smoke_test": "rlhf_tasks.steps.deploy:smoke_test",
 }
 
+# The steps that hold an accelerator (Airflow's GPU queue and ``gpu`` pool; on Kubernetes,
+# ``nvidia.com/gpu`` limits, the GPU node selector and tolerations), and of those the ones
+# that train (on several nodes: a TrainJob; their pool slots count every node's GPUs).
+GPU_STEPS = frozenset({"reward", "sft", "ppo", "evaluate"})
+TRAINING_STEPS = frozenset({"reward", "sft", "ppo"})
+
 
 def resolve(name: str) -> Callable:
     from rlhf_tasks.errors import BadInput
