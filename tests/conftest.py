@@ -202,8 +202,11 @@ def webhook_receiver():
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             received.append({"path": self.path, "auth": self.headers.get("Authorization"),
                              **json.loads(body)})
-            self.send_response(204)
+            self.send_response(200)  # as Slack answers a webhook
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", "2")
             self.end_headers()
+            self.wfile.write(b"ok")
 
         def log_message(self, *args):
             pass

@@ -150,3 +150,43 @@ def test_the_deadline_alert_callback_notifies(monkeypatch):
     assert [r["event"] for r in received] == ["run_overdue"]
     assert received[0]["subject"] == "[rlhf] rlhf_tuning run scheduled__1 is past its deadline"
     assert "more than 96 h" in received[0]["text"]
+
+
+def test_slack_and_apprise_through_their_providers(monkeypatch):
+    """A ``slackwebhook`` connection posts through the Slack provider's notifier (Slack's
+    message format, the subject in bold, markup escaped); an ``apprise`` connection through
+    Apprise's (here its ``json://`` service: title and message).  Both to a real local
+    receiver standing in for the service."""
+    import json
+
+    from rlhf_airflow.notify import gate_decision
+
+    with webhook_receiver() as (base, received):
+        monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", json.dumps(
+            {"conn_type": "slackwebhook", "password": f"{base}/services/T000/B000/XXXX"}))
+        gate_decision()(_context())
+        monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", json.dumps(
+            {"conn_type": "apprise", "extra": {"config": {
+                "path": base.replace("http://", "json://") + "/apprise"}}}))
+        gate_decision()(_context())
+    slack, apprise = received
+    assert slack["path"] == "/services/T000/B000/XXXX"
+    assert slack["text"].startswith("*[rlhf] rlhf_tuning run manual__1: gate decided promote*\n")
+    assert "Expert pass rates: rlhf 87.0%" in slack["text"]
+    assert apprise["path"] == "/apprise"
+    assert apprise["title"] == "[rlhf] rlhf_tuning run manual__1: gate decided promote"
+    assert "Review page: http://airflow:8080/rlhf-review/" in apprise["message"]
+
+
+def test_a_provider_that_is_not_installed_is_named(monkeypatch, caplog):
+    import json
+    import sys
+
+    from rlhf_airflow.notify import run_failed
+
+    monkeypatch.setitem(sys.modules, "airflow.providers.slack.notifications.slack_webhook", None)
+    monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", json.dumps(
+        {"conn_type": "slackwebhook", "password": "http://127.0.0.1:9/x"}))
+    with caplog.at_level("WARNING"):
+        run_failed()(_context())  # never fails the task
+    assert "install apache-airflow-providers-slack" in caplog.text

@@ -9,9 +9,17 @@ is the admin's choice, an Airflow connection (``$RLHF_NOTIFY_CONN_ID``, default
 * ``smtp`` (or ``email``): an e-mail through the SMTP provider's ``SmtpNotifier`` on that
   connection; recipients in the connection's extra ``to`` (a list or a comma-separated
   string), the sender in ``from_email``;
-* ``http`` / ``https``: a JSON POST to the connection's URL (host, port and
-  ``extra.endpoint``); a password, if set, is sent as a bearer token.  Slack, Teams and
-  most chat tools take such webhooks.
+* ``slackwebhook``: a Slack message through the Slack provider's
+  ``SlackWebhookNotifier`` (the subject in bold, the text; the connection holds the
+  webhook URL or token);
+* ``apprise``: through the Apprise provider's ``AppriseNotifier``, to whatever the
+  connection's Apprise URLs name (Microsoft Teams, Discord, Mattermost, ntfy, ...);
+* ``http`` / ``https``: your own receiver: a JSON POST of the event (``payload``) to the
+  connection's URL (host, port and ``extra.endpoint``); a password, if set, is sent as a
+  bearer token.
+
+The Slack and Apprise providers are optional: a connection of their type without the
+provider installed is logged with the package to install.
 
 No such connection: nothing is sent (logged once per task).  A notification that cannot
 be delivered is logged and never fails the task or the run.
@@ -59,6 +67,20 @@ def webhook_url(conn) -> str:
     return f"{scheme}://{host}{port}/{endpoint}"
 
 
+# connection type -> (module, notifier class, the package that provides it)
+PROVIDERS = {
+    "slackwebhook": ("airflow.providers.slack.notifications.slack_webhook",
+                     "SlackWebhookNotifier", "apache-airflow-providers-slack"),
+    "apprise": ("airflow.providers.apprise.notifications.apprise", "AppriseNotifier",
+                "apache-airflow-providers-apprise"),
+}
+
+
+def _slack_escape(text: str) -> str:
+    """Slack's mrkdwn reads &, < and > as markup: the three it asks to escape."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 class RlhfNotifier(BaseNotifier):
     template_fields = ("subject", "text")
 
@@ -84,6 +106,8 @@ class RlhfNotifier(BaseNotifier):
         try:
             if conn.conn_type in ("smtp", "email"):
                 self._mail(conn, name, context)
+            elif conn.conn_type in PROVIDERS:
+                self._through_provider(conn.conn_type, name, context)
             else:
                 self._post(conn, context)
             log.info("notification %s sent through %s", self.event, name)
@@ -102,6 +126,26 @@ class RlhfNotifier(BaseNotifier):
         SmtpNotifier(to=to, from_email=conn.extra_dejson.get("from_email") or conn.login,
                      subject=self.subject, html_content=body,
                      smtp_conn_id=name).notify(context)
+
+    def _through_provider(self, conn_type: str, name: str, context) -> None:
+        """The provider's own notifier, formatting for its service; called with the
+        already rendered subject and text (nothing is rendered twice)."""
+        import importlib
+
+        module, cls, package = PROVIDERS[conn_type]
+        try:
+            notifier_class = getattr(importlib.import_module(module), cls)
+        except ImportError:
+            raise RuntimeError(f"connection {name!r} is of type {conn_type!r}: install "
+                               f"{package} on the workers") from None
+        if conn_type == "slackwebhook":
+            notifier = notifier_class(slack_webhook_conn_id=name,
+                                      text=f"*{_slack_escape(self.subject)}*\n"
+                                           f"{_slack_escape(self.text)}")
+        else:
+            notifier = notifier_class(apprise_conn_id=name, title=self.subject,
+                                      body=self.text)
+        notifier.notify(context)
 
     def _post(self, conn, context) -> None:
         import httpx
