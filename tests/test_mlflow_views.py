@@ -113,6 +113,9 @@ def test_the_closed_panel_in_mlflows_evaluation_views(closed_panel):
                  for a in t.info.assessments if a.name == "expert_pass"]
     assert len(all_human) == len(verdicts) == 3 * PROMPTS * len(MODELS)
 
+    # the README's query: one model's answers by their tag
+    assert len(mlflow.search_traces(locations=where, return_type="list",
+                                    filter_string="tags.`rlhf.model` = 'rlhf'")) == PROMPTS
     # the candidate's evaluation is linked to its LoggedModel
     assert mlflow.search_traces(locations=where, model_id=version.model_id,
                                 return_type="list")
