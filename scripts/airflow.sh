@@ -43,7 +43,7 @@ airflow db migrate > "$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HO
 GPUS=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
 airflow pools set gpu "${RLHF_GPU_SLOTS:-$(( GPUS > 0 ? GPUS : 1 ))}" "GPU steps (rlhf)" \
   >> "$AIRFLOW_HOME/migrate.log" 2>&1
-mlflow ui --backend-store-uri "sqlite:///$ROOT/.rlhf/mlflow.db" --host 127.0.0.1 \
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri "sqlite:///$ROOT/.rlhf/mlflow.db" --host 127.0.0.1 \
   --port "$MLFLOW_PORT" > .rlhf/mlflow-ui.log 2>&1 &
 MLFLOW_PID=$!
 airflow standalone > .rlhf/airflow-standalone.log 2>&1 &

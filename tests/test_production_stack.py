@@ -253,7 +253,10 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         [str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db,
          "--artifacts-destination", "s3://mlflow-artifacts", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
+        # no job runner: its ten huey consumers serve MLflow's online judges, which the
+        # pipeline does not use, and would take CPU from the run under test
+        env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "mlflow.log", "w"))
     store = PanelStore(panel_db)
     tokens = {name: store.add_reviewer(name) for name in ("ann", "cara", "dan")}
