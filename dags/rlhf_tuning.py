@@ -59,11 +59,11 @@ with DAG(
     # others run on the backend the run's config names.  Every step logs under the
     # pipeline's MLflow parent run, which start_tracking finds or creates (an XComArg)
     start = RlhfStepOperator(task_id="start_tracking", step="start", backend="local")
-    parent = start.output["parent_run_id"]
+    parent = start.output  # {"parent_run_id": ...}
 
     with TaskGroup("validate", tooltip="Great Expectations suites per dataset") as validate:
         checks = [RlhfStepOperator(task_id=kind, step=f"validate_{kind}",
-                                   parent_run_id=parent)
+                                   parent_run=parent)
                   for kind in ("preference", "prompt", "eval")]
 
         # the supervised baseline runs only when the form (or the base config) asks for
@@ -75,21 +75,21 @@ with DAG(
             return load_run_config(context).sft.enabled
 
         validate_sft = RlhfStepOperator(task_id="sft", step="validate_sft",
-                                        parent_run_id=parent)
+                                        parent_run=parent)
         sft_enabled() >> validate_sft
 
     # ids without the group's prefix: other tasks, mails and users refer to them by name
     with TaskGroup("training", prefix_group_id=False,
                    tooltip="Reward model, SFT baseline, RL (GPU pool)") as training:
         reward = RlhfStepOperator(
-            task_id="reward", step="reward", parent_run_id=parent,
+            task_id="reward", step="reward", parent_run=parent,
             doc_md="TRL RewardTrainer + LoRA on the validated preferences.")
-        sft = RlhfStepOperator(task_id="sft", step="sft", parent_run_id=parent,
+        sft = RlhfStepOperator(task_id="sft", step="sft", parent_run=parent,
                                doc_md="TRL SFTTrainer + LoRA: the baseline.")
         # RL starts from the SFT policy when the run trains one (ppo.init_from): PPO
         # waits for SFT when it runs, and not when it is skipped
         ppo = RlhfStepOperator(
-            task_id="ppo", step="ppo", parent_run_id=parent,
+            task_id="ppo", step="ppo", parent_run=parent,
             trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
             doc_md="The project's RL against the reward model, from the SFT policy when the "
                    "run has one.")
@@ -99,7 +99,7 @@ with DAG(
                    tooltip="Blinded answers, the expert panel's verdicts") as panel:
         # evaluation waits for the SFT baseline when it runs (and not when it is skipped)
         evaluate = RlhfStepOperator(
-            task_id="evaluate", step="evaluate", parent_run_id=parent,
+            task_id="evaluate", step="evaluate", parent_run=parent,
             trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
             doc_md="Every model answers the eval prompts; blinded batch.")
 
@@ -110,7 +110,7 @@ with DAG(
             return load_run_config(context).panel.mode == "simulated"
 
         panel_simulate = RlhfStepOperator(
-            task_id="panel_simulate", step="panel_simulate", parent_run_id=parent,
+            task_id="panel_simulate", step="panel_simulate", parent_run=parent,
             doc_md="Rubric raters (labelled simulated) judge the batch.")
         wait_for_panel = PanelQuorumSensor(
             task_id="wait_for_panel", retries=0, soft_fail=True,
@@ -123,7 +123,7 @@ with DAG(
                    tooltip="Gate, sign-off, promotion") as release:
         # after a wait skipped at the deadline the gate still runs: it closes the batch and
         # rejects (the panel has not spoken)
-        gate = RlhfStepOperator(task_id="gate", step="gate", parent_run_id=parent,
+        gate = RlhfStepOperator(task_id="gate", step="gate", parent_run=parent,
                                 trigger_rule=TriggerRule.NONE_FAILED,
                                 on_success_callback=[gate_decided(), write_gate_headline],
                                 doc_md="Aggregate, report, register, and decide by the policy.")
@@ -142,7 +142,7 @@ with DAG(
             outlets=[CHAMPION_ASSET],
             notifiers=[sign_off_waiting()], retries=1)  # a lost answer is asked for again
         promote = RlhfStepOperator(
-            task_id="promote", step="promote", backend="local", parent_run_id=parent,
+            task_id="promote", step="promote", backend="local", parent_run=parent,
             retries=0, outlets=[CHAMPION_ASSET],
             trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
             doc_md="Alias champion moves here (runs that need no sign-off; sign_off promotes "
@@ -150,10 +150,10 @@ with DAG(
         gate_decision(gate.output) >> [sign_off, promote]
 
     finish = RlhfStepOperator(task_id="finish_tracking", step="finish", backend="local",
-                              parent_run_id=parent,
+                              parent_run=parent,
                               trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     abort = RlhfStepOperator(task_id="abort_tracking", step="abort", backend="local",
-                             parent_run_id=parent,
+                             parent_run=parent,
                              trigger_rule=TriggerRule.ONE_FAILED, retries=0)
 
     prepared >> start >> validate

@@ -452,3 +452,25 @@ def test_every_form_field_has_a_section_title_and_description():
         assert schema["section"] in SECTIONS.values(), name
         assert schema["title"] and param.description, name
     assert "Panel" not in " ".join(SECTIONS.values()), "the panel's settings are governance"
+
+
+def test_the_parent_run_is_start_trackings_run_id_and_nothing_else():
+    """Steps get the MLflow parent run from start_tracking's result (an XComArg); a value
+    that is not a run id (a changed XCom) fails the task before any step runs, and the
+    setting is added once however often the task re-enters."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from rlhf_airflow.operators import RlhfStepOperator
+
+    run_id = "0123456789abcdef0123456789abcdef"
+    op = RlhfStepOperator(task_id="reward", step="reward", config_uri="/cfg.json",
+                          parent_run={"parent_run_id": run_id, "step": "start"})
+    op._pin_config({})
+    op._pin_config({})  # a deferred task resuming
+    assert op.overrides == [f"tracking.parent_run_id={run_id}"]
+    for bad in ({"parent_run_id": f"{run_id} --set panel.mode=simulated"},
+                {"parent_run_id": "../x"}, {}, "not-a-run"):
+        op = RlhfStepOperator(task_id="reward", step="reward", config_uri="/cfg.json",
+                              parent_run=bad)
+        with pytest.raises(AirflowFailException, match="is not an MLflow run id"):
+            op._pin_config({})

@@ -84,14 +84,14 @@ def announce(operator, context, result):
 
 class RlhfStepOperator(KubernetesPodOperator):
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "config_uri",
-                                      "overrides", "backend", "parent_run_id")
+                                      "overrides", "backend", "parent_run")
     ui_color = "#e8d5f5"
     operator_extra_links = (MlflowRunLink(),)
     mlflow_run_url: str | None = None
 
     def __init__(self, *, step: str, config_uri: str = RUN_CONFIG,
                  overrides: list[str] | None = None, backend: str | None = None,
-                 parent_run_id: Any = None, **kwargs):
+                 parent_run: Any = None, **kwargs):
         kwargs.setdefault("deferrable", True)
         kwargs.setdefault("get_logs", True)
         kwargs.setdefault("do_xcom_push", True)
@@ -102,18 +102,21 @@ class RlhfStepOperator(KubernetesPodOperator):
         super().__init__(**kwargs)
         self.step, self.config_uri, self.config_sha256 = step, config_uri, None
         self.overrides, self.backend = list(overrides or []), backend
-        self.parent_run_id = parent_run_id
+        self.parent_run = parent_run
 
     def _pin_config(self, context) -> None:
         """The run's own config and its digest (RUN_CONFIG), before anything reads it; the
-        pipeline's MLflow parent run (``parent_run_id``, rendered from start_tracking's
-        XComArg) as the step's one extra setting."""
+        pipeline's MLflow parent run (``parent_run``: start_tracking's result, rendered from
+        its XComArg) as the step's one extra setting."""
         if self.config_uri == RUN_CONFIG:
             from rlhf_airflow.run_config import resolve
 
             self.config_uri, self.config_sha256 = resolve(context)
-        if self.parent_run_id:
-            run_id = str(self.parent_run_id)
+        if self.parent_run is not None:
+            # start_tracking's result (rendered from its XComArg), or a run id
+            found = self.parent_run.get("parent_run_id") if isinstance(self.parent_run, dict) \
+                else self.parent_run
+            run_id = str(found or "")
             if not re.fullmatch(r"[0-9a-f]{32}", run_id):
                 raise AirflowFailException(f"step {self.step}: {run_id[:80]!r} is not an MLflow "
                                            "run id (start_tracking's result was changed?)")
