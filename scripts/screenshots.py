@@ -4,8 +4,12 @@ Run while `make airflow` is up, after at least two `make demo` runs:
     .venv/bin/python scripts/screenshots.py [--out docs/img]
 Takes: the DAG's sectioned trigger form, a run's graph, the review page in the Airflow
 UI, MLflow's comparison of the last two PPO runs (their params) and gates, the answers
-table of the last evaluation, and a notification mail as a mail client shows it (sent
-through the notifier to a local SMTP server).
+table of the last evaluation, the last gate's evaluation runs and an answer's trace with
+the panel's feedback (MLflow's GenAI views), and a notification mail as a mail client
+shows it (sent through the notifier to a local SMTP server).
+
+With ``--mlflow-only`` (an MLflow UI on the demo's store is enough: `mlflow ui
+--backend-store-uri sqlite:///$PWD/.rlhf/mlflow.db`) it takes the MLflow GenAI views only.
 """
 
 from __future__ import annotations
@@ -57,9 +61,18 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "img"))
     parser.add_argument("--airflow", default="http://localhost:8080")
     parser.add_argument("--mlflow", default="http://localhost:5000")
+    parser.add_argument("--mlflow-only", action="store_true",
+                        help="only the MLflow GenAI views (no Airflow needed)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.mlflow_only:
+        driver = browser()
+        try:
+            genai_views(driver, args.mlflow, out)
+        finally:
+            driver.quit()
+        return
     home = Path(os.environ.get("AIRFLOW_HOME", ROOT / ".rlhf" / "airflow"))
     user, password = next(iter(json.loads((home / "passwords.json").read_text()).items()))
     token = httpx.post(f"{args.airflow}/auth/token",
@@ -130,10 +143,39 @@ def main() -> None:
         mlflow_page(driver, f"{args.mlflow}/#/experiments/{evaluation['experiment_id']}/runs/"
                             f"{evaluation['run_id']}/artifacts/panel/answers.json")
         driver.save_screenshot(str(out / "mlflow-answers-table.png"))
+        genai_views(driver, args.mlflow, out)
     finally:
         driver.quit()
     notification(out)
     print("\n".join(str(p) for p in sorted(out.glob("*.png"))))
+
+
+def genai_views(driver, mlflow_url: str, out: Path) -> None:
+    """The last gate's panel in MLflow's GenAI views: its evaluation runs (one per model,
+    ``panel_majority/mean`` the pass rate) and the candidate's traces with the feedback."""
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_url)
+    gate = mlflow.search_runs(experiment_names=["rlhf-tuning"],
+                              filter_string="tags.`rlhf.step` = 'gate'",
+                              order_by=["start_time DESC"], max_results=1).iloc[0]
+    experiment = gate["experiment_id"]
+    views = mlflow.search_runs(
+        experiment_ids=[experiment],
+        filter_string=f"tags.`rlhf.panel.batch_id` = '{gate['tags.panel.batch_id']}'")
+    ids = json.dumps(list(views["run_id"]))
+    mlflow_page(driver, f"{mlflow_url}/#/compare-runs?runs={ids}&experiments="
+                        f"{json.dumps([experiment])}")
+    from selenium.webdriver.common.by import By
+
+    for element in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Metrics']"):
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", element)
+    time.sleep(1)
+    driver.save_screenshot(str(out / "mlflow-evaluation-runs.png"))
+    candidate = views[views["tags.rlhf.panel.model"] == "rlhf"].iloc[0]["run_id"]
+    mlflow_page(driver, f"{mlflow_url}/#/experiments/{experiment}/evaluation-runs"
+                        f"?selectedRunUuid={candidate}")
+    driver.save_screenshot(str(out / "mlflow-evaluation-traces.png"))
 
 
 def notification(out: Path) -> None:
@@ -152,11 +194,18 @@ def notification(out: Path) -> None:
     gate_file = max((ROOT / ".rlhf" / "artifacts" / "rlhf_tuning").glob("*/gate/gate.json"),
                     key=lambda p: p.stat().st_mtime)
     gate = json.loads(gate_file.read_text())
+    import mlflow
+
+    run_url = os.environ.get("RLHF_MLFLOW_UI_URL", "http://localhost:5000").rstrip("/")
+    experiment = mlflow.get_run(gate["mlflow_run_id"]).info.experiment_id
+    run_url += f"/#/experiments/{experiment}/runs/{gate['mlflow_run_id']}"
     result = {"decision": gate["decision"], "version": gate["version"],
               "pass_rates": {r["model"]: r["pass_rate"] for r in gate["table"]},
-              "reasons": gate["gate"]["reasons"],
-              "report_uri": str(gate_file.with_name("report.html"))}
-    ti = SimpleNamespace(task_id="gate", xcom_pull=lambda task_ids: result)
+              "reasons": gate["gate"]["reasons"], "mlflow_run_id": gate["mlflow_run_id"],
+              "mlflow_run_url": run_url,
+              "report_url": f"{run_url}/artifacts/panel/report.html"}
+    ti = SimpleNamespace(task_id="gate",
+                         xcom_pull=lambda task_ids: result if task_ids == "gate" else None)
     context = {"ti": ti, "run_id": gate_file.parts[-3], "dag": DAG(
         "rlhf_tuning", schedule=None)}
     with smtp_server() as (port, mails):

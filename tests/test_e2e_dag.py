@@ -224,7 +224,9 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs_df = mlflow.search_runs(experiment_names=["rlhf-tuning"])
     parent = runs_df[runs_df["tags.mlflow.parentRunId"].isna()]
-    children = runs_df[runs_df["tags.mlflow.parentRunId"].notna()]
+    children = runs_df[runs_df["tags.rlhf.step"].notna()]  # the steps' runs
+    views = runs_df[runs_df["tags.rlhf.panel.model"].notna()]  # the panel's evaluation runs
+    assert len(parent) + len(children) + len(views) == len(runs_df)
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
     assert set(children["tags.rlhf.step"]) == {"validate_preference", "validate_prompt",
                                                "validate_eval", "reward", "ppo", "evaluate",
@@ -234,6 +236,16 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     assert gate["metrics.panel/verdicts"] == 80 * 3 and gate["metrics.panel/items"] == 80
     assert 0 <= gate["metrics.panel/rlhf/ci_low"] <= gate["metrics.panel/rlhf/pass_rate"] \
         <= gate["metrics.panel/rlhf/ci_high"] <= 1
+    # the closed panel in MLflow's evaluation views: a run per model under the gate's,
+    # each with the gate's pass rate; simulated raters' feedback labelled CODE
+    assert (views["tags.mlflow.parentRunId"] == gate["run_id"]).all()
+    for model, rate in zip(views["tags.rlhf.panel.model"], views["metrics.panel_majority/mean"]):
+        assert rate == pytest.approx(gate[f"metrics.panel/{model}/pass_rate"]), model
+    traces = mlflow.search_traces(locations=[gate["experiment_id"]], return_type="list")
+    assert len(traces) == 80
+    sources = {(a.source.source_type, a.source.source_id.split(":")[0])
+               for t in traces for a in t.info.assessments if a.name == "expert_pass"}
+    assert sources == {("CODE", "simulated")}
     versions = mlflow.MlflowClient().search_model_versions("name = 'resume-assistant'")
     assert len(versions) == 1 and versions[0].tags["gate.decision"] == "reject"
     assert "below the minimum 1.000" in versions[0].tags["gate.reason"]
