@@ -18,7 +18,7 @@ from datetime import datetime
 
 from airflow.sdk import DAG, task
 
-from rlhf_airflow.operators import RlhfStepOperator
+from rlhf_airflow.operators.step import RlhfStepOperator
 from rlhf_airflow.scheduling import CHAMPION_ASSET, GPU_QUEUE
 
 with DAG(

@@ -16,14 +16,14 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 
-from rlhf_airflow.notify import LINKS, PASS_RATES, run_failed, sign_off_waiting
-from rlhf_airflow.notify import gate_decision as gate_decided
-from rlhf_airflow.operators import RlhfStepOperator
-from rlhf_airflow.panel_wait import PanelQuorumSensor
+from rlhf_airflow.notifications.rlhf import LINKS, PASS_RATES, run_failed, sign_off_waiting
+from rlhf_airflow.notifications.rlhf import gate_decision as gate_decided
+from rlhf_airflow.operators.step import RlhfStepOperator
+from rlhf_airflow.sensors.panel import PanelQuorumSensor
 from rlhf_airflow.params import trigger_params
 from rlhf_airflow.run_note import write_gate_headline
 from rlhf_airflow.scheduling import CHAMPION_ASSET, base_config, limits, retraining_schedule
-from rlhf_airflow.sign_off import SignOffOperator
+from rlhf_airflow.operators.sign_off import SignOffOperator
 
 # GPU steps take the GPU queue and the `gpu` pool by themselves (RlhfStepOperator:
 # rlhf_airflow.operators.placement); the run's deadline alert comes from the base config

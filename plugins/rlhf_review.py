@@ -1,9 +1,9 @@
 """Airflow plugin entry: the expert panel's review page in the Airflow UI.
 
-Airflow imports every ``.py`` file of the plugins folder as a top-level module named
-after the file, so the ``rlhf_airflow`` package is listed in ``.airflowignore`` (its
-``kubernetes.py`` would otherwise replace the kubernetes client in ``sys.modules``) and
-this one file registers the plugin.
+Airflow imports every ``.py`` file under the plugins folder as a top-level module named
+after the file (``step``, ``panel``, ``__init__`` ...), so the ``rlhf_airflow`` package is
+listed in ``.airflowignore`` (it is imported as a package, from the plugins folder on
+``sys.path``) and this one file registers the plugin.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def notification(out: Path) -> None:
     from airflow.sdk import DAG
     from conftest import smtp_connection, smtp_server
 
-    from rlhf_airflow.notify import gate_decision
+    from rlhf_airflow.notifications.rlhf import gate_decision
 
     gate_file = max((ROOT / ".rlhf" / "artifacts" / "rlhf_tuning").glob("*/gate/gate.json"),
                     key=lambda p: p.stat().st_mtime)

@@ -25,7 +25,7 @@ def test_no_import_errors(dagbag):
 
 
 def test_graph(dagbag):
-    from rlhf_airflow.operators import RlhfStepOperator
+    from rlhf_airflow.operators.step import RlhfStepOperator
 
     dag = dagbag.dags["rlhf_tuning"]
     ids = set(dag.task_ids)
@@ -438,7 +438,7 @@ def test_limits_come_from_the_base_config(tmp_path, monkeypatch):
     assert tasks["gate"].pool_slots == 1 and tasks["validate.eval"].pool_slots == 1
     alert = dag.deadline[0] if isinstance(dag.deadline, list) else dag.deadline
     assert alert.interval == timedelta(hours=96)
-    assert alert.callback.path == "rlhf_airflow.notify.run_overdue"
+    assert alert.callback.path == "rlhf_airflow.notifications.rlhf.run_overdue"
     # the champion Asset: promote announces it, the deployment template follows it
     assert [a.name for a in tasks["promote"].outlets] == ["rlhf-champion"]
 
@@ -460,7 +460,7 @@ def test_the_parent_run_is_start_trackings_run_id_and_nothing_else():
     setting is added once however often the task re-enters."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from rlhf_airflow.operators import RlhfStepOperator
+    from rlhf_airflow.operators.step import RlhfStepOperator
 
     run_id = "0123456789abcdef0123456789abcdef"
     op = RlhfStepOperator(task_id="reward", step="reward", config_uri="/cfg.json",

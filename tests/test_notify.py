@@ -28,7 +28,7 @@ def _context():
 
 
 def test_failure_is_posted_to_the_webhook_with_its_token(monkeypatch):
-    from rlhf_airflow.notify import run_failed
+    from rlhf_airflow.notifications.rlhf import run_failed
 
     with webhook_receiver() as (base, received):
         monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", webhook_connection(base, "tok3n"))
@@ -42,7 +42,7 @@ def test_failure_is_posted_to_the_webhook_with_its_token(monkeypatch):
 
 
 def test_gate_decision_and_review_batch_are_mailed(monkeypatch):
-    from rlhf_airflow.notify import gate_decision, review_waiting
+    from rlhf_airflow.notifications.rlhf import gate_decision, review_waiting
 
     with smtp_server() as (port, messages):
         monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", smtp_connection(port))
@@ -66,7 +66,7 @@ def test_gate_decision_and_review_batch_are_mailed(monkeypatch):
 
 
 def test_without_an_mlflow_ui_the_mail_names_the_run_and_no_path(monkeypatch):
-    from rlhf_airflow.notify import sign_off_waiting
+    from rlhf_airflow.notifications.rlhf import sign_off_waiting
 
     context = _context()
     gate = {"decision": "promote", "version": "3", "pass_rates": {"rlhf": 0.87},
@@ -84,7 +84,7 @@ def test_without_an_mlflow_ui_the_mail_names_the_run_and_no_path(monkeypatch):
 def test_no_connection_sends_nothing_and_a_dead_receiver_never_fails(monkeypatch, caplog):
     from conftest import free_port
 
-    from rlhf_airflow.notify import run_failed
+    from rlhf_airflow.notifications.rlhf import run_failed
 
     monkeypatch.delenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", raising=False)
     run_failed()(_context())  # not configured: logged, nothing raised
@@ -98,7 +98,7 @@ def test_no_connection_sends_nothing_and_a_dead_receiver_never_fails(monkeypatch
 def test_a_mail_connection_without_recipients_is_reported(monkeypatch, caplog, extra):
     import json
 
-    from rlhf_airflow.notify import run_failed
+    from rlhf_airflow.notifications.rlhf import run_failed
 
     conn = json.loads(smtp_connection(1))
     conn["extra"] = {**conn["extra"], "to": extra.get("to")} if extra else {"disable_tls": True}
@@ -139,7 +139,7 @@ def test_the_deadline_alert_callback_notifies(monkeypatch):
     """What the DAG's DeadlineAlert runs in the triggerer when a run is past its time."""
     import asyncio
 
-    from rlhf_airflow.notify import run_overdue
+    from rlhf_airflow.notifications.rlhf import run_overdue
 
     with webhook_receiver() as (base, received):
         monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", webhook_connection(base))
@@ -159,7 +159,7 @@ def test_slack_and_apprise_through_their_providers(monkeypatch):
     receiver standing in for the service."""
     import json
 
-    from rlhf_airflow.notify import gate_decision
+    from rlhf_airflow.notifications.rlhf import gate_decision
 
     with webhook_receiver() as (base, received):
         monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", json.dumps(
@@ -182,7 +182,7 @@ def test_a_provider_that_is_not_installed_is_named(monkeypatch, caplog):
     import json
     import sys
 
-    from rlhf_airflow.notify import run_failed
+    from rlhf_airflow.notifications.rlhf import run_failed
 
     monkeypatch.setitem(sys.modules, "airflow.providers.slack.notifications.slack_webhook", None)
     monkeypatch.setenv("AIRFLOW_CONN_RLHF_NOTIFICATIONS", json.dumps(

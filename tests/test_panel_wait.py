@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
-from rlhf_airflow.panel_wait import PanelQuorumTrigger
+from rlhf_airflow.triggers.panel import PanelQuorumTrigger
 from rlhf_tasks.panel.store import PanelStore
 
 
@@ -29,7 +29,7 @@ def test_trigger_fires_on_quorum_and_at_the_deadline(tmp_path):
     assert event["status"] == "deadline" and event["verdicts_given"] == 0
     # serialisable for the triggerer, and round-trips
     path, kwargs = PanelQuorumTrigger(url, batch, later, 0.05).serialize()
-    assert path == "rlhf_airflow.panel_wait.PanelQuorumTrigger"
+    assert path == "rlhf_airflow.triggers.panel.PanelQuorumTrigger"
     for item in store.items(batch):
         store.record_verdict(item["id"], "ann", True, source="import")
     event = _first_event(PanelQuorumTrigger(**kwargs))
@@ -40,7 +40,7 @@ def test_trigger_fires_on_quorum_and_at_the_deadline(tmp_path):
 def test_trigger_retries_store_errors_with_backoff(tmp_path):
     """The store is unreachable at first (its folder does not exist yet): the trigger
     backs off and retries, and fires once the store is back and the batch has quorum."""
-    from rlhf_airflow.panel_wait import MAX_STORE_ERRORS, backoff
+    from rlhf_airflow.triggers.panel import MAX_STORE_ERRORS, backoff
 
     assert [backoff(n, 60) for n in (1, 2, 3)] == [60, 120, 240] and backoff(30, 60) == 900
     folder = tmp_path / "not-yet"
@@ -72,7 +72,7 @@ def test_trigger_retries_store_errors_with_backoff(tmp_path):
 
 
 def test_trigger_gives_up_after_many_store_errors_in_a_row(tmp_path, monkeypatch):
-    import rlhf_airflow.panel_wait as wait
+    import rlhf_airflow.triggers.panel as wait
 
     monkeypatch.setattr(wait, "MAX_STORE_ERRORS", 3)
     later = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
@@ -110,7 +110,8 @@ def _sensor_run(tmp_path, monkeypatch, *, judged: bool, deadline_hours: float = 
 
 
 def test_the_sensor_returns_on_quorum_with_the_review_page(tmp_path, monkeypatch):
-    from rlhf_airflow.panel_wait import PanelQuorumSensor, ReviewPageLink
+    from rlhf_airflow.sensors.panel import PanelQuorumSensor
+    from rlhf_airflow.links import ReviewPageLink
 
     _sensor_run(tmp_path, monkeypatch, judged=True)
     sensor = PanelQuorumSensor(task_id="wait_for_panel", soft_fail=True)
@@ -130,9 +131,9 @@ def test_the_sensor_defers_and_times_out_at_the_deadline(tmp_path, monkeypatch):
     from airflow.sdk.exceptions import (AirflowSensorTimeout, AirflowSkipException,
                                         TaskDeferred)
 
-    from rlhf_airflow.panel_wait import PanelQuorumSensor
+    from rlhf_airflow.sensors.panel import PanelQuorumSensor
 
-    monkeypatch.setattr("rlhf_airflow.notify.review_waiting", lambda *a, **kw: None)
+    monkeypatch.setattr("rlhf_airflow.notifications.rlhf.review_waiting", lambda *a, **kw: None)
     _sensor_run(tmp_path, monkeypatch, judged=False)
     sensor = PanelQuorumSensor(task_id="wait_for_panel", soft_fail=True, poll_interval=5)
     with pytest.raises(TaskDeferred) as deferred:
@@ -153,7 +154,7 @@ def test_the_sensor_defers_and_times_out_at_the_deadline(tmp_path, monkeypatch):
 
 
 def test_the_sensor_pokes_when_not_deferrable(tmp_path, monkeypatch):
-    from rlhf_airflow.panel_wait import PanelQuorumSensor
+    from rlhf_airflow.sensors.panel import PanelQuorumSensor
 
     _sensor_run(tmp_path, monkeypatch, judged=True)
     sensor = PanelQuorumSensor(task_id="w", deferrable=False, mode="poke")

@@ -86,8 +86,16 @@ def _sign_off(api: str, users: dict, run_id: str, proc_ok, scheduler_log: Path,
         assert time.time() < deadline, "the sign-off request never waited"
         time.sleep(1)
     assert detail.json()["assigned_users"] == [{"id": "alice", "name": "alice"}]
-    body = detail.json()["body"]  # the request shows the gate's pass rates as percentages
-    assert body.startswith("Expert pass rates: rlhf ") and "%. Report: s3://" in body, body
+    # the request shows the gate's pass rates as percentages, and links a person can open:
+    # the gate's MLflow run, its report there, the review page; no artifact path
+    body = detail.json()["body"]
+    assert body.startswith("Expert pass rates: rlhf ") and "%." in body, body
+    mlflow_run = re.search(r"MLflow run: (http://\S+/#/experiments/\d+/runs/[0-9a-f]{32})\n",
+                           body)
+    assert mlflow_run, body
+    assert f"Report: {mlflow_run.group(1)}/artifacts/panel/report.html\n" in body, body
+    assert re.search(r"Review page: http://\S+/rlhf-review/", body), body
+    assert "s3://" not in body, body
     answer = {"chosen_options": ["Approve"]}
     assert httpx.patch(hitl, json=answer, headers=users["bob"]).status_code == 403
     approved = httpx.patch(hitl, json=answer, headers=users["alice"])

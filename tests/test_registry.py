@@ -165,7 +165,7 @@ def test_a_rejected_or_unanswered_sign_off_is_recorded_and_tagged(make_config, t
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
-    from rlhf_airflow.sign_off import SignOffOperator
+    from rlhf_airflow.operators.sign_off import SignOffOperator
     from rlhf_tasks.steps.panel import SIGN_OFF_FILE
 
     cfg = make_config(panel={"approver": "alice", "sign_off_timeout_hours": 2})

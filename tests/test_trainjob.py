@@ -227,7 +227,7 @@ class _TaskLog:
 
 
 def _operator(tmp_path, **kube):
-    from rlhf_airflow.operators import RlhfStepOperator
+    from rlhf_airflow.operators.step import RlhfStepOperator
 
     cfg, path = _config(tmp_path, num_gpus=0,
                         kubernetes={"kubernetes_conn_id": "rlhf_k8s", "logging_interval": 5,
@@ -267,21 +267,23 @@ def test_the_operator_creates_waits_streams_and_reads_the_result(tmp_path, monke
         # still running after wake_after: the task wakes, copies node 0's log, defers again
         trigger.poll_interval, trigger.wake_after = 0.05, 0.2
         event = _first_event(trigger)
-        assert event["state"] == "running"
+        assert event["status"] == "running"
         op._cached_logger = task_log = _TaskLog()
         again = _deferred(op, (context, event))
         assert "[node 0] update 2/3 reward 0.2" in task_log.lines
         assert k8s.log_requests[-1]["container"] == ["node"]  # node 0's trainer container
         assert again.logs_since > trigger.logs_since
         # the same try started again (its worker went away) finds its job and waits for it
-        assert isinstance(_deferred(op, context), trainjob.TrainJobTrigger)
+        from rlhf_airflow.triggers.trainjob import TrainJobTrigger
+
+        assert isinstance(_deferred(op, context), TrainJobTrigger)
         # done: node 0 wrote the result to the run's artifact store
         k8s.conditions = [{"type": "Complete", "status": "True", "reason": "JobsCompleted"}]
         k8s.exit_codes = {0: 0, 1: 0}
         Storage.from_config(cfg).write_json(trainjob.result_uri(cfg, "ppo", 1),
                                             {"step": "ppo", "updates": 3})
         done = _first_event(again)
-        assert done["state"] == "succeeded"
+        assert done["status"] == "succeeded"
         assert op.trainjob_reentry(context, done) == {"step": "ppo", "updates": 3}
         assert k8s.deleted == [name]
 

@@ -53,7 +53,7 @@ def test_a_task_reads_only_its_runs_own_config(tmp_path, monkeypatch):
     before that file is read, and a changed config file stops the step (exit 2)."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from rlhf_airflow.operators import RlhfStepOperator
+    from rlhf_airflow.operators.step import RlhfStepOperator
     from rlhf_airflow.run_config import resolve
     from rlhf_airflow.run_setup import prepare_run
     from rlhf_tasks import cli
@@ -119,7 +119,7 @@ def test_the_sign_off_refuses_an_approver_who_triggered_by_id(tmp_path, monkeypa
     unknown (a config written before ids were recorded, or by hand)."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from rlhf_airflow.sign_off import SignOffOperator
+    from rlhf_airflow.operators.sign_off import SignOffOperator
 
     op = SignOffOperator(task_id="sign_off", subject="s")
     for run, error in (({"triggered_by": "alice", "triggered_by_id": "7"}, "triggered this run"),

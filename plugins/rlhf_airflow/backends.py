@@ -2,7 +2,7 @@
 
 * ``local``: a subprocess on the worker, its output streamed into the task log.
 * ``kubernetes`` is not a backend object: the step operator is itself a
-  KubernetesPodOperator (see ``operators.py`` and ``kubernetes.py``).
+  KubernetesPodOperator (see ``operators/step.py`` and ``pods.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Operator extra links: the "MLflow run" button on every step task.
+"""Operator extra links: "MLflow run" on every step task, "Review page" on the panel wait.
 
 Airflow 3 computes an extra link once, when the task finishes, in the task's own process
 (``get_link`` on the operator that ran), and stores it in XCom under the link's key; the
@@ -17,3 +17,12 @@ class MlflowRunLink(BaseOperatorLink):
 
     def get_link(self, operator, *, ti_key) -> str:
         return getattr(operator, "mlflow_run_url", None) or ""
+
+
+class ReviewPageLink(BaseOperatorLink):
+    """The "Review page" button of the panel wait: where the reviewers judge the batch."""
+
+    name = "Review page"
+
+    def get_link(self, operator, *, ti_key) -> str:
+        return getattr(operator, "review_page_url", None) or ""

@@ -35,7 +35,7 @@ def headline(result: dict) -> str:
 def set_note(dag_id: str, run_id: str, note: str) -> bool:
     import httpx
 
-    from rlhf_airflow.notify import connection
+    from rlhf_airflow.notifications.rlhf import connection
 
     name = os.environ.get("RLHF_AIRFLOW_API_CONN_ID", "").strip() or DEFAULT_CONN_ID
     conn = connection(name)

@@ -51,7 +51,7 @@ def limits(cfg: rlhf_config.PipelineConfig | None) -> dict:
     hours = cfg.schedule.run_deadline_hours
     deadline = None if hours is None else DeadlineAlert(
         reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(hours=hours),
-        callback=AsyncCallback("rlhf_airflow.notify.run_overdue", kwargs={"hours": hours}))
+        callback=AsyncCallback("rlhf_airflow.notifications.rlhf.run_overdue", kwargs={"hours": hours}))
     gpus = max(1, cfg.compute.num_gpus)
     return {"gpu_slots": gpus, "training_gpu_slots": gpus * cfg.compute.num_nodes,
             "deadline": deadline}

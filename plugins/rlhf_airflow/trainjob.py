@@ -13,23 +13,19 @@ reads it back.
 
 * :func:`manifest` builds the object (tests validate it with the Trainer API's models);
 * :func:`outcome` reads its status conditions;
-* :class:`TrainJobTrigger` waits for it in the triggerer (no worker slot), waking the
-  task every ``logging_interval`` seconds to copy node 0's new log lines into the task
-  log; the operator (``operators.py``) creates the job, defers, and fails without retry
-  when a node exited 2 (bad input or config).
+* :class:`rlhf_airflow.triggers.trainjob.TrainJobTrigger` waits for it in the triggerer
+  (no worker slot), waking the task every ``logging_interval`` seconds to copy node 0's
+  new log lines into the task log; the operator (``operators/step.py``) creates the job,
+  defers, and fails without retry when a node exited 2 (bad input or config).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import time
-from typing import Any, AsyncIterator
-
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from typing import Any
 
 from rlhf_airflow.backends import step_argv
-from rlhf_airflow.kubernetes import labels, resources
+from rlhf_airflow.pods import labels, resources
 from rlhf_tasks.steps import TRAINING_STEPS
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
@@ -128,47 +124,3 @@ def node_exit_codes(pods: list) -> dict[int, int]:
             if status.name == NODE and status.state and status.state.terminated:
                 codes[index] = status.state.terminated.exit_code
     return codes
-
-
-class TrainJobTrigger(BaseTrigger):
-    """Polls one TrainJob until it ends, or ``wake_after`` seconds passed (the task then
-    copies the new log lines and defers again)."""
-
-    def __init__(self, name: str, namespace: str, conn_id: str | None,
-                 poll_interval: float = 10.0, wake_after: float = 60.0,
-                 logs_since: float | None = None):
-        super().__init__()
-        self.name, self.namespace, self.conn_id = name, namespace, conn_id
-        self.poll_interval, self.wake_after = poll_interval, wake_after
-        self.logs_since = logs_since if logs_since is not None else time.time()
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("rlhf_airflow.trainjob.TrainJobTrigger", {
-            "name": self.name, "namespace": self.namespace, "conn_id": self.conn_id,
-            "poll_interval": self.poll_interval, "wake_after": self.wake_after,
-            "logs_since": self.logs_since})
-
-    async def _read(self) -> dict:
-        from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
-        from kubernetes_asyncio.client import CustomObjectsApi
-
-        hook = AsyncKubernetesHook(conn_id=self.conn_id)
-        async with hook.get_conn() as api:
-            return await CustomObjectsApi(api).get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, self.name)
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        started = time.monotonic()
-        while True:
-            try:
-                state, reason = outcome(await self._read())
-            except Exception as exc:  # the API unreachable: the task decides (retry)
-                yield TriggerEvent({"name": self.name, "state": "error",
-                                    "reason": f"{type(exc).__name__}: {exc}",
-                                    "logs_since": self.logs_since})
-                return
-            if state != "running" or time.monotonic() - started >= self.wake_after:
-                yield TriggerEvent({"name": self.name, "state": state, "reason": reason,
-                                    "logs_since": self.logs_since})
-                return
-            await asyncio.sleep(self.poll_interval)

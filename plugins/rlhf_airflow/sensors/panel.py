@@ -1,4 +1,4 @@
-"""The expert-panel wait: a deferrable sensor, its trigger, and its "Review page" link.
+"""The expert-panel wait: ``PanelQuorumSensor``, a deferrable sensor.
 
 ``PanelQuorumSensor`` checks the verdict store once; when the batch still lacks verdicts
 it defers to ``PanelQuorumTrigger``, which polls the store from the triggerer every
@@ -6,91 +6,18 @@ it defers to ``PanelQuorumTrigger``, which polls the store from the triggerer ev
 (every item has its k verdicts) or at the deadline (``panel.deadline_hours`` after the
 batch was made).  On quorum the task returns the batch's progress; at the deadline it
 times out as sensors do (``soft_fail``: skipped), and the ``gate`` step rejects.
-
-A wait lasts days, so one database error must not end it: a store error (the database
-restarting, a dropped connection) is logged and retried with exponential backoff (from
-``poll_seconds``, doubling, at most ``MAX_BACKOFF_S``); only ``MAX_STORE_ERRORS`` errors in
-a row end the wait with an error, which fails the task.
+The trigger is :class:`rlhf_airflow.triggers.panel.PanelQuorumTrigger`.
 """
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Sequence
 
-from airflow.sdk import BaseOperatorLink, BaseSensorOperator, PokeReturnValue
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
-from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-MAX_BACKOFF_S = 900.0
-MAX_STORE_ERRORS = 12
-
-
-def transient(exc: BaseException) -> bool:
-    """Errors of the store a retry may cure: the database's own (SQLAlchemy's
-    OperationalError, InterfaceError, a dropped connection) and the network's."""
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
-    return isinstance(exc, (OperationalError, OSError)) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated)
-
-
-def backoff(errors: int, base: float) -> float:
-    return min(MAX_BACKOFF_S, max(base, 0.01) * 2 ** (errors - 1))
-
-
-class PanelQuorumTrigger(BaseTrigger):
-    def __init__(self, store_url: str, batch_id: str, deadline: str, poll_seconds: float):
-        super().__init__()
-        self.store_url, self.batch_id = store_url, batch_id
-        self.deadline, self.poll_seconds = deadline, poll_seconds
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"store_url": self.store_url, "batch_id": self.batch_id,
-                 "deadline": self.deadline, "poll_seconds": self.poll_seconds})
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        from rlhf_tasks.panel.store import PanelStore
-
-        deadline = datetime.fromisoformat(self.deadline)
-        store = None
-        self.errors = 0  # store errors in a row
-        try:
-            while True:
-                try:
-                    # one store (engine, pool) for the whole wait, not one per poll
-                    if store is None:
-                        store = await asyncio.to_thread(PanelStore, self.store_url)
-                    progress = await asyncio.to_thread(store.progress, self.batch_id)
-                except Exception as exc:  # noqa: BLE001 - classified below
-                    if not transient(exc):
-                        raise
-                    self.errors += 1
-                    if self.errors >= MAX_STORE_ERRORS:
-                        yield TriggerEvent({"status": "error", "error": str(exc)[:2000]})
-                        return
-                    delay = backoff(self.errors, self.poll_seconds)
-                    self.log.warning("panel store error %d of at most %d in a row, retrying in "
-                                     "%.0f s: %s", self.errors, MAX_STORE_ERRORS, delay,
-                                     str(exc).splitlines()[0][:300])
-                    await asyncio.sleep(delay)
-                    continue
-                self.errors = 0
-                if progress["complete"]:
-                    yield TriggerEvent({"status": "quorum", **progress})
-                    return
-                if datetime.now(timezone.utc) >= deadline:
-                    yield TriggerEvent({"status": "deadline", **progress})
-                    return
-                self.log.info("panel batch %s: %d of %d verdicts", self.batch_id,
-                              progress["verdicts_given"], progress["verdicts_needed"])
-                await asyncio.sleep(self.poll_seconds)
-        finally:
-            if store is not None:
-                store.dispose()
-
+from rlhf_airflow.links import ReviewPageLink
+from rlhf_airflow.triggers.panel import PanelQuorumTrigger
 
 def review_url(cfg) -> str:
     """Where reviewers judge: ``panel.review_url``, else the page inside Airflow."""
@@ -102,15 +29,6 @@ def review_url(cfg) -> str:
 
     base = conf.get("api", "base_url", fallback="") or "http://localhost:8080"
     return base.rstrip("/") + URL_PREFIX + "/"
-
-
-class ReviewPageLink(BaseOperatorLink):
-    """The "Review page" button of the panel wait: where the reviewers judge the batch."""
-
-    name = "Review page"
-
-    def get_link(self, operator, *, ti_key) -> str:
-        return getattr(operator, "review_page_url", None) or ""
 
 
 class PanelQuorumSensor(BaseSensorOperator):
@@ -206,7 +124,7 @@ class PanelQuorumSensor(BaseSensorOperator):
         # the wait starts: tell the panel (a sensor in reschedule mode runs this at every
         # poke, so it mails only when deferred or poking in one process)
         if progress["verdicts_given"] == 0 and (self.deferrable or self.mode == "poke"):
-            from rlhf_airflow.notify import review_waiting
+            from rlhf_airflow.notifications.rlhf import review_waiting
 
             review_waiting(context, batch_id=self.batch_id, items=progress["items"],
                            verdicts_needed=progress["verdicts_needed"], k=k,

@@ -34,6 +34,13 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 
 class SignOffOperator(ApprovalOperator):
+    """The approver's sign-off on a promotion (see the module).
+
+    Takes the ``ApprovalOperator``'s arguments (``subject``, ``body``, ``notifiers`` ...);
+    the assigned user and the timeout come from the run's config at run time
+    (``panel.approver``, ``panel.sign_off_timeout_hours``), and ``defaults`` is Reject.
+    """
+
     def __init__(self, **kwargs):
         kwargs.setdefault("ignore_downstream_trigger_rules", True)
         kwargs.setdefault("defaults", [self.REJECT])
@@ -79,7 +86,7 @@ class SignOffOperator(ApprovalOperator):
         import json
 
         from rlhf_airflow.backends import step_argv
-        from rlhf_airflow.operators import announce, run_local_step
+        from rlhf_airflow.operators.step import announce, run_local_step
         from rlhf_airflow.run_config import resolve
 
         cfg = self._config(context)

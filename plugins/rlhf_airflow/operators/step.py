@@ -2,7 +2,7 @@
 
 * ``local``: a subprocess on the worker, its output in the task log.
 * ``kubernetes``: a pod (this operator *is* a KubernetesPodOperator), built from the run
-  config by :func:`rlhf_airflow.kubernetes.pod_settings`, deferrable (the task holds no
+  config by :func:`rlhf_airflow.pods.pod_settings`, deferrable (the task holds no
   worker slot while the pod runs; logs are fetched every ``logging_interval`` seconds),
   its result read back through the XCom sidecar.
 * ``kubernetes`` with ``compute.num_nodes > 1`` (training steps): a Kubeflow Trainer
@@ -83,6 +83,22 @@ def announce(operator, context, result):
 
 
 class RlhfStepOperator(KubernetesPodOperator):
+    """Run one registered step (``rlhf run STEP``) on the backend the run's config names.
+
+    :param step: the step's name in ``rlhf_tasks.steps.STEPS``; a GPU step takes the GPU
+        queue and the ``gpu`` pool unless ``queue``/``pool``/``pool_slots`` are given.
+    :param config_uri: the config file; default ``RUN_CONFIG``, the run's own config,
+        derived from the run and pinned by its digest (never taken from an XCom).
+    :param overrides: extra ``key=value`` settings for the step (templated).
+    :param backend: ``local`` or ``kubernetes``; default the run config's
+        ``compute.backend`` (the bookkeeping steps use ``local``).
+    :param parent_run: the pipeline's MLflow parent run: ``start_tracking``'s result as an
+        XComArg (its ``parent_run_id`` must be a 32-hex run id), or a run id.
+
+    Other arguments are the ``KubernetesPodOperator``'s; the Kubernetes connection is the
+    run config's ``compute.kubernetes.kubernetes_conn_id``.
+    """
+
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "config_uri",
                                       "overrides", "backend", "parent_run")
     ui_color = "#e8d5f5"
@@ -136,7 +152,7 @@ class RlhfStepOperator(KubernetesPodOperator):
         operator reads at run time: the form chose the backend and the sizes)."""
         from airflow.providers.cncf.kubernetes.utils.pod_manager import OnFinishAction
 
-        from rlhf_airflow.kubernetes import pod_settings
+        from rlhf_airflow.pods import pod_settings
 
         cfg = cfg or self._config()
         for name, value in pod_settings(cfg, self.step, self.config_uri, self.overrides,
@@ -204,7 +220,7 @@ class RlhfStepOperator(KubernetesPodOperator):
         self._wait_trainjob(cfg, name, logs_since=None)
 
     def _wait_trainjob(self, cfg, name: str, logs_since: float | None):
-        from rlhf_airflow.trainjob import TrainJobTrigger
+        from rlhf_airflow.triggers.trainjob import TrainJobTrigger
 
         kube = cfg.compute.kubernetes
         self.defer(trigger=TrainJobTrigger(name, kube.namespace, kube.kubernetes_conn_id,
@@ -249,7 +265,7 @@ class RlhfStepOperator(KubernetesPodOperator):
         self._pin_config(context)
         cfg = self._config()
         hook = self._hook(cfg)
-        name, state = event["name"], event["state"]
+        name, state = event["name"], event["status"]
         namespace = cfg.compute.kubernetes.namespace
         if state == "error":
             raise RuntimeError(f"TrainJob {name}: the Kubernetes API failed: {event['reason']}")

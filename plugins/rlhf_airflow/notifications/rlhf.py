@@ -82,11 +82,23 @@ def _slack_escape(text: str) -> str:
 
 
 class RlhfNotifier(BaseNotifier):
+    """One event, sent where the admin's connection says (mail, Slack, Apprise, webhook).
+
+    :param event: the event's name (``run_failed``, ``gate_decision`` ...), in the webhook
+        payload.
+    :param subject: the subject line (templated).
+    :param text: the message (templated).
+    :param notify_conn_id: the Airflow connection; default ``$RLHF_NOTIFY_CONN_ID``, else
+        ``rlhf_notifications``.  No such connection: nothing is sent.
+    """
+
     template_fields = ("subject", "text")
 
-    def __init__(self, event: str, subject: str, text: str, **kwargs):
+    def __init__(self, event: str, subject: str, text: str, *,
+                 notify_conn_id: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.event, self.subject, self.text = event, subject, text
+        self.notify_conn_id = notify_conn_id
 
     def payload(self, context: dict[str, Any]) -> dict[str, Any]:
         """What a webhook receives: the event, the rendered subject and text, the run."""
@@ -98,7 +110,7 @@ class RlhfNotifier(BaseNotifier):
                 "task_id": getattr(ti, "task_id", None)}
 
     def notify(self, context: dict[str, Any]) -> None:
-        name = conn_id()
+        name = self.notify_conn_id or conn_id()
         conn = connection(name)
         if conn is None:
             log.info("notification %s not sent: no Airflow connection %r", self.event, name)

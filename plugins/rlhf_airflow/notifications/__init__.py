@@ -1,0 +1,1 @@
+"""Notifications of the rlhf_airflow provider-style package."""

@@ -1,0 +1,1 @@
+"""Operators of the rlhf_airflow provider-style package."""

@@ -1,0 +1,1 @@
+"""Sensors of the rlhf_airflow provider-style package."""

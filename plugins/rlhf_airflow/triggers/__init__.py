@@ -1,0 +1,1 @@
+"""Triggers of the rlhf_airflow provider-style package."""
