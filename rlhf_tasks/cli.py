@@ -96,7 +96,7 @@ def cmd_data_validate(args) -> int:
     cfg = config.load(args.config, overrides)
     storage = Storage.from_config(cfg, extra_read_roots=[
         p for p in (args.path, args.eval_set, args.tokenizer)
-        if p and not p.startswith("s3://")])
+        if p and "://" not in p])
     eval_keys = (validation.read_prompt_keys(storage, args.eval_set, cfg.data.max_file_mb)
                  if args.eval_set and args.kind != "eval" else None)
     with tempfile.TemporaryDirectory(prefix="rlhf-validate-") as tmp:

@@ -1,6 +1,6 @@
 """Pipeline configuration: one pydantic model per step section.
 
-Loaded from YAML or JSON (local path or ``s3://``), overridden with ``--set a.b=c``
+Loaded from YAML or JSON (local path, ``s3://`` or another object store), overridden with ``--set a.b=c``
 and, in Airflow, built from the DAG's Params.  An invalid value fails here, before any
 GPU time is spent, naming the field and what is allowed.
 
@@ -329,7 +329,8 @@ class RegistrySection(Section):
 
 
 class StorageSection(Section):
-    artifact_root: str = Field(".rlhf/artifacts", description="Local folder or s3://bucket/prefix.")
+    artifact_root: str = Field(".rlhf/artifacts", description="Local folder, s3://bucket/prefix, "
+                               "or gs://, abfs:// (fsspec; gcsfs or adlfs installed).")
     allowed_roots: list[str] = Field(default_factory=list,
                                      description="Extra roots that inputs may be read from.")
     s3_endpoint_url: str | None = Field(None, description="For MinIO or another S3 API.")
@@ -568,8 +569,11 @@ def parse_text(text: str, source: str) -> dict[str, Any]:
 
 
 def read_source(source: str) -> str:
-    """The text of a config file (local or s3://); BadInput when it is missing or not UTF-8."""
-    if source.startswith("s3://"):
+    """The text of a config file (local, s3:// or another object store); BadInput when it is
+    missing or not UTF-8."""
+    from rlhf_tasks.storage import is_remote
+
+    if is_remote(source):
         from rlhf_tasks.storage import read_text_unchecked
 
         return read_text_unchecked(source)

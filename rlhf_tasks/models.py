@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from rlhf_tasks.errors import BadInput
-from rlhf_tasks.storage import MANIFEST, Storage, is_s3, join, sha256_file
+from rlhf_tasks.storage import MANIFEST, Storage, is_remote, join, sha256_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt",
@@ -76,9 +76,9 @@ def local_model_dir(uri: str, storage: Storage | None = None,
                     revision: str | None = None, download: bool = False) -> Path:
     """A local folder holding the checkpoint at ``uri`` (downloaded once from S3, or found
     in the Hugging Face cache for a hub id; fetched from the hub only with ``download``)."""
-    if is_s3(uri):
+    if is_remote(uri):
         if storage is None:
-            raise BadInput("an s3:// model needs the storage settings", file=uri)
+            raise BadInput("a model in an object store needs the storage settings", file=uri)
         target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
         if (target / ".complete").exists():
             return target
@@ -101,7 +101,7 @@ def base_model_dir(cfg, storage: Storage | None = None) -> Path:
     S3 prefix must lie inside its roots, checked again here after normalising (``..`` and
     links resolved): the config could have been written by someone other than the form."""
     uri = cfg.model.base_model
-    if storage is not None and (is_s3(uri) or Path(uri).expanduser().exists()):
+    if storage is not None and (is_remote(uri) or Path(uri).expanduser().exists()):
         storage.check_read(uri)
     return local_model_dir(cfg.model.base_model, storage, revision=cfg.model.revision,
                            download=cfg.model.hub_downloads)

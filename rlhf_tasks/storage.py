@@ -1,4 +1,12 @@
-"""One small API over local paths and ``s3://`` URIs.
+"""One small API over local paths, ``s3://`` URIs and the object stores fsspec reaches.
+
+* ``s3://`` (AWS S3, MinIO, any S3 API) through boto3, with its transfer manager
+  (multipart over ``storage.multipart_threshold_mb``) and retries;
+* ``gs://`` / ``gcs://`` (Google Cloud Storage, ``gcsfs``), ``abfs://`` / ``abfss://`` /
+  ``az://`` (Azure Blob Storage and ADLS Gen2, ``adlfs``) and ``memory://`` through fsspec
+  (``FSSPEC_SCHEMES``); the cloud's filesystem package is installed by whoever uses it
+  (credentials from that cloud's usual environment), and a missing one is named in the
+  error.  s3:// stays on boto3: ``s3fs`` pins an older botocore than the project's boto3.
 
 * Writes are atomic: a local file is written under a temporary name and renamed; an S3
   object appears only when its PUT or multipart upload completes (boto3 aborts an
@@ -7,7 +15,10 @@
 * URIs outside the configured roots are refused: writes only under ``artifact_root``,
   reads under ``artifact_root`` and ``allowed_roots``.
 
-Light module: boto3 is imported only when an ``s3://`` URI is used.
+The same rules hold on every store: missing or refused objects are BadInput (exit 2),
+network faults a TransientStorageError (exit 1, retried).
+
+Light module: boto3 and fsspec are imported only when a remote URI is used.
 """
 
 from __future__ import annotations
@@ -28,8 +39,32 @@ from rlhf_tasks.errors import BadInput
 MANIFEST = "MANIFEST.json"
 
 
+# object stores reached through fsspec: scheme -> the package that provides it
+FSSPEC_SCHEMES = {"gs": "gcsfs", "gcs": "gcsfs", "abfs": "adlfs", "abfss": "adlfs",
+                  "az": "adlfs", "memory": "fsspec"}
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
+
+
+def is_fsspec(uri: str) -> bool:
+    scheme, sep, _ = uri.partition("://")
+    return bool(sep) and scheme in FSSPEC_SCHEMES
+
+
+def is_remote(uri: str) -> bool:
+    """An object-store URI (``s3://`` or an fsspec scheme), not a local path."""
+    return is_s3(uri) or is_fsspec(uri)
+
+
+def split_remote(uri: str) -> tuple[str, str, str]:
+    """(scheme, bucket or container, key) of a remote URI."""
+    scheme, _, rest = uri.partition("://")
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise BadInput(f"not an object-store URI: {uri!r}")
+    return scheme, bucket, key
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -77,6 +112,29 @@ PERMANENT_S3_ERRORS = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket",
                                  "InvalidAccessKeyId", "SignatureDoesNotMatch"})
 
 
+def fsspec_error(exc: BaseException, uri: str) -> Exception:
+    """As for S3: a missing object or a refused permission is BadInput (exit 2); anything
+    else (a dropped connection, a 5xx) a TransientStorageError (exit 1, retried)."""
+    if isinstance(exc, FileNotFoundError):
+        return BadInput("file not found", file=uri)
+    if isinstance(exc, PermissionError):
+        return BadInput(f"cannot read (permission denied): {exc}", file=uri)
+    return TransientStorageError(f"{type(exc).__name__} on {uri}: {exc}")
+
+
+def filesystem(uri: str):
+    """(fsspec filesystem, path) for an fsspec URI; the filesystem's package missing is
+    BadInput naming it."""
+    try:
+        from fsspec.core import url_to_fs
+
+        return url_to_fs(uri)
+    except ImportError as exc:
+        package = FSSPEC_SCHEMES.get(uri.partition("://")[0], "its fsspec implementation")
+        raise BadInput(f"{uri.partition('://')[0]}:// needs the package {package} "
+                       f"({exc})", file=uri) from None
+
+
 class TransientStorageError(Exception):
     """A storage error a retry may fix (throttling, 5xx, a reset connection): exit 1."""
 
@@ -92,6 +150,18 @@ def s3_read_error(exc, uri: str) -> Exception:
 
 def read_text_unchecked(uri: str) -> str:
     """Read a config file before a Storage exists (endpoint from AWS_ENDPOINT_URL)."""
+    if is_fsspec(uri):
+        fs, path = filesystem(uri)
+        try:
+            body = fs.cat_file(path)
+        except Exception as exc:  # noqa: BLE001 - classified: bad input or a transient fault
+            error = fsspec_error(exc, uri)
+            raise type(error)(f"cannot read config {uri}: {exc}") from None
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInput(f"config file {uri} is not UTF-8 text ({exc.reason} at byte "
+                           f"{exc.start})") from None
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3(uri)
@@ -113,7 +183,8 @@ def read_text_unchecked(uri: str) -> str:
 
 
 class Storage:
-    """Reads and writes artifacts under configured roots, locally or on S3."""
+    """Reads and writes artifacts under configured roots: locally, on S3, or on an object
+    store fsspec reaches."""
 
     def __init__(self, artifact_root: str, allowed_roots: list[str] | tuple[str, ...] = (), *,
                  s3_endpoint_url: str | None = None, s3_region: str | None = None,
@@ -135,12 +206,15 @@ class Storage:
     # -- roots -------------------------------------------------------------------------
     @staticmethod
     def normalise(uri: str) -> str:
-        if is_s3(uri):
-            bucket, key = split_s3(uri)
+        if is_remote(uri):
+            scheme, bucket, key = split_remote(uri)
             parts = [p for p in key.split("/") if p]
-            if any(p in (".", "..") for p in parts):
-                raise BadInput(f"S3 URI may not contain '.' or '..' segments: {uri}")
-            return "s3://" + "/".join([bucket] + parts)
+            if bucket in (".", "..") or any(p in (".", "..") for p in parts):
+                raise BadInput(f"{scheme}:// URI may not contain '.' or '..' segments: {uri}")
+            return f"{scheme}://" + "/".join([bucket] + parts)
+        if "://" in uri and not uri.startswith("file://"):
+            raise BadInput(f"unsupported storage scheme {uri.partition('://')[0]!r} in {uri} "
+                           f"(local paths, s3:// and {', '.join(sorted(FSSPEC_SCHEMES))}://)")
         return str(_local(uri))
 
     @staticmethod
@@ -173,9 +247,22 @@ class Storage:
         return TransferConfig(multipart_threshold=self.multipart_threshold,
                               multipart_chunksize=self.multipart_threshold)
 
+    @staticmethod
+    def _fs_call(uri: str, call):
+        """``call(fs, path)`` on the fsspec filesystem of ``uri``, its errors classified."""
+        fs, path = filesystem(uri)
+        try:
+            return call(fs, path)
+        except BadInput:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified: bad input or a transient fault
+            raise fsspec_error(exc, uri) from None
+
     # -- reads -------------------------------------------------------------------------
     def exists(self, uri: str) -> bool:
         uri = self.check_read(uri)
+        if is_fsspec(uri):
+            return self._fs_call(uri, lambda fs, path: fs.isfile(path))
         if not is_s3(uri):
             return Path(uri).exists()
         bucket, key = split_s3(uri)
@@ -191,6 +278,8 @@ class Storage:
 
     def size(self, uri: str) -> int:
         uri = self.check_read(uri)
+        if is_fsspec(uri):
+            return int(self._fs_call(uri, lambda fs, path: fs.size(path)))
         if not is_s3(uri):
             try:
                 return Path(uri).stat().st_size
@@ -206,6 +295,8 @@ class Storage:
 
     def read_bytes(self, uri: str) -> bytes:
         uri = self.check_read(uri)
+        if is_fsspec(uri):
+            return self._fs_call(uri, lambda fs, path: fs.cat_file(path))
         if not is_s3(uri):
             try:
                 return Path(uri).read_bytes()
@@ -224,8 +315,14 @@ class Storage:
 
     @contextlib.contextmanager
     def local_copy(self, uri: str) -> Iterator[Path]:
-        """A local path for ``uri``: the file itself, or a temporary download from S3."""
+        """A local path for ``uri``: the file itself, or a temporary download."""
         uri = self.check_read(uri)
+        if is_fsspec(uri):
+            with tempfile.TemporaryDirectory(prefix="rlhf-fs-") as tmp:
+                target = Path(tmp) / uri.rstrip("/").rsplit("/", 1)[-1]
+                self._fs_call(uri, lambda fs, path: fs.get_file(path, str(target)))
+                yield target
+            return
         if not is_s3(uri):
             path = Path(uri)
             if not path.exists():
@@ -246,6 +343,18 @@ class Storage:
     def list(self, prefix: str) -> list[str]:
         """Every file under ``prefix`` (recursively), as full URIs, sorted."""
         prefix = self.check_read(prefix)
+        if is_fsspec(prefix):
+            scheme = prefix.partition("://")[0]
+            root = prefix.rstrip("/") + "/"
+
+            def found(fs, path):
+                if not fs.isdir(path):
+                    return []
+                names = [p for p in fs.find(path) if fs.isfile(p)]
+                # fsspec paths drop the scheme (memory:// adds a leading '/'): put it back
+                return [f"{scheme}://{p.lstrip('/')}" for p in names]
+
+            return sorted(u for u in self._fs_call(prefix, found) if u.startswith(root))
         if not is_s3(prefix):
             root = Path(prefix)
             if not root.is_dir():
@@ -277,7 +386,9 @@ class Storage:
             target = local_dir / name
             target.parent.mkdir(parents=True, exist_ok=True)
             src = join(uri, name)
-            if is_s3(src):
+            if is_fsspec(src):
+                self._fs_call(src, lambda fs, path: fs.get_file(path, str(target)))
+            elif is_s3(src):
                 bucket, key = split_s3(src)
                 self.s3.download_file(bucket, key, str(target), Config=self._transfer_config())
             else:
@@ -290,6 +401,10 @@ class Storage:
     def put_file(self, local_path: str | Path, uri: str) -> str:
         """Copy a local file to ``uri`` atomically; returns the normalised URI."""
         uri = self.check_write(uri)
+        if is_fsspec(uri):
+            # object stores make an object visible only once its upload is committed
+            self._fs_call(uri, lambda fs, path: fs.put_file(str(local_path), path))
+            return uri
         if is_s3(uri):
             bucket, key = split_s3(uri)
             # upload_file completes a multipart upload only when every part is in, and
@@ -310,6 +425,9 @@ class Storage:
 
     def write_bytes(self, uri: str, data: bytes) -> str:
         uri = self.check_write(uri)
+        if is_fsspec(uri):
+            self._fs_call(uri, lambda fs, path: fs.pipe_file(path, data))
+            return uri
         if is_s3(uri):
             bucket, key = split_s3(uri)
             self.s3.put_object(Bucket=bucket, Key=key, Body=data)

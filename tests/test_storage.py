@@ -134,3 +134,87 @@ def test_get_dir_refuses_manifest_names_outside_the_destination(tmp_path, name):
     assert not (tmp_path / "dest" / "escaped.txt").exists()
     assert not (tmp_path / "escaped.txt").exists()
     assert not (dest / "weights.bin").exists()  # nothing at all was copied
+
+
+@pytest.fixture()
+def memory_store():
+    """fsspec's in-memory object store, emptied around each test (it is process-wide)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    MemoryFileSystem.store.clear()
+    MemoryFileSystem.pseudo_dirs[:] = [""]
+    yield MemoryFileSystem
+    MemoryFileSystem.store.clear()
+    MemoryFileSystem.pseudo_dirs[:] = [""]
+
+
+def test_an_fsspec_store_keeps_the_same_rules(tmp_path, memory_store, tokenizer):
+    """gs://, abfs:// and the other fsspec stores go through one path, tried here on
+    fsspec's memory store: roots, '..', manifests written last and checked on the way
+    back, a dataset validated from the store, a model folder fetched from it."""
+    from rlhf_tasks import config, models
+    from rlhf_tasks.data import validation
+
+    st = Storage("memory://team/runs", ["memory://team/data"])
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "b.bin").write_bytes(b"\x01" * 10)
+    manifest = st.put_dir(src, "memory://team/runs/r1/model")
+    assert set(manifest["files"]) == {"config.json", "sub/b.bin"}
+    assert st.is_complete("memory://team/runs/r1/model")
+    assert st.list("memory://team/runs/r1") == [
+        "memory://team/runs/r1/model/MANIFEST.json", "memory://team/runs/r1/model/config.json",
+        "memory://team/runs/r1/model/sub/b.bin"]
+    assert st.list("memory://team/runs/none") == []
+    out = st.get_dir("memory://team/runs/r1/model", tmp_path / "copy")
+    assert (out / "sub" / "b.bin").read_bytes() == b"\x01" * 10
+    cached = models.local_model_dir("memory://team/runs/r1/model", st,
+                                    cache_dir=tmp_path / "cache")
+    assert (cached / "sub" / "b.bin").read_bytes() == b"\x01" * 10
+    memory_store.store["/team/runs/r1/model/sub/b.bin"].write(b"tampered")
+    with pytest.raises(BadInput, match="sha256 mismatch"):
+        st.get_dir("memory://team/runs/r1/model", tmp_path / "copy2")
+
+    with pytest.raises(BadInput, match="outside artifact_root"):
+        st.write_bytes("memory://team/data/x", b"x")
+    with pytest.raises(BadInput, match=r"'\.\.'"):
+        st.write_bytes("memory://team/runs/../data/x", b"x")
+    with pytest.raises(BadInput, match="outside the configured storage roots"):
+        st.read_bytes("memory://other/secret")
+    with pytest.raises(BadInput, match="file not found"):
+        st.read_bytes("memory://team/runs/missing.json")
+
+    body = "\n".join(json.dumps({"prompt": f"p{i}", "chosen": "Led it, cutting costs by 10%",
+                                 "rejected": "helped"}) for i in range(5))
+    memory_store().pipe_file("/team/data/p.jsonl", body.encode())
+    cfg = config.validate({"data": {"min_preference_rows": 1}})
+    result = validation.validate_dataset(
+        storage=st, uri="memory://team/data/p.jsonl", kind="preference", fmt="auto",
+        load_tokenizer=lambda: tokenizer, data_cfg=cfg.data, eval_keys=None,
+        docs_dir=tmp_path / "d")
+    assert result.rows_kept == 5
+
+
+def test_fsspec_faults_are_transient_and_a_missing_package_is_named(memory_store,
+                                                                    monkeypatch):
+    """A dropped connection is a fault (exit 1, retried), as on S3; a store whose fsspec
+    package is not installed (gcsfs for gs://) is bad input naming the package."""
+    from rlhf_tasks.storage import TransientStorageError
+
+    st = Storage("memory://team/runs")
+    st.write_bytes("memory://team/runs/x.json", b"{}")
+
+    def dropped(self, path, *args, **kwargs):
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(memory_store, "cat_file", dropped)
+    with pytest.raises(TransientStorageError, match="ConnectionResetError"):
+        st.read_bytes("memory://team/runs/x.json")
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is None:
+        with pytest.raises(BadInput, match="needs the package gcsfs"):
+            Storage("gs://bucket/runs").read_bytes("gs://bucket/runs/x.json")
+    with pytest.raises(BadInput, match="unsupported storage scheme 'ftp'"):
+        Storage("ftp://host/runs")

@@ -233,7 +233,7 @@ def admin_config_source(requested: str | None) -> str | None:
     to that folder, or a path in it; symbolic links are followed before the check).
     Anything else is BadInput naming ``config_file``."""
     from rlhf_tasks.errors import BadInput
-    from rlhf_tasks.storage import Storage, is_s3
+    from rlhf_tasks.storage import Storage, is_remote
 
     base = os.environ.get("RLHF_BASE_CONFIG", "").strip() or None
     folder = os.environ.get("RLHF_CONFIG_DIR", "").strip() or None
@@ -246,8 +246,8 @@ def admin_config_source(requested: str | None) -> str | None:
         return base
     if folder:
         root = canonical(folder)
-        if is_s3(root):
-            candidate = requested if is_s3(requested) else root + "/" + requested
+        if is_remote(root):
+            candidate = requested if is_remote(requested) else root + "/" + requested
         elif "://" in requested:
             candidate = ""
         else:

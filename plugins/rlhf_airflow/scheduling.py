@@ -62,7 +62,7 @@ def base_config(path: str | None = None) -> rlhf_config.PipelineConfig | None:
     a DAG file that fails to parse would hide the DAG from every user).  Read once per
     version of the file: a DAG parse asks for it once per step task."""
     path = path if path is not None else os.environ.get("RLHF_BASE_CONFIG", "")
-    if not path or path.startswith("s3://") or not Path(path).is_file():
+    if not path or "://" in path or not Path(path).is_file():
         return None
     stat = Path(path).stat()
     return _load_base_config(path, stat.st_mtime_ns, stat.st_size)
