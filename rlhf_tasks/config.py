@@ -259,6 +259,10 @@ class PanelSection(Section):
         "simulated", description="simulated: rubric raters judge at once (demo, tests); "
                                  "human: the DAG waits for reviewers.")
     verdicts_per_item: int = Field(3, ge=1, le=15, description="k: verdicts each item needs.")
+    idle_cap_seconds: float = Field(600.0, gt=0.0, le=86400.0,
+                                    description="A verdict's measured expert time (served to "
+                                                "verdict) counts at most this long: idle time "
+                                                "beyond it is not counted.")
     quality_bar: str = Field("Pass a response only if it meets the team's quality bar.",
                              min_length=1, max_length=5000,
                              description="What reviewers judge against (shown on every item).")

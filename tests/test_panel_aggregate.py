@@ -192,3 +192,36 @@ def test_the_candidate_is_compared_with_every_model_on_shared_prompts():
     assert paired_comparisons(result, "rlhf") == {"sft": {
         "lift": pytest.approx(0.25), "better": 5, "worse": 0, "prompts": 20,
         "p_value": 1 / 32}}
+
+
+def test_expert_time_in_all_per_model_and_per_reviewer():
+    from rlhf_tasks.panel.aggregate import expert_time
+
+    rows = [{"model": "rlhf", "reviewer": "ann", "seconds": 30.0, "source": "web"},
+            {"model": "rlhf", "reviewer": "bob", "seconds": 50.0, "source": "api"},
+            {"model": "sft", "reviewer": "ann", "seconds": 20.0, "source": "web"},
+            {"model": "sft", "reviewer": "cat", "seconds": 60.0, "source": "import"},
+            {"model": "sft", "reviewer": "sim", "seconds": None, "source": "simulated"}]
+    got = expert_time(rows)
+    assert (got["verdicts"], got["timed"], got["measured"], got["declared"]) == (5, 4, 3, 1)
+    assert got["seconds"] == 160.0 and got["mean_seconds"] == 40.0
+    assert got["per_model"]["rlhf"]["seconds"] == 80.0
+    assert got["per_model"]["sft"] == {"verdicts": 3, "timed": 2, "measured": 1,
+                                       "declared": 1, "seconds": 80.0, "mean_seconds": 40.0}
+    assert got["per_reviewer"]["ann"]["seconds"] == 50.0
+    assert got["per_reviewer"]["sim"]["mean_seconds"] is None
+    simulated = expert_time([rows[-1]])
+    assert simulated["timed"] == 0 and simulated["mean_seconds"] is None
+
+
+def test_expert_time_metrics_are_valid_mlflow_names():
+    from rlhf_tasks.panel.aggregate import expert_time
+    from rlhf_tasks.steps.panel import expert_time_metrics
+
+    rows = [{"model": "rlhf", "reviewer": "ann.lee@example.org", "seconds": 12.0,
+             "source": "web"}]
+    metrics = expert_time_metrics(expert_time(rows))
+    assert metrics["expert_seconds_reviewer/ann.lee_example.org"] == 12.0
+    assert metrics["expert_seconds_model/rlhf"] == 12.0
+    assert expert_time_metrics(expert_time([{**rows[0], "seconds": None}])) == {
+        "expert_seconds_timed_verdicts": 0.0}

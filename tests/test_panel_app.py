@@ -135,6 +135,40 @@ def test_broken_jsonl_names_the_line(store, tmp_path):
         import_verdicts(store, path, "dave")
 
 
+def test_an_import_records_the_declared_time_and_names_a_bad_one(store, tmp_path):
+    path = tmp_path / "timed.jsonl"
+    items = [json.loads(ln) for ln in (export_batch(store, store.batch_id, path) and
+                                        path.read_text().splitlines())]
+    rows = [{**items[0], "verdict": "pass", "seconds": "42"},
+            {**items[1], "verdict": "fail", "seconds": ""},
+            {**items[2], "verdict": "fail", "seconds": "-3"},
+            {**items[3], "verdict": "pass", "seconds": "1e9"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(BadInput) as err:
+        import_verdicts(store, path, "erin")
+    assert f"{path}:3: seconds: '-3' is not between 0 and 86400" in str(err.value)
+    assert f"{path}:4: seconds: '1e9' is not between 0 and 86400" in str(err.value)
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    assert import_verdicts(store, path, "erin").imported == 2
+    timed = {r["item_id"]: r["seconds"] for r in store.verdict_rows(store.batch_id)
+             if r["reviewer"] == "erin"}
+    assert timed == {items[0]["item_id"]: 42.0, items[1]["item_id"]: None}
+
+
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(),
+                 st.integers(), st.booleans(), st.none()))
+def test_parse_seconds_is_total(value):
+    """Anything is a time from 0 to a day, blank, or a ValueError naming the value."""
+    from rlhf_tasks.panel.offline import parse_seconds
+
+    try:
+        seconds = parse_seconds(value)
+    except ValueError as exc:
+        assert repr(value) in str(exc)
+    else:
+        assert seconds is None or 0.0 <= seconds <= 86400.0
+
+
 @given(st.sampled_from(["pass", "PASS", " Yes ", "y", "true", "1", "passed"]))
 def test_parse_verdict_pass_words(word):
     assert parse_verdict(word) is True
@@ -200,8 +234,9 @@ def test_nothing_a_reviewer_reads_carries_the_model_or_its_order(client, store, 
     out = tmp_path / "export.jsonl"
     export_batch(store, store.batch_id, out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # "seconds" is the reviewer's own declared time, to fill in: empty in an export
     assert all(set(r) == {"item_id", "prompt", "response", "quality_bar", "verdict",
-                          "comment"} for r in rows)
+                          "comment", "seconds"} and r["seconds"] == "" for r in rows)
     # item ids are random, not a sequence that would follow the generation order
     assert len({r["item_id"] for r in rows}) == len(rows) and all(
         len(r["item_id"]) == 32 for r in rows)

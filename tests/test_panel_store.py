@@ -316,3 +316,40 @@ def test_a_store_made_by_an_older_release_gains_the_new_columns(tmp_path):
         assert store.batch("b1").closed_at is not None
     finally:
         store.dispose()
+
+
+def test_expert_time_is_measured_from_serving_capped_and_kept_apart(store):
+    """A verdict's time runs from the item's first serving to that reviewer (a reload does
+    not restart it) to the verdict, on the store's clock, at most the batch's idle cap; a
+    simulated rater has none, an offline import what it declares."""
+    from datetime import datetime, timezone
+
+    from rlhf_tasks.panel.store import Assignment
+
+    batch = store.create_batch(pipeline="p", run_id="t", items=_items(n_prompts=2),
+                               verdicts_per_item=1, quality_bar="bar", simulated=False,
+                               idle_cap_seconds=120)
+
+    def served_ago(item_id, reviewer, seconds):
+        with store.session() as s:
+            row = s.get(Assignment, (item_id, reviewer))
+            row.served_at = datetime.now(timezone.utc) - timedelta(seconds=seconds)
+            s.commit()
+
+    first = store.next_item(batch, "ann")
+    served_ago(first.id, "ann", 90)
+    assert store.next_item(batch, "ann").id == first.id  # a reload: the clock runs on
+    store.record_verdict(first.id, "ann", True)
+    idle = store.next_item(batch, "ann")
+    served_ago(idle.id, "ann", 7200)  # left open for two hours
+    store.record_verdict(idle.id, "ann", False)
+    bot = store.next_item(batch, "sim")
+    store.record_verdict(bot.id, "sim", True, source="simulated")
+    items = [i["id"] for i in store.items(batch)]
+    store.record_verdict(items[-1] if items[-1] not in (first.id, idle.id, bot.id)
+                         else items[0], "carl", True, source="import", seconds=45.5)
+    seconds = {r["reviewer"] + ("-idle" if r["item_id"] == idle.id else ""): r["seconds"]
+               for r in store.verdict_rows(batch)}
+    assert 88 <= seconds["ann"] <= 93, seconds  # the store's clock has whole seconds on SQLite
+    assert seconds["ann-idle"] == 120.0
+    assert seconds["sim"] is None and seconds["carl"] == 45.5

@@ -146,3 +146,28 @@ def reward_agreement(outcomes: dict[int, bool], rewards: dict[int, float]
         return None, len(passed), len(failed)
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in passed for b in failed)
     return wins / (len(passed) * len(failed)), len(passed), len(failed)
+
+
+def expert_time(verdicts: list[dict]) -> dict:
+    """The experts' time on a batch, from the verdicts' ``seconds`` (measured on the review
+    page and API, declared for offline imports, none for simulated raters): in all, per
+    model and per reviewer, each with the verdicts it counts and the mean per timed
+    verdict.  A simulated panel has no expert time: ``timed`` is 0 and says so."""
+    def summary(rows: list[dict]) -> dict:
+        timed = [float(r["seconds"]) for r in rows if r.get("seconds") is not None]
+        return {"verdicts": len(rows), "timed": len(timed),
+                "measured": sum(r.get("seconds") is not None and r.get("source") != "import"
+                                for r in rows),
+                "declared": sum(r.get("seconds") is not None and r.get("source") == "import"
+                                for r in rows),
+                "seconds": round(sum(timed), 3),
+                "mean_seconds": round(sum(timed) / len(timed), 3) if timed else None}
+
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    by_reviewer: dict[str, list[dict]] = defaultdict(list)
+    for row in verdicts:
+        by_model[row["model"]].append(row)
+        by_reviewer[row["reviewer"]].append(row)
+    return {**summary(verdicts),
+            "per_model": {m: summary(rows) for m, rows in sorted(by_model.items())},
+            "per_reviewer": {r: summary(rows) for r, rows in sorted(by_reviewer.items())}}

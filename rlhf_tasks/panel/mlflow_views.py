@@ -198,6 +198,7 @@ def publish(cfg, *, batch_id: str, answers: list[dict], verdicts: list[dict], k:
                     rationale=v.get("comment") or None,
                     metadata={"batch_id": batch_id, "verdict_id": str(v["id"]),
                               "counted": str(v["id"] in counted).lower(),
+                              "seconds": "" if v.get("seconds") is None else str(v["seconds"]),
                               "given_at": str(v.get("created_at") or "")})
             decided = outcomes.get(model, {})
             if decided:

@@ -5,7 +5,9 @@ empty ``verdict`` and ``comment`` columns.  Import is all or nothing: every row 
 checked first, and any bad row stops the import with its file, line and field named.
 Rows left blank are skipped (not judged yet); rows the reviewer already judged are
 skipped, so a file can be imported again safely.  The reviewer is named by the admin
-running the import (``--reviewer``): the file carries no identity.
+running the import (``--reviewer``): the file carries no identity.  ``seconds`` (optional)
+is the time the reviewer declares for the verdict; left blank, the verdict has no time
+(an offline panel's time cannot be measured).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 from rlhf_tasks.errors import BadInput
 from rlhf_tasks.panel.store import AlreadyJudged, BatchClosed, PanelStore
 
-COLUMNS = ["item_id", "prompt", "response", "quality_bar", "verdict", "comment"]
+COLUMNS = ["item_id", "prompt", "response", "quality_bar", "verdict", "comment", "seconds"]
+MAX_DECLARED_SECONDS = 86400.0
 PASS_WORDS = {"pass", "passed", "p", "yes", "y", "true", "1"}
 FAIL_WORDS = {"fail", "failed", "f", "no", "n", "false", "0"}
 
@@ -35,6 +38,21 @@ def parse_verdict(value) -> bool | None:
     if text in FAIL_WORDS:
         return False
     raise ValueError(f"verdict {value!r} is not pass or fail")
+
+
+def parse_seconds(value) -> float | None:
+    """A declared time in seconds (0 to a day); None when blank."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number of seconds")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number of seconds") from None
+    if not 0.0 <= seconds <= MAX_DECLARED_SECONDS:  # also refuses nan and inf
+        raise ValueError(f"{value!r} is not between 0 and {MAX_DECLARED_SECONDS:.0f}")
+    return seconds
 
 
 def _format(path: Path) -> str:
@@ -57,7 +75,8 @@ def csv_cell(value: str) -> str:
 def export_batch(store: PanelStore, batch_id: str, path: Path) -> int:
     batch = store.batch(batch_id)
     rows = [{"item_id": i["id"], "prompt": i["prompt"], "response": i["response"],
-             "quality_bar": batch.quality_bar, "verdict": "", "comment": ""}
+             "quality_bar": batch.quality_bar, "verdict": "", "comment": "",
+             "seconds": ""}
             for i in store.items(batch_id)]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as fh:
@@ -134,18 +153,24 @@ def import_verdicts(store: PanelStore, path: Path, reviewer: str) -> ImportRepor
         if not isinstance(comment, str) or len(comment) > 5000:
             report.errors.append(f"{path}:{line}: comment: text of at most 5000 characters")
             continue
+        try:
+            seconds = parse_seconds(row.get("seconds"))
+        except ValueError as exc:
+            report.errors.append(f"{path}:{line}: seconds: {exc}")
+            continue
         if passed is None:
             report.blank += 1
             continue
-        checked.append((item_id, passed, comment))
+        checked.append((item_id, passed, comment, seconds))
     if report.errors:
         shown = "\n  ".join(report.errors[:20])
         more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
         raise BadInput(f"{len(report.errors)} bad row(s), nothing imported:\n  {shown}{more}",
                        file=str(path))
-    for item_id, passed, comment in checked:
+    for item_id, passed, comment, seconds in checked:
         try:
-            store.record_verdict(item_id, reviewer, passed, comment, source="import")
+            store.record_verdict(item_id, reviewer, passed, comment, source="import",
+                                 seconds=seconds)
             report.imported += 1
         except AlreadyJudged:
             report.already_judged += 1

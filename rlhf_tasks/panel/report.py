@@ -63,9 +63,37 @@ def plot(rows: list[dict], path: Path, *, simulated: bool) -> Path:
     return path
 
 
+def expert_time_html(time: dict | None) -> str:
+    """The experts' time: per model and per reviewer (measured or declared)."""
+    esc = html.escape
+    if not time:
+        return ""
+    if not time["timed"]:
+        return ("<h2>Expert time</h2><p>No expert time: the verdicts were simulated or "
+                "imported without a declared time.</p>")
+
+    def rows(part: dict, title) -> str:
+        out = ""
+        for name, t in part.items():
+            mean = "" if t["mean_seconds"] is None else f"{t['mean_seconds']:.1f}"
+            out += (f"<tr><td>{esc(title(name))}</td><td>{t['verdicts']}</td>"
+                    f"<td>{t['measured']}</td><td>{t['declared']}</td>"
+                    f"<td>{t['seconds'] / 60:.1f}</td><td>{mean}</td></tr>")
+        return out
+
+    head = ("<tr><th></th><th>verdicts</th><th>measured</th><th>declared</th>"
+            "<th>minutes</th><th>seconds per verdict</th></tr>")
+    return (f"<h2>Expert time</h2><p>{time['seconds'] / 60:.1f} minutes over {time['timed']} "
+            f"timed verdicts ({time['measured']} measured from serving to verdict, at most "
+            f"the idle cap each; {time['declared']} declared in offline imports).</p>"
+            f"<table>{head}{rows(time['per_model'], lambda m: TITLES.get(m, m))}</table>"
+            f"<table>{head}{rows(time['per_reviewer'], str)}</table>")
+
+
 def write_html(path: Path, *, rows: list[dict], result: PanelResult, decision: dict,
                png: Path, simulated: bool, batch_id: str, run: str,
-               agreement: dict | None = None, warnings: list[str] | None = None) -> Path:
+               agreement: dict | None = None, warnings: list[str] | None = None,
+               expert_time: dict | None = None) -> Path:
     esc = html.escape
     image = base64.b64encode(png.read_bytes()).decode()
     body = "".join(
@@ -99,7 +127,7 @@ items. Agreement (Fleiss' kappa): {kappa}.</p>
 <table><tr><th>model</th><th>data</th><th>pass rate</th><th>95% interval</th>
 <th>passed</th></tr>{body}</table>
 <h2>Gate: {'promote' if decision.get('promote') else 'reject'}</h2><ul>{reasons}</ul>
-{warning_html}{agreement_html}
+{warning_html}{agreement_html}{expert_time_html(expert_time)}
 <img alt="pass rates" src="data:image/png;base64,{image}"></body></html>""",
                     encoding="utf-8")
     return path

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
-from sqlalchemy import (Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, func, or_, select)
+from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
+                        UniqueConstraint, create_engine, event, func, or_, select)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -36,6 +36,7 @@ from rlhf_tasks.errors import BadInput
 from rlhf_tasks.tracking import resolve_uri
 
 ASSIGNMENT_LEASE = timedelta(minutes=20)  # an item served to a reviewer is held this long
+DEFAULT_IDLE_CAP_S = 600.0                 # a verdict's measured time counts at most this
 TOKEN_DAYS = 90                            # default lifetime of a reviewer token
 
 
@@ -60,6 +61,9 @@ class ReviewBatch(Base):
     # JSON list of the identities with a stake in the run (who triggered it, by name and
     # id; the approver): they may not judge its batch
     excluded: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # a verdict's measured time counts at most this long: idle time beyond it (a reviewer
+    # who left the page open) is not expert time
+    idle_cap_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     __table_args__ = (UniqueConstraint("pipeline", "run_id", name="uq_batch_run"),)
 
     @property
@@ -96,6 +100,10 @@ class Assignment(Base):
     item_id: Mapped[str] = mapped_column(ForeignKey("review_items.id"), primary_key=True)
     reviewer: Mapped[str] = mapped_column(String(100), primary_key=True)
     assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # when the item was first served to this reviewer, on the store's clock (a reload
+    # renews the hold, not this): the start of the verdict's measured time
+    served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                       default=func.now())
 
 
 class Verdict(Base):
@@ -109,6 +117,10 @@ class Verdict(Base):
     # the store's clock, like the batch's closed_at: verdicts and the close are ordered by
     # one clock, whatever the clocks of the review app and the gate say
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=func.now())
+    # the expert's time on this verdict: measured (served to verdict, at most the batch's
+    # idle cap) for the page and the API, declared for an offline import, none for a
+    # simulated rater
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     __table_args__ = (UniqueConstraint("item_id", "reviewer", name="uq_verdict_item_reviewer"),)
 
 
@@ -191,7 +203,8 @@ class PanelStore:
     # -- batches ---------------------------------------------------------------------------
     def create_batch(self, *, pipeline: str, run_id: str, items: Iterable[dict],
                      verdicts_per_item: int, quality_bar: str, simulated: bool,
-                     excluded: Iterable[str | None] = ()) -> str:
+                     excluded: Iterable[str | None] = (),
+                     idle_cap_seconds: float = DEFAULT_IDLE_CAP_S) -> str:
         """A blinded batch from ``items`` (``prompt_index``, ``prompt``, ``response``,
         ``model``), shuffled by the operating system's cryptographic random source (never
         the run's seed, which is logged and could replay the order); item ids are random
@@ -207,7 +220,7 @@ class PanelStore:
                 return found
             batch = ReviewBatch(id=uuid.uuid4().hex, pipeline=pipeline, run_id=run_id,
                                 verdicts_per_item=verdicts_per_item, quality_bar=quality_bar,
-                                simulated=simulated,
+                                simulated=simulated, idle_cap_seconds=idle_cap_seconds,
                                 excluded=json.dumps(sorted({e for e in excluded if e})))
             rows = list(items)
             secrets.SystemRandom().shuffle(rows)
@@ -381,13 +394,17 @@ class PanelStore:
         return int(verdicts) + int(holds)
 
     def record_verdict(self, item_id: str, reviewer: str, passed: bool, comment: str = "",
-                       source: str = "web") -> int:
+                       source: str = "web", seconds: float | None = None) -> int:
         """One verdict.  Refused: on a closed batch (BatchClosed); from a reviewer the
         batch excludes (ConflictOfInterest); on an item never served to this reviewer,
         unless it is an offline import by the admin, or one that already has its k
         verdicts (NotServed: counted under the batch's lock, so concurrent verdicts never
         overfill it); a second verdict of the same reviewer (AlreadyJudged).  A served
-        item whose lease ran out is still taken while it is short of k."""
+        item whose lease ran out is still taken while it is short of k.
+
+        The verdict's time: from the item's first serving to this reviewer to now, on the
+        store's clock, at most the batch's idle cap (``seconds`` is ignored); for an
+        offline import, ``seconds`` as declared (or none); for a simulated rater, none."""
         if len(comment) > 5000:
             raise BadInput("a comment is at most 5000 characters", field="comment")
         # the count and the insert under one lock: the batch row's (PostgreSQL) or this
@@ -409,7 +426,8 @@ class PanelStore:
             if s.scalar(select(Verdict.id).where(Verdict.item_id == item_id,
                                                  Verdict.reviewer == reviewer)) is not None:
                 raise AlreadyJudged(f"{reviewer} has already judged item {item_id}")
-            if source != "import" and s.get(Assignment, (item_id, reviewer)) is None:
+            served = s.get(Assignment, (item_id, reviewer))
+            if source != "import" and served is None:
                 raise NotServed(f"item {item_id} was not served to {reviewer}")
             given = s.scalar(select(func.count()).select_from(Verdict)
                              .where(Verdict.item_id == item_id))
@@ -417,7 +435,8 @@ class PanelStore:
                 raise NotServed(f"item {item_id} already has its {batch.verdicts_per_item} "
                                 "verdicts")
             verdict = Verdict(item_id=item_id, reviewer=reviewer, passed=bool(passed),
-                              comment=comment or "", source=source)
+                              comment=comment or "", source=source,
+                              seconds=self._seconds(s, batch, served, source, seconds))
             s.add(verdict)
             try:
                 s.commit()
@@ -425,6 +444,23 @@ class PanelStore:
                 s.rollback()
                 raise AlreadyJudged(f"{reviewer} has already judged item {item_id}") from None
             return verdict.id
+
+    @staticmethod
+    def _seconds(s: Session, batch: ReviewBatch, served: Assignment | None, source: str,
+                 declared: float | None) -> float | None:
+        if source == "simulated":
+            return None
+        if source == "import":
+            return None if declared is None else float(declared)
+        if served is None or served.served_at is None:
+            return None  # served before the store measured time
+        now = _aware(s.scalar(select(func.now())))
+        if isinstance(now, str):  # SQLite's CURRENT_TIMESTAMP through a raw select
+            now = _aware(datetime.fromisoformat(now))
+        elapsed = max(0.0, (now - _aware(served.served_at)).total_seconds())
+        cap = batch.idle_cap_seconds if batch.idle_cap_seconds is not None \
+            else DEFAULT_IDLE_CAP_S
+        return round(min(elapsed, cap), 3)
 
     def progress(self, batch_id: str, reviewer: str | None = None) -> dict:
         batch = self.batch(batch_id)
@@ -456,7 +492,7 @@ class PanelStore:
         with self.session() as s:
             query = (select(Verdict.id, Verdict.item_id, Verdict.reviewer, Verdict.passed,
                             Verdict.comment, Verdict.source, Verdict.created_at,
-                            ReviewItem.model, ReviewItem.prompt_index)
+                            Verdict.seconds, ReviewItem.model, ReviewItem.prompt_index)
                      .join(ReviewItem, ReviewItem.id == Verdict.item_id)
                      .where(ReviewItem.batch_id == batch_id).order_by(Verdict.id))
             if closed is not None:

@@ -240,7 +240,8 @@ def evaluate(cfg) -> dict:
             pipeline=cfg.run.pipeline, run_id=cfg.run.run_id, items=rows,
             verdicts_per_item=cfg.panel.verdicts_per_item, quality_bar=cfg.panel.quality_bar,
             simulated=cfg.panel.mode == "simulated",
-            excluded=[cfg.run.triggered_by, cfg.run.triggered_by_id, cfg.panel.approver])
+            excluded=[cfg.run.triggered_by, cfg.run.triggered_by_id, cfg.panel.approver],
+            idle_cap_seconds=cfg.panel.idle_cap_seconds)
         store.dispose()
         local = tmp / "out"
         local.mkdir()

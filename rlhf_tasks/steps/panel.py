@@ -101,6 +101,28 @@ def _reward_checks(cfg, result, answers: list[dict], evaluation: dict, ppo_summa
     return agreement, warnings
 
 
+def _metric_part(name: str) -> str:
+    """A reviewer's or model's name as a part of an MLflow metric name."""
+    import re
+
+    return re.sub(r"[^\w.\-]", "_", str(name))[:100] or "_"
+
+
+def expert_time_metrics(expert: dict) -> dict[str, float]:
+    """``panel/expert_seconds_*``: in all, per timed verdict, per model and per reviewer
+    (none when no verdict carries a time: a simulated panel has no expert time)."""
+    if not expert["timed"]:
+        return {"expert_seconds_timed_verdicts": 0.0}
+    out = {"expert_seconds_total": expert["seconds"],
+           "expert_seconds_per_verdict": expert["mean_seconds"],
+           "expert_seconds_timed_verdicts": float(expert["timed"])}
+    for kind, part in (("model", expert["per_model"]), ("reviewer", expert["per_reviewer"])):
+        for name, t in part.items():
+            if t["timed"]:
+                out[f"expert_seconds_{kind}/{_metric_part(name)}"] = t["seconds"]
+    return out
+
+
 def gate(cfg) -> dict:
     import mlflow
 
@@ -180,6 +202,8 @@ def gate(cfg) -> dict:
         for m, (auc, n_pass, n_fail) in agreement.items():
             if auc is not None:
                 metrics[f"reward_agreement/{m}"] = auc
+        expert = agg.expert_time(rows)
+        metrics.update(expert_time_metrics(expert))
         comparisons = paired_comparisons(result, "rlhf")
         for m, c in comparisons.items():
             metrics.update({f"vs_{m}/lift": c["lift"], f"vs_{m}/p_value": c["p_value"]})
@@ -188,7 +212,8 @@ def gate(cfg) -> dict:
         page = report.write_html(tmp / "report.html", rows=table, result=result,
                                  decision=decision.as_dict(), png=png, simulated=simulated,
                                  batch_id=batch_id, run=f"{cfg.run.pipeline}/{cfg.run.run_id}",
-                                 agreement=agreement, warnings=warnings)
+                                 agreement=agreement, warnings=warnings,
+                                 expert_time=expert)
         mlflow.log_artifact(str(png), artifact_path="panel")
         mlflow.log_artifact(str(page), artifact_path="panel")
         # every answer beside the panel's verdicts on it, readable in MLflow
@@ -253,6 +278,7 @@ def gate(cfg) -> dict:
                    "approver": cfg.panel.approver, "warnings": warnings,
                    "reward_agreement": {m: a[0] for m, a in agreement.items()},
                    "comparisons": comparisons, "evaluation_runs": views,
+                   "expert_time": expert,
                    "mlflow_run_id": run_id}
         (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
         storage.put_dir(tmp, out_uri, extra={"step": "gate"})
