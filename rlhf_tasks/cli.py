@@ -67,7 +67,11 @@ def cmd_run(args) -> int:
     started = time.perf_counter()
     log.info("step %s starting (pipeline %s, run %s)", args.step, cfg.run.pipeline, cfg.run.run_id)
     result = fn(cfg)
-    result = {"step": args.step, "seconds": round(time.perf_counter() - started, 3), **result}
+    seconds = time.perf_counter() - started
+    result = {"step": args.step, "seconds": round(seconds, 3), **result}
+    from rlhf_tasks import compute
+
+    result["compute"] = compute.record(cfg, args.step, seconds)
     run_id = result.get("mlflow_run_id") or result.get("parent_run_id")
     if run_id:  # the task's "MLflow run" link
         from rlhf_tasks import tracking

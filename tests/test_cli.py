@@ -1,8 +1,11 @@
 """The rlhf command: exit codes (0 done, 2 bad input, 1 fault) and clear messages."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import write_jsonl
 
@@ -84,6 +87,14 @@ def test_run_validate_step_writes_result(tmp_path, demo_dir):
     assert result["step"] == "validate_eval" and result["rows_kept"] == 200
     assert result["canonical_uri"] == f"{tmp_path / 'art'}/rlhf_tuning/t1/validate_eval/canonical.parquet"
     assert "validate_eval: 200" not in proc.stderr  # no progress spam for small work
+    # the step's compute, measured: wall time and the devices it held (here CPU cores)
+    record = json.loads((tmp_path / "art" / "rlhf_tuning" / "t1" / "compute" /
+                         "validate_eval.json").read_text())
+    assert record == result["compute"]
+    assert record["device"] == "cpu" and record["devices"] == len(os.sched_getaffinity(0))
+    assert 0 < record["wall_seconds"] <= result["seconds"] + 0.01
+    assert record["device_hours"] == pytest.approx(
+        record["wall_seconds"] * record["devices"] / 3600, abs=1e-6)
 
 
 def test_fault_exits_1(tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,12 +193,14 @@ def evaluate(cfg) -> dict:
             form = served_form(tmp / label, run_form)
             forms[label] = form.describe()
             own = encoded if form is run_form else training.encode_prompts(form.renderer, frame)
+            started = time.perf_counter()
             with training.autocast(cfg, device):
                 responses, ended = generate(policy, form.tokenizer, form.renderer, own,
                                             device=device, temperature=form.temperature,
                                             max_new_tokens=form.max_new_tokens,
                                             seed=cfg.run.seed, batch_size=64,
                                             progress=f"evaluate: {label} answers")
+                inference = time.perf_counter() - started  # the answers, measured
                 del policy
                 texts = [form.renderer.response_text(r) for r in responses]
                 # this run's models: exactly the tokens generated (the stop token
@@ -211,7 +214,9 @@ def evaluate(cfg) -> dict:
                               "length_mean": sum(len(r) - e for r, e in zip(responses, ended))
                               / len(responses),
                               "missing_eos_rate": 1 - sum(ended) / len(ended),
-                              "empty_rate": sum(not t for t in texts) / len(texts)}
+                              "empty_rate": sum(not t for t in texts) / len(texts),
+                              "inference_seconds": inference,
+                              "seconds_per_answer": inference / len(responses)}
             tracking.log_metrics("eval", {f"{label}/{k}": v for k, v in metrics[label].items()})
             rows += [{"prompt_index": i, "prompt": p, "response": t, "model": label,
                       "reward": round(s, 4), "ended": e}

@@ -23,7 +23,7 @@ import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from rlhf_tasks import registry, tracking, training
+from rlhf_tasks import compute, registry, tracking, training
 from rlhf_tasks.errors import BadInput
 from rlhf_tasks.panel import aggregate as agg
 from rlhf_tasks.panel import report
@@ -279,6 +279,8 @@ def gate(cfg) -> dict:
                    "reward_agreement": {m: a[0] for m, a in agreement.items()},
                    "comparisons": comparisons, "evaluation_runs": views,
                    "expert_time": expert,
+                   # each earlier step's wall time and devices, measured (rlhf_tasks/compute)
+                   "compute": compute.read_all(cfg, storage),
                    "mlflow_run_id": run_id}
         (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
         storage.put_dir(tmp, out_uri, extra={"step": "gate"})
