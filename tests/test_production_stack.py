@@ -445,7 +445,7 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         # rate is the gate's, the answers as traces with each reviewer's HUMAN feedback
         views = mlflow.search_runs(filter_string="tags.`rlhf.panel.view_complete` = 'true'")
         gate_metrics = client.get_run(step_run["gate"]).data.metrics
-        assert sorted(views["tags.rlhf.panel.model"]) == ["foundation", "rlhf"]
+        assert list(views["tags.rlhf.panel.model"]) == ["rlhf"]  # the batch's one model
         for model, rate in zip(views["tags.rlhf.panel.model"],
                                views["metrics.panel_majority/mean"]):
             assert rate == pytest.approx(gate_metrics[f"panel/{model}/pass_rate"]), model
@@ -458,6 +458,11 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         human = [a for t in traces for a in t.info.assessments if a.name == "expert_pass"]
         assert len(human) == 12 and {a.source.source_type for a in human} == {"HUMAN"}
         assert {a.source.source_id for a in human} == {"ann", "cara", "dan"}
+        # the experts' time, measured from serving to verdict, per reviewer
+        assert gate_metrics["panel/expert_seconds_timed_verdicts"] == 12
+        assert gate_metrics["panel/expert_seconds_total"] >= 0
+        assert {k.rsplit("/", 1)[1] for k in gate_metrics
+                if k.startswith("panel/expert_seconds_reviewer/")} == {"ann", "cara", "dan"}
         champion = client.get_model_version_by_alias("resume-assistant", "champion")
         assert champion.source.startswith("s3://rlhf-artifacts/runs/rlhf_tuning/")
         assert champion.tags["gate.decision"] == "promote"
