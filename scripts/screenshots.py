@@ -163,18 +163,12 @@ def genai_views(driver, mlflow_url: str, out: Path) -> None:
     views = mlflow.search_runs(
         experiment_ids=[experiment],
         filter_string=f"tags.`rlhf.panel.batch_id` = '{gate['tags.panel.batch_id']}'")
-    ids = json.dumps(list(views["run_id"]))
-    mlflow_page(driver, f"{mlflow_url}/#/compare-runs?runs={ids}&experiments="
-                        f"{json.dumps([experiment])}")
-    from selenium.webdriver.common.by import By
-
-    for element in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Metrics']"):
-        driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", element)
-    time.sleep(1)
+    # MLflow's "Evaluation runs" page: one run per model of the batch
+    mlflow_page(driver, f"{mlflow_url}/#/experiments/{experiment}/evaluation-runs")
     driver.save_screenshot(str(out / "mlflow-evaluation-runs.png"))
+    # the candidate's evaluation: its answers (traces) with the scorers and the feedback
     candidate = views[views["tags.rlhf.panel.model"] == "rlhf"].iloc[0]["run_id"]
-    mlflow_page(driver, f"{mlflow_url}/#/experiments/{experiment}/evaluation-runs"
-                        f"?selectedRunUuid={candidate}")
+    mlflow_page(driver, f"{mlflow_url}/#/experiments/{experiment}/evaluation-runs/{candidate}")
     driver.save_screenshot(str(out / "mlflow-evaluation-traces.png"))
 
 
