@@ -168,7 +168,8 @@ def genai_views(driver, mlflow_url: str, out: Path) -> None:
     driver.save_screenshot(str(out / "mlflow-evaluation-runs.png"))
     # the candidate's evaluation: its answers (traces) with the scorers and the feedback
     candidate = views[views["tags.rlhf.panel.model"] == "rlhf"].iloc[0]["run_id"]
-    mlflow_page(driver, f"{mlflow_url}/#/experiments/{experiment}/evaluation-runs/{candidate}")
+    mlflow_page(driver, f"{mlflow_url}/#/experiments/{experiment}/evaluation-runs/{candidate}"
+                        "/traces")
     driver.save_screenshot(str(out / "mlflow-evaluation-traces.png"))
 
 
