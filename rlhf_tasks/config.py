@@ -468,6 +468,21 @@ FP16_REFUSED = ("compute.dtype 'fp16': the RL loop has no loss scaling, so small
                 "CPUs with AMX) or fp32")
 
 
+class CostSection(Section):
+    """The admin's prices for the benefit-and-cost table (``panel/cost.py``); a price left
+    unset leaves the figures that need it unpriced."""
+
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 code.")
+    gpu_hour: float | None = Field(None, ge=0.0, description="One GPU for one hour.")
+    cpu_hour: float | None = Field(None, ge=0.0, description="One CPU core for one hour.")
+    expert_hour: float | None = Field(None, ge=0.0, description="One expert for one hour.")
+    reference_minutes: float | None = Field(None, gt=0.0, le=1440.0,
+                                            description="Minutes an expert takes to write "
+                                                        "one answer.")
+    labelling_per_pair: float | None = Field(None, ge=0.0, description="Declared cost of "
+                                             "one labelled preference pair.")
+
+
 class PipelineConfig(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -482,6 +497,7 @@ class PipelineConfig(Section):
     tracking: TrackingSection = TrackingSection()
     compute: ComputeSection = ComputeSection()
     schedule: ScheduleSection = ScheduleSection()
+    cost: CostSection = CostSection()
 
     @model_validator(mode="after")
     def _no_unscaled_fp16(self):

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-NAMESPACES = ("data", "reward", "sft", "ppo", "eval", "panel", "system")
+NAMESPACES = ("data", "reward", "sft", "ppo", "eval", "panel", "system", "cost")
 # which config sections a step's run records as params (the parent records them all)
 STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "validate": ("data", "model"),
@@ -30,7 +30,7 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "ppo": ("ppo", "model", "data", "compute"),
     "evaluate": ("evaluation", "model", "compute"),
     "panel_simulate": ("panel",),
-    "gate": ("panel", "registry"),
+    "gate": ("panel", "registry", "cost"),
 }
 # not settings of the run: where it lives and who it is
 _NOT_PARAMS = ("tracking.parent_run_id", "run.run_id", "run.triggered_by",

@@ -236,6 +236,14 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     assert gate["metrics.panel/verdicts"] == 80 * 3 and gate["metrics.panel/items"] == 80
     assert 0 <= gate["metrics.panel/rlhf/ci_low"] <= gate["metrics.panel/rlhf/pass_rate"] \
         <= gate["metrics.panel/rlhf/ci_high"] <= 1
+    # the benefit and cost (the demo's prices): measured compute priced; a simulated panel
+    # has no expert time
+    assert gate["metrics.cost/tuning_device_hours"] > 0 and gate["metrics.cost/tuning"] > 0
+    assert gate["metrics.cost/panel_hours"] == 0
+    assert gate["metrics.cost/rlhf/seconds_per_answer"] > 0
+    gate_json = json.loads((runs[0] / "gate" / "gate.json").read_text())
+    assert {"reward", "ppo", "evaluate"} <= set(gate_json["compute"])
+    assert "no expert time" in gate_json["benefit_and_cost"]["evaluation"]["source"]
     # the closed panel in MLflow's evaluation views: a run per model under the gate's,
     # each with the gate's pass rate; simulated raters' feedback labelled CODE
     assert (views["tags.mlflow.parentRunId"] == gate["run_id"]).all()

@@ -463,6 +463,10 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         assert gate_metrics["panel/expert_seconds_total"] >= 0
         assert {k.rsplit("/", 1)[1] for k in gate_metrics
                 if k.startswith("panel/expert_seconds_reviewer/")} == {"ann", "cara", "dan"}
+        # and priced in the benefit-and-cost figures (the demo's prices)
+        assert gate_metrics["cost/panel_hours"] == pytest.approx(
+            gate_metrics["panel/expert_seconds_total"] / 3600)
+        assert gate_metrics["cost/evaluation"] > 0
         champion = client.get_model_version_by_alias("resume-assistant", "champion")
         assert champion.source.startswith("s3://rlhf-artifacts/runs/rlhf_tuning/")
         assert champion.tags["gate.decision"] == "promote"

@@ -58,7 +58,7 @@ LOCATION_PARAMS = ("preference_dataset", "prompt_dataset", "sft_dataset", "base_
 FORM_FIELDS = frozenset(PARAM_TO_CONFIG) | {"config_file"}
 # what only the base config decides: whole sections, and fields of the others (None: every
 # field of the section but those listed after it, which a run may choose)
-GOVERNANCE_SECTIONS = ("panel", "registry", "storage", "tracking", "schedule")
+GOVERNANCE_SECTIONS = ("panel", "registry", "storage", "tracking", "schedule", "cost")
 GOVERNANCE_FIELDS: dict[str, tuple[str, ...]] = {
     "data": ("eval_uri", "max_bad_fraction", "min_eval_rows", "expectations_dir",
              "max_file_mb"),

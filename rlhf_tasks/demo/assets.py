@@ -147,6 +147,11 @@ def write_config(out: Path) -> Path:
         "panel": {"mode": "simulated", "simulated_may_promote": True, "verdicts_per_item": 3,
                   "quality_bar": rubric.QUALITY_BAR, "pass_rate_threshold": 0.6,
                   "min_lift": 0.05, "significance": 0.05},
+        # illustrative prices for the benefit-and-cost table (configured, and labelled so):
+        # an on-demand CPU core and GPU hour, an HR writer's hour, 4 minutes to write one
+        # strong bullet by hand, 0.10 per labelled preference pair
+        "cost": {"currency": "USD", "cpu_hour": 0.04, "gpu_hour": 2.50, "expert_hour": 60.0,
+                 "reference_minutes": 4.0, "labelling_per_pair": 0.10},
     }
     import yaml
 

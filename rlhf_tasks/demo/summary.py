@@ -86,6 +86,11 @@ def print_summary(config_path: str) -> None:
             f"{m} {'n/a' if a is None else f'{a:.2f}'}" for m, a in agreement.items()))
     for warning in gate.get("warnings") or []:
         print(f"  ! {warning}")
+    if gate.get("benefit_and_cost"):
+        from rlhf_tasks.panel.cost import text_table as cost_table
+
+        print()
+        print(cost_table(gate["benefit_and_cost"]))
 
     import mlflow
 

@@ -93,7 +93,7 @@ def expert_time_html(time: dict | None) -> str:
 def write_html(path: Path, *, rows: list[dict], result: PanelResult, decision: dict,
                png: Path, simulated: bool, batch_id: str, run: str,
                agreement: dict | None = None, warnings: list[str] | None = None,
-               expert_time: dict | None = None) -> Path:
+               expert_time: dict | None = None, cost_table: str | None = None) -> Path:
     esc = html.escape
     image = base64.b64encode(png.read_bytes()).decode()
     body = "".join(
@@ -128,6 +128,7 @@ items. Agreement (Fleiss' kappa): {kappa}.</p>
 <th>passed</th></tr>{body}</table>
 <h2>Gate: {'promote' if decision.get('promote') else 'reject'}</h2><ul>{reasons}</ul>
 {warning_html}{agreement_html}{expert_time_html(expert_time)}
+{f"<h2>Benefit and cost</h2><pre>{esc(cost_table)}</pre>" if cost_table else ""}
 <img alt="pass rates" src="data:image/png;base64,{image}"></body></html>""",
                     encoding="utf-8")
     return path

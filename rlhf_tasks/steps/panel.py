@@ -26,7 +26,7 @@ from pathlib import Path
 from rlhf_tasks import compute, registry, tracking, training
 from rlhf_tasks.errors import BadInput
 from rlhf_tasks.panel import aggregate as agg
-from rlhf_tasks.panel import report
+from rlhf_tasks.panel import cost, report
 from rlhf_tasks.panel.gate import EXPERT, GatePolicy, decide, paired_comparisons, reward_hacking
 from rlhf_tasks.panel.store import PanelStore, panel_store_url
 from rlhf_tasks.storage import Storage, join
@@ -99,6 +99,18 @@ def _reward_checks(cfg, result, answers: list[dict], evaluation: dict, ppo_summa
     if flag:
         warnings.insert(0, flag)
     return agreement, warnings
+
+
+def _benefit_and_cost(cfg, storage: Storage, expert: dict, evaluation: dict,
+                      pass_rates: dict[str, float]) -> dict:
+    try:
+        pairs = len(training.read_canonical(cfg, storage, "preference"))
+    except BadInput:
+        pairs = None
+    return cost.benefit_and_cost(cfg.cost, compute=compute.read_all(cfg, storage),
+                                 expert_time=expert, evaluation=evaluation,
+                                 pass_rates=pass_rates, preference_pairs=pairs,
+                                 expert_label=EXPERT)
 
 
 def _metric_part(name: str) -> str:
@@ -204,6 +216,9 @@ def gate(cfg) -> dict:
                 metrics[f"reward_agreement/{m}"] = auc
         expert = agg.expert_time(rows)
         metrics.update(expert_time_metrics(expert))
+        figures = _benefit_and_cost(cfg, storage, expert, evaluation,
+                                    {r["model"]: r["pass_rate"] for r in table})
+        tracking.log_metrics("cost", cost.metrics(figures))
         comparisons = paired_comparisons(result, "rlhf")
         for m, c in comparisons.items():
             metrics.update({f"vs_{m}/lift": c["lift"], f"vs_{m}/p_value": c["p_value"]})
@@ -213,7 +228,7 @@ def gate(cfg) -> dict:
                                  decision=decision.as_dict(), png=png, simulated=simulated,
                                  batch_id=batch_id, run=f"{cfg.run.pipeline}/{cfg.run.run_id}",
                                  agreement=agreement, warnings=warnings,
-                                 expert_time=expert)
+                                 expert_time=expert, cost_table=cost.text_table(figures))
         mlflow.log_artifact(str(png), artifact_path="panel")
         mlflow.log_artifact(str(page), artifact_path="panel")
         # every answer beside the panel's verdicts on it, readable in MLflow
@@ -278,14 +293,14 @@ def gate(cfg) -> dict:
                    "approver": cfg.panel.approver, "warnings": warnings,
                    "reward_agreement": {m: a[0] for m, a in agreement.items()},
                    "comparisons": comparisons, "evaluation_runs": views,
-                   "expert_time": expert,
+                   "expert_time": expert, "benefit_and_cost": figures,
                    # each earlier step's wall time and devices, measured (rlhf_tasks/compute)
                    "compute": compute.read_all(cfg, storage),
                    "mlflow_run_id": run_id}
         (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
         storage.put_dir(tmp, out_uri, extra={"step": "gate"})
-    log.info("gate: %s\n%s", outcome if report_only else decision.summary,
-             report.text_table(table))
+    log.info("gate: %s\n%s\n%s", outcome if report_only else decision.summary,
+             report.text_table(table), cost.text_table(figures))
     return {"decision": summary["decision"], "reasons": decision.reasons,
             "version": version.version, "reward_model_version": reward_version.version,
             "needs_sign_off": summary["needs_sign_off"], "simulated": simulated,
