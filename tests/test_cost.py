@@ -52,6 +52,11 @@ def test_every_figure_by_hand():
     got = metrics(figures)
     assert got["tuning"] == pytest.approx(403.7504) and got["rlhf/per_1000"] == pytest.approx(0.25)
     assert got["break_even_answers"] == pytest.approx(108.569, abs=1e-3)
+    from rlhf_tasks.panel.cost import headline
+
+    assert headline(figures) == ("tuning 403.75 EUR; evaluation 30.50 EUR; rlhf 0.25 EUR per "
+                                 "1,000 answers (experts 4,000.00 EUR); break-even after 109 "
+                                 "answers")
     table = text_table(figures)
     assert "403.75 EUR" in table and "after 109 answers" in table
     assert "configured (cost.reference_minutes)" in table and "(measured)" in table

@@ -122,6 +122,10 @@ def test_the_run_note_headline():
                      "warnings": ["possible reward hacking: ...", "ppo: entropy 0.010 ..."]}) \
         == ("reject: version 5; expert pass rates rlhf 50.0%. Warnings: possible reward "
             "hacking: ...; ppo: entropy 0.010 ...")
+    assert headline({"decision": "promote", "version": "6", "pass_rates": {"rlhf": 0.9},
+                     "cost": "tuning 12.00 USD; break-even after 5 answers"}) == \
+        ("promote: version 6; expert pass rates rlhf 90.0%. Cost: tuning 12.00 USD; "
+         "break-even after 5 answers")
 
 
 def test_no_api_connection_writes_no_note(monkeypatch, caplog):

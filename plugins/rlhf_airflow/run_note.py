@@ -29,7 +29,8 @@ def headline(result: dict) -> str:
     reasons = result.get("reasons") or []
     text += f". {'; '.join(reasons)}" if reasons else ""
     warnings = result.get("warnings") or []
-    return text + (f". Warnings: {'; '.join(warnings)}" if warnings else "")
+    text += f". Warnings: {'; '.join(warnings)}" if warnings else ""
+    return text + (f". Cost: {result['cost']}" if result.get("cost") else "")
 
 
 def set_note(dag_id: str, run_id: str, note: str) -> bool:

@@ -142,6 +142,24 @@ def text_table(figures: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(figures: dict, candidate: str = "rlhf") -> str:
+    """One line for the run's note: the run's costs, the candidate's per 1,000 answers
+    against the experts', the break-even volume (only what is priced)."""
+    c = figures["currency"]
+    parts = []
+    for name in ("tuning", "evaluation"):
+        if figures[name]["total"] is not None:
+            parts.append(f"{name} {_money(figures[name]['total'], c)}")
+    model = figures["models"].get(candidate) or {}
+    if model.get("cost_per_1000") is not None:
+        experts = figures["experts"]["cost_per_1000"]
+        parts.append(f"{candidate} {_money(model['cost_per_1000'], c)} per 1,000 answers"
+                     + ("" if experts is None else f" (experts {_money(experts, c)})"))
+    if figures["break_even_answers"] is not None:
+        parts.append(f"break-even after {figures['break_even_answers']:,.0f} answers")
+    return "; ".join(parts) if parts else "not priced (cost.* unset)"
+
+
 def metrics(figures: dict) -> dict[str, float]:
     """``cost/*`` metrics (money in the configured currency; only what is priced)."""
     out = {"tuning_device_hours": figures["tuning"]["device_hours"],

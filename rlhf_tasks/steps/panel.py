@@ -306,6 +306,7 @@ def gate(cfg) -> dict:
             "needs_sign_off": summary["needs_sign_off"], "simulated": simulated,
             "pass_rates": {r["model"]: round(r["pass_rate"], 4) for r in table},
             "report_uri": join(out_uri, "report.html"), "warnings": warnings,
+            "cost": cost.headline(figures),
             # links for people (mails, the sign-off): pages of the MLflow UI, never a path
             "report_url": tracking.artifact_url(cfg, run_id, "panel/report.html"),
             "mlflow_run_id": run_id}
