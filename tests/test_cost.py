@@ -62,6 +62,16 @@ def test_every_figure_by_hand():
     assert "configured (cost.reference_minutes)" in table and "(measured)" in table
 
 
+def test_the_experts_minutes_come_from_the_eval_data_when_it_says():
+    figures = benefit_and_cost(_cost(), compute=COMPUTE, expert_time={"timed": 0},
+                               evaluation={**EVALUATION,
+                                           "reference_minutes": {"rows": 3, "mean": 6.0}},
+                               pass_rates=RATES, preference_pairs=None)
+    # 6 minutes at 60 an hour: 6.00 an answer, 6,000 per 1,000
+    assert figures["experts"]["cost_per_1000"] == pytest.approx(6000.0)
+    assert figures["experts"]["source"] == "measured: reference_minutes of 3 eval rows"
+
+
 def test_unpriced_and_simulated_say_so():
     """No prices: nothing is priced, and the table says so; a simulated panel has no
     expert time: the evaluation's cost is its compute alone, labelled."""

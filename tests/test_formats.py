@@ -94,9 +94,10 @@ def test_prompt_and_input_text(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [{"input_text": "y"}])
     assert rows_of(a, "prompt") == ("prompt", [[{"prompt": "x", "messages": None}]])
     assert rows_of(a, "eval") == ("prompt", [[{"prompt": "x", "messages": None,
-                                              "reference": None}]])
+                                              "reference": None, "reference_minutes": None}]])
     assert rows_of(b, "eval") == ("input_text", [[{"prompt": "y", "messages": None,
-                                                   "reference": None}]])
+                                                   "reference": None,
+                                                   "reference_minutes": None}]])
 
 
 def test_eval_rows_may_carry_an_expert_reference(tmp_path):
@@ -106,11 +107,32 @@ def test_eval_rows_may_carry_an_expert_reference(tmp_path):
         {"prompt": "x", "reference": "  Cut costs 10%  "}, {"prompt": "y", "reference": ""},
         {"prompt": "z", "reference": 5}, {"prompt": "w", "reference": "a" * (MAX_REFERENCE_CHARS + 1)}])
     fmt, rows = rows_of(path, "eval")
-    assert rows[0] == [{"prompt": "x", "messages": None, "reference": "Cut costs 10%"}]
+    assert rows[0] == [{"prompt": "x", "messages": None, "reference": "Cut costs 10%",
+                        "reference_minutes": None}]
     assert rows[1][0]["reference"] is None
     assert isinstance(rows[2], RowProblem) and rows[2].field == "reference"
     assert "expected a string, got int" in rows[2].reason
     assert isinstance(rows[3], RowProblem) and "longer than" in rows[3].reason
+
+
+def test_eval_rows_may_say_how_long_the_reference_took(tmp_path):
+    """``reference_minutes``: the cost of an answer written by hand, measured in the data;
+    a bad value, or one without a reference, is the row's problem, naming the field."""
+    from rlhf_tasks.data.formats import RowProblem
+
+    path = write_jsonl(tmp_path / "m.jsonl", [
+        {"prompt": "a", "reference": "Cut costs 10%", "reference_minutes": 3.5},
+        {"prompt": "b", "reference": "Led 4 staff", "reference_minutes": "7"},
+        {"prompt": "c", "reference": "Won 2 bids", "reference_minutes": -1},
+        {"prompt": "d", "reference": "Won 2 bids", "reference_minutes": "soon"},
+        {"prompt": "e", "reference_minutes": 4},
+        {"prompt": "f", "reference": "Ran payroll", "reference_minutes": True}])
+    _, rows = rows_of(path, "eval")
+    assert rows[0][0]["reference_minutes"] == 3.5 and rows[1][0]["reference_minutes"] == 7.0
+    for row, reason in zip(rows[2:], ("not between 0 and 1440", "expected a number",
+                                      "given without a reference", "expected a number")):
+        assert isinstance(row, RowProblem) and row.field == "reference_minutes", row
+        assert reason in row.reason
 
 
 def test_csv_with_json_cells_and_line_numbers(tmp_path):

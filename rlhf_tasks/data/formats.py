@@ -5,8 +5,9 @@ reason it could not be parsed).  ``normalise`` turns one raw record into canonic
 
 * preference: ``{"prompt", "chosen", "rejected", "margin", "messages"}`` (margin may be None);
 * sft: ``{"prompt", "completion", "messages"}``;
-* prompt: ``{"prompt", "messages"}``; eval: ``{"prompt", "messages", "reference"}``, the
-  reference being an optional answer written by an expert (field ``reference``).
+* prompt: ``{"prompt", "messages"}``; eval: ``{"prompt", "messages", "reference",
+  "reference_minutes"}``, the reference being an optional answer written by an expert
+  (field ``reference``) and the minutes it took to write (optional, with a reference).
 
 ``messages`` is the prompt's conversation as JSON (chat data, every turn kept, for the
 tokenizer's chat template) or None (plain text); ``prompt`` is its text as people read it
@@ -53,7 +54,7 @@ TARGET_COLUMNS = {"preference": ("chosen", "rejected"), "sft": ("completion",)}
 MAX_PAIRS_PER_RANKED_ROW = 120
 MAX_REFERENCE_CHARS = 20_000
 KNOWN_FIELDS = sorted({f for fields in FORMAT_FIELDS.values() for f in fields} |
-                      {"margin", "ranks", "reference"})
+                      {"margin", "ranks", "reference", "reference_minutes"})
 
 
 @dataclass
@@ -372,7 +373,10 @@ def normalise(record: RawRecord, kind: str, fmt: str) -> list[dict] | RowProblem
             return _sft_row(record.data, fmt)
         rows = _prompt_row(record.data, fmt)
         if kind == "eval":
-            rows = [{**row, "reference": _reference(record.data)} for row in rows]
+            reference = _reference(record.data)
+            rows = [{**row, "reference": reference,
+                     "reference_minutes": _reference_minutes(record.data, reference)}
+                    for row in rows]
         return rows
     except _Bad as bad:
         return RowProblem(record.line, bad.field, bad.reason, record.raw)
@@ -399,12 +403,31 @@ def _reference(data: dict) -> str | None:
     return value.strip() or None
 
 
+def _reference_minutes(data: dict, reference: str | None) -> float | None:
+    """How long the expert took to write the row's reference, in minutes (optional: the
+    cost of writing an answer by hand, measured in the data; 0 < minutes <= 1440)."""
+    value = data.get("reference_minutes")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise _Bad("reference_minutes", f"expected a number of minutes, got {value!r}")
+    try:
+        minutes = float(value)
+    except (TypeError, ValueError):
+        raise _Bad("reference_minutes", f"expected a number of minutes, got {value!r}") from None
+    if not 0.0 < minutes <= 1440.0:  # also refuses nan and inf
+        raise _Bad("reference_minutes", f"{value!r} is not between 0 and 1440 minutes")
+    if reference is None:
+        raise _Bad("reference_minutes", "given without a reference answer")
+    return minutes
+
+
 def canonical_columns(kind: str) -> list[str]:
     if kind == "preference":
         return ["prompt", "chosen", "rejected", "margin", "messages"]
     if kind == "sft":
         return ["prompt", "completion", "messages"]
     if kind == "eval":
-        return ["prompt", "messages", "reference"]
+        return ["prompt", "messages", "reference", "reference_minutes"]
     return ["prompt", "messages"]
 

@@ -64,9 +64,14 @@ def benefit_and_cost(cost_cfg, *, compute: dict[str, dict], expert_time: dict,
     tuning = _add(tuning_compute, 0.0 if cost_cfg.labelling_per_pair is None else labelling)
     evaluation_cost = _add(eval_compute, panel if timed else 0.0)
 
-    expert_per_answer = (None if cost_cfg.reference_minutes is None or
-                         cost_cfg.expert_hour is None
-                         else cost_cfg.reference_minutes / 60.0 * cost_cfg.expert_hour)
+    # the experts' minutes per answer: measured in the eval data when it says, else the
+    # admin's figure
+    written = evaluation.get("reference_minutes") or None
+    minutes = written["mean"] if written else cost_cfg.reference_minutes
+    minutes_source = (f"measured: reference_minutes of {written['rows']} eval rows"
+                      if written else "configured (cost.reference_minutes)")
+    expert_per_answer = (None if minutes is None or cost_cfg.expert_hour is None
+                         else minutes / 60.0 * cost_cfg.expert_hour)
     device = (compute.get("evaluate") or {}).get("device", "cpu")
     devices = (compute.get("evaluate") or {}).get("devices", 1)
     rate = _rate(cost_cfg, device)
@@ -104,8 +109,8 @@ def benefit_and_cost(cost_cfg, *, compute: dict[str, dict], expert_time: dict,
                                                             "or untimed panel)")},
         "experts": {"cost_per_1000": (None if expert_per_answer is None
                                       else expert_per_answer * PER),
-                    "minutes_per_answer": cost_cfg.reference_minutes,
-                    "pass_rate": expert_rate, "source": "configured (cost.reference_minutes)"},
+                    "minutes_per_answer": minutes,
+                    "pass_rate": expert_rate, "source": minutes_source},
         "models": models,
         "break_even_answers": break_even,
     }

@@ -46,6 +46,16 @@ def reference_answers(frame) -> list[tuple[int, str]]:
             if isinstance(text, str) and text.strip()]
 
 
+def reference_minutes(frame) -> dict | None:
+    """The minutes the experts took to write the references, where the eval data says
+    (``reference_minutes``): rows and the mean; None when no row says."""
+    if "reference_minutes" not in frame.columns:
+        return None
+    found = [float(m) for m, text in zip(frame["reference_minutes"], frame["reference"])
+             if m is not None and m == m and isinstance(text, str) and text.strip()]
+    return {"rows": len(found), "mean": sum(found) / len(found)} if found else None
+
+
 def _reference_rows(frame, prompts, encoded, renderer, reward_model, norm, tokenizer,
                     device) -> tuple[list[dict], dict | None]:
     """Review rows of the experts' reference answers, scored as the models' are (the
@@ -256,7 +266,8 @@ def evaluate(cfg) -> dict:
         summary = {"models": compared, "decoding": decoding, "forms": forms,
                    "metrics": metrics,
                    "champion_version": str(champion.version) if champion else None,
-                   "prompts": len(prompts), "batch_id": batch_id, "mlflow_run_id": run_id}
+                   "prompts": len(prompts), "batch_id": batch_id, "mlflow_run_id": run_id,
+                   "reference_minutes": reference_minutes(frame)}
         (local / "evaluate.json").write_text(json.dumps(summary, indent=2))
         storage.put_dir(local, out_uri, extra={"step": "evaluate"})
         mlflow.set_tag("panel.batch_id", batch_id)
