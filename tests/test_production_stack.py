@@ -483,6 +483,11 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         mlflow_keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow-artifacts")
                        .get("Contents", [])]
         assert any(k.endswith("panel/report.html") for k in mlflow_keys)
+        # the gate's report: the experts' measured time and the benefit-and-cost table
+        report_key = next(k for k in keys if k.endswith("/gate/report.html"))
+        report = s3.get_object(Bucket="rlhf-artifacts", Key=report_key)["Body"].read().decode()
+        assert "<h2>Expert time</h2>" in report and "12 timed verdicts (12 measured" in report
+        assert "<h2>Benefit and cost</h2>" in report and "measured panel time" in report
         # the verdict store is PostgreSQL: every verdict, with who gave it
         rows = store.verdict_rows(batch["id"])
         assert {r["reviewer"] for r in rows} == {"ann", "cara", "dan"} and len(rows) == 12
