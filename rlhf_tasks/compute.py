@@ -13,7 +13,7 @@ import os
 import sys
 
 
-def devices(step_result: dict | None = None) -> tuple[str, int]:
+def devices() -> tuple[str, int]:
     """("gpu", GPUs) when the step ran on CUDA devices, else ("cpu", cores)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch = sys.modules.get("torch")  # a light step never imported it: no GPU held

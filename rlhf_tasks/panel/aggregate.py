@@ -104,13 +104,20 @@ class PanelResult:
     outcomes: dict[str, dict[int, bool]] = field(default_factory=dict)
 
 
+def verdicts_by_item(verdicts: list[dict]) -> dict[str, list[dict]]:
+    """Each item's verdicts in arrival order (``id``): its first k are the ones that count
+    (here, and in the panel's MLflow views)."""
+    by_item: dict[str, list[dict]] = defaultdict(list)
+    for row in sorted(verdicts, key=lambda r: r["id"]):
+        by_item[row["item_id"]].append(row)
+    return dict(by_item)
+
+
 def aggregate(verdicts: list[dict], k: int) -> PanelResult:
     """``verdicts``: rows with ``item_id``, ``model``, ``reviewer``, ``passed`` and ``id``
     (arrival order).  Each item counts with its first ``k`` verdicts; items with fewer
     are left out of the pass rates (and of kappa)."""
-    by_item: dict[str, list[dict]] = defaultdict(list)
-    for row in sorted(verdicts, key=lambda r: r["id"]):
-        by_item[row["item_id"]].append(row)
+    by_item = verdicts_by_item(verdicts)
     models: dict[str, list[bool]] = defaultdict(list)
     per_prompt: dict[str, dict[int, bool]] = defaultdict(dict)
     counts = []

@@ -36,6 +36,8 @@ import logging
 import os
 from collections import defaultdict
 
+from rlhf_tasks.panel.aggregate import verdicts_by_item
+
 log = logging.getLogger(__name__)
 
 MODEL_TAG = "rlhf.panel.model"
@@ -149,13 +151,12 @@ def publish(cfg, *, batch_id: str, answers: list[dict], verdicts: list[dict], k:
     dataset = _eval_dataset(cfg, experiment_id, _records(answers, references))
     existing = _existing_views(experiment_id, batch_id)
 
-    first_k: dict[tuple[str, int], list[bool]] = defaultdict(list)
+    first_k: dict[tuple[str, int], list[bool]] = {}
     counted: set[int] = set()
-    for v in sorted(verdicts, key=lambda r: r["id"]):
-        key = (v["model"], int(v["prompt_index"]))
-        if len(first_k[key]) < k:
-            first_k[key].append(bool(v["passed"]))
-            counted.add(v["id"])
+    for item in verdicts_by_item(verdicts).values():
+        first_k[(item[0]["model"], int(item[0]["prompt_index"]))] = [
+            bool(v["passed"]) for v in item[:k]]
+        counted.update(v["id"] for v in item[:k])
     by_model: dict[str, list[dict]] = defaultdict(list)
     for row in answers:
         by_model[row["model"]].append(row)

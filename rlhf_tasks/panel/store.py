@@ -66,6 +66,10 @@ class ReviewBatch(Base):
     idle_cap_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     __table_args__ = (UniqueConstraint("pipeline", "run_id", name="uq_batch_run"),)
 
+    def deadline(self, after: timedelta) -> datetime:
+        """``after`` past the batch's creation, in UTC (the panel wait and the gate)."""
+        return _aware(self.created_at) + after
+
     @property
     def excluded_reviewers(self) -> frozenset[str]:
         import json

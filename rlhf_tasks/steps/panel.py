@@ -101,13 +101,13 @@ def _reward_checks(cfg, result, answers: list[dict], evaluation: dict, ppo_summa
     return agreement, warnings
 
 
-def _benefit_and_cost(cfg, storage: Storage, expert: dict, evaluation: dict,
-                      pass_rates: dict[str, float]) -> dict:
+def _benefit_and_cost(cfg, storage: Storage, records: dict[str, dict], expert: dict,
+                      evaluation: dict, pass_rates: dict[str, float]) -> dict:
     try:
         pairs = len(training.read_canonical(cfg, storage, "preference"))
     except BadInput:
         pairs = None
-    return cost.benefit_and_cost(cfg.cost, compute=compute.read_all(cfg, storage),
+    return cost.benefit_and_cost(cfg.cost, compute=records,
                                  expert_time=expert, evaluation=evaluation,
                                  pass_rates=pass_rates, preference_pairs=pairs,
                                  expert_label=EXPERT)
@@ -145,9 +145,7 @@ def gate(cfg) -> dict:
     try:
         batch, progress = store.batch(batch_id), store.progress(batch_id)
         if batch.closed_at is None and not progress["complete"]:
-            created = batch.created_at if batch.created_at.tzinfo else \
-                batch.created_at.replace(tzinfo=timezone.utc)
-            deadline = created + timedelta(hours=cfg.panel.deadline_hours)
+            deadline = batch.deadline(timedelta(hours=cfg.panel.deadline_hours))
             if datetime.now(timezone.utc) < deadline:
                 # a wait marked done by hand, or ended early: closing now would take the
                 # batch from its reviewers
@@ -216,7 +214,9 @@ def gate(cfg) -> dict:
                 metrics[f"reward_agreement/{m}"] = auc
         expert = agg.expert_time(rows)
         metrics.update(expert_time_metrics(expert))
-        figures = _benefit_and_cost(cfg, storage, expert, evaluation,
+        # each earlier step's wall time and devices, measured (rlhf_tasks/compute)
+        records = compute.read_all(cfg, storage)
+        figures = _benefit_and_cost(cfg, storage, records, expert, evaluation,
                                     {r["model"]: r["pass_rate"] for r in table})
         tracking.log_metrics("cost", cost.metrics(figures))
         comparisons = paired_comparisons(result, "rlhf")
@@ -294,8 +294,7 @@ def gate(cfg) -> dict:
                    "reward_agreement": {m: a[0] for m, a in agreement.items()},
                    "comparisons": comparisons, "evaluation_runs": views,
                    "expert_time": expert, "benefit_and_cost": figures,
-                   # each earlier step's wall time and devices, measured (rlhf_tasks/compute)
-                   "compute": compute.read_all(cfg, storage),
+                   "compute": records,
                    "mlflow_run_id": run_id}
         (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
         storage.put_dir(tmp, out_uri, extra={"step": "gate"})

@@ -96,9 +96,7 @@ class PanelQuorumSensor(BaseSensorOperator):
             progress = store.progress(self.batch_id)
         finally:
             store.dispose()
-        created = batch.created_at if batch.created_at.tzinfo else \
-            batch.created_at.replace(tzinfo=timezone.utc)
-        return progress, created + timedelta(seconds=self.deadline_seconds), \
+        return progress, batch.deadline(timedelta(seconds=self.deadline_seconds)), \
             batch.verdicts_per_item
 
     def _result(self, progress: dict) -> dict:
