@@ -458,9 +458,10 @@ class PanelStore:
             return None if declared is None else float(declared)
         if served is None or served.served_at is None:
             return None  # served before the store measured time
-        now = _aware(s.scalar(select(func.now())))
+        now = s.scalar(select(func.now()))
         if isinstance(now, str):  # SQLite's CURRENT_TIMESTAMP through a raw select
-            now = _aware(datetime.fromisoformat(now))
+            now = datetime.fromisoformat(now)
+        now = _aware(now)
         elapsed = max(0.0, (now - _aware(served.served_at)).total_seconds())
         cap = batch.idle_cap_seconds if batch.idle_cap_seconds is not None \
             else DEFAULT_IDLE_CAP_S
