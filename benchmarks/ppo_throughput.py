@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 PAD, BOS, EOS = 0, 1, 2
 PHASES: dict[str, float] = {}  # the project's PPO: share of time per phase
 FLOOR: dict[str, float] = {}   # resident memory with imports and models in; trained MB
+TRAINING: dict[str, float] = {}  # the project's PPO: the training phase's achieved TFLOP/s
 
 
 def parse_args(argv=None):
@@ -74,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--account", action="store_true",
                    help="instead of timing: count the work (matmul FLOPs) and the peak of "
                         "live tensor memory, allocator aside (deterministic: one run)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: ours autocasts with frozen models in bf16 and fp32 master "
+                        "weights; TRL runs with bf16=True")
     p.add_argument("--compare", action="store_true", help="run both, alternating")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--trl-python", default=str(ROOT / ".rlhf" / "bench-trl112" / "bin" / "python"))
@@ -115,9 +119,15 @@ def run_rlhf(args) -> float:
         num_minibatches=args.num_minibatches,
         microbatch_size=args.batch_size // args.num_minibatches, ppo_epochs=args.ppo_epochs,
         learning_rate=3e-6, temperature=args.temperature, max_new_tokens=args.response_length,
-        missing_eos_penalty=0.0, seed=args.seed, rollout_cache=args.rollout_cache)
+        missing_eos_penalty=0.0, seed=args.seed, rollout_cache=args.rollout_cache,
+        dtype=args.dtype)
     for model in (policy, reference, reward, value):
         model.to(args.device)
+    if args.dtype == "bf16":  # frozen models in bf16; trained weights stay fp32 masters
+        import torch
+
+        reference.to(torch.bfloat16)
+        reward.to(torch.bfloat16)
     started = time.perf_counter()
     result = train(Models(policy=policy, critic=value, reference=reference, reward=reward),
                    prompts, settings, eos_token_id=EOS, pad_token_id=PAD, device=args.device)
@@ -131,6 +141,14 @@ def run_rlhf(args) -> float:
               for k in result.history[0] if k.startswith("time/") and k != "time/update"}
     total = sum(phases.values()) or 1.0
     PHASES.update({k: round(v / total, 3) for k, v in phases.items()})
+    # the training phase's achieved rate, estimated as 6 FLOPs per trained weight per
+    # token (forward 2, backward 4; input embeddings are lookups), every PPO epoch
+    trained = sum(p.numel() for m in (policy, value) for name, p in m.named_parameters()
+                  if "embed_tokens" not in name)
+    tokens = sum(len(p) + args.response_length for p in prompts[:settings.total_updates
+                                                                * args.batch_size])
+    TRAINING["tflop_per_s"] = round(6 * trained * tokens * args.ppo_epochs
+                                    / max(phases.get("training", 0.0), 1e-9) / 1e12, 3)
     return seconds
 
 
@@ -163,7 +181,7 @@ def run_trl(args) -> float:
             temperature=args.temperature, learning_rate=3e-6, stop_token="eos",
             missing_eos_penalty=None, num_sample_generations=0, report_to="none",
             save_strategy="no", logging_steps=10_000, seed=args.seed,
-            use_cpu=not args.device.startswith("cuda"),
+            use_cpu=not args.device.startswith("cuda"), bf16=args.dtype == "bf16",
             dataloader_num_workers=0, disable_tqdm=True)
         trainer = PPOTrainer(args=config, processing_class=_word_tokenizer(args.vocab),
                              model=policy, ref_model=reference, reward_model=reward,
@@ -231,7 +249,32 @@ def single(args) -> None:
                          if k not in ("compare", "runs", "trl_python")}}))
     gpu = (f" peak_gpu_mb={torch.cuda.max_memory_allocated() / 2**20:.0f}"
            if args.device.startswith("cuda") else "")
-    print(f"episodes_per_s={args.episodes / seconds:.3f} peak_rss_mb={peak_mb:.0f}{gpu}")
+    rate = (f" train_tflop_per_s={TRAINING['tflop_per_s']:g}"
+            f" matmul_peak_tflop_per_s={matmul_peak(args.device, args.dtype):g}"
+            if TRAINING else "")
+    print(f"episodes_per_s={args.episodes / seconds:.3f} peak_rss_mb={peak_mb:.0f}{gpu}{rate}")
+
+
+def matmul_peak(device: str, dtype: str, n: int = 4096, repeats: int = 10) -> float:
+    """The machine's measured matmul rate for the dtype (TFLOP/s): the best of ``repeats``
+    n x n x n products after a warm-up, the ceiling the training phase is measured against."""
+    import torch
+
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    n = n if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=kind)
+    b = torch.randn(n, n, device=device, dtype=kind)
+    best = float("inf")
+    for i in range(repeats + 2):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= 2:
+            best = min(best, time.perf_counter() - started)
+    return round(2 * n**3 / best / 1e12, 3)
 
 
 def compare(args, argv: list[str]) -> None:
@@ -261,10 +304,12 @@ def compare(args, argv: list[str]) -> None:
     for run in range(args.runs):
         for impl, python in (("rlhf", sys.executable), ("trl", args.trl_python)):
             fields = _run(impl, python, cleaned)
-            results[impl].append((fields["episodes_per_s"], fields["peak_rss_mb"]))
+            results[impl].append((fields["episodes_per_s"],
+                                  fields.get("peak_gpu_mb", fields["peak_rss_mb"])))
             print(f"run {run + 1} {impl:<4} {_line(fields)}", flush=True)
     med = {impl: (statistics.median(e for e, _ in r), statistics.median(m for _, m in r))
            for impl, r in results.items()}
+    # memory: the GPU's peak allocation on a GPU, the process's peak RSS on the CPU
     print(f"median of {args.runs}: rlhf {med['rlhf'][0]:.3f} ep/s {med['rlhf'][1]:.0f} MB | "
           f"trl-1.12 {med['trl'][0]:.3f} ep/s {med['trl'][1]:.0f} MB")
     print(f"speed ratio {med['rlhf'][0] / med['trl'][0]:.2f}x  "

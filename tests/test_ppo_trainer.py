@@ -297,7 +297,7 @@ def test_the_critic_starts_on_the_normalised_reward_scale():
 
     policy, config = random_llama(VOCAB, 32, 2, 2, seed=0)
     reward = sequence_classifier_like(config)
-    ids, mask = collate_prompts(prompts(4), PAD, DEVICE)
+    ids, mask = collate_prompts(prompts(4), PAD, "cpu")  # the models stay on the CPU here
     last = mask.sum(1) * 0 + ids.shape[1] - 1
     with torch.no_grad():
         raw = sequence_scores(reward, ids, mask, position_ids(mask), last)
