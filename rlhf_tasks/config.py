@@ -305,6 +305,16 @@ class PanelSection(Section):
         None, ge=0.0, le=1.0, description="With expert-written reference answers in the eval "
                                           "data: the candidate's pass rate may trail theirs "
                                           "by at most this (None: no such rule).")
+    sequential: bool = Field(False, description="A sequential panel: serve the items the "
+                                                "gate's comparison needs, in an order fixed in "
+                                                "advance, and stop as soon as an anytime-valid "
+                                                "test settles it either way (promote-worthy, "
+                                                "or the policy out of reach); the type-I "
+                                                "error stays at most `significance`.  Other "
+                                                "models of the batch are not judged.")
+    sequential_min_prompts: int = Field(20, ge=1, le=100000,
+                                        description="A sequential panel stops early only "
+                                                    "after this many prompts are decided.")
     review_url: str | None = Field(None, pattern=r"^https?://", max_length=2048,
                                    description="The review page the notifications link to "
                                                "(the standalone app); default: the page "

@@ -37,6 +37,34 @@ def test_trigger_fires_on_quorum_and_at_the_deadline(tmp_path):
     store.dispose()
 
 
+def test_trigger_fires_when_a_sequential_panel_has_decided(tmp_path):
+    """Before quorum: the sequential panel closed its batch on the decision."""
+    url = f"sqlite:///{tmp_path}/panel.db"
+    store = PanelStore(url)
+    batch = store.create_batch(pipeline="p", run_id="r", items=[
+        {"prompt_index": i, "prompt": "q", "response": "a", "model": m}
+        for i in range(40) for m in ("rlhf", "champion")],
+        verdicts_per_item=3, quality_bar="bar", simulated=False,
+        sequential={"candidate": "rlhf", "reference": "champion", "k": 3,
+                    "significance": 0.05, "min_prompts": 5})
+    later = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    for name in ("ann", "bob"):
+        store.add_reviewer(name)
+    models = {i["id"]: i["model"] for i in store.items(batch, with_model=True)}
+    served = 0
+    while (item := store.next_item(batch, "ann")) is not None:
+        # the candidate is worse: both pass the champion's answers, fail the candidate's
+        store.record_verdict(item.id, "ann", models[item.id] == "champion")
+        twin = store.next_item(batch, "bob")
+        store.record_verdict(twin.id, "bob", models[twin.id] == "champion")
+        served += 2
+    event = _first_event(PanelQuorumTrigger(url, batch, later, 0.05))
+    assert event["status"] == "decided" and event["complete"]
+    assert event["sequential"]["look"] == "futility"
+    assert event["verdicts_given"] == served < 40 * 2 * 3
+    store.dispose()
+
+
 def test_trigger_retries_store_errors_with_backoff(tmp_path):
     """The store is unreachable at first (its folder does not exist yet): the trigger
     backs off and retries, and fires once the store is back and the batch has quorum."""

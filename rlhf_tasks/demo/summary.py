@@ -76,6 +76,10 @@ def print_summary(config_path: str) -> None:
     print(f"\nGate: {gate['decision'].upper()}{vs}")
     for reason in g["reasons"]:
         print(f"  - {reason}")
+    if g.get("sequential"):
+        from rlhf_tasks.panel.report import sequential_line
+
+        print(f"  {sequential_line(g['sequential'])}")
     for other, c in (gate.get("comparisons") or {}).items():
         if other != g["reference"]:
             print(f"  vs {other}: lift {c['lift']:+.1%}, better on {c['better']} prompts, worse "

@@ -113,28 +113,37 @@ def verdicts_by_item(verdicts: list[dict]) -> dict[str, list[dict]]:
     return dict(by_item)
 
 
-def aggregate(verdicts: list[dict], k: int) -> PanelResult:
+def aggregate(verdicts: list[dict], k: int, *, curtailed: bool = False) -> PanelResult:
     """``verdicts``: rows with ``item_id``, ``model``, ``reviewer``, ``passed`` and ``id``
     (arrival order).  Each item counts with its first ``k`` verdicts; items with fewer
-    are left out of the pass rates (and of kappa)."""
+    are left out of the pass rates (and of kappa).  ``curtailed`` (a sequential panel):
+    an item counts once its majority of k is settled (k = 3: two agreeing verdicts), and
+    kappa is computed on the first (k + 1) // 2 verdicts of each item, the fewest any
+    settled item has."""
+    from rlhf_tasks.panel.sequential import item_outcome
+
     by_item = verdicts_by_item(verdicts)
     models: dict[str, list[bool]] = defaultdict(list)
     per_prompt: dict[str, dict[int, bool]] = defaultdict(dict)
     counts = []
+    raters = (k + 1) // 2 if curtailed else k
     for rows in by_item.values():
-        if len(rows) < k:
-            continue
         votes = [bool(r["passed"]) for r in rows[:k]]
-        models[rows[0]["model"]].append(majority(votes))
+        outcome = item_outcome(votes, k) if curtailed else (
+            majority(votes) if len(votes) == k else None)
+        if outcome is None:
+            continue
+        models[rows[0]["model"]].append(outcome)
         if rows[0].get("prompt_index") is not None:
-            per_prompt[rows[0]["model"]][int(rows[0]["prompt_index"])] = majority(votes)
-        counts.append((sum(votes), k - sum(votes)))
+            per_prompt[rows[0]["model"]][int(rows[0]["prompt_index"])] = outcome
+        first = votes[:raters]
+        counts.append((sum(first), raters - sum(first)))
     scores = {}
     for model, outcomes in sorted(models.items()):
         passed, n = sum(outcomes), len(outcomes)
         low, high = wilson_interval(passed, n)
         scores[model] = ModelScore(model, n, passed, passed / n, low, high)
-    kappa = fleiss_kappa(counts) if k >= 2 else None
+    kappa = fleiss_kappa(counts) if raters >= 2 else None
     return PanelResult(scores=scores, kappa=kappa, items_judged=len(by_item),
                        items_decided=len(counts), verdicts=len(verdicts),
                        reviewers=len({r["reviewer"] for r in verdicts}),

@@ -5,6 +5,8 @@
   no champion yet, since that is what serves), the lift is at least ``min_lift`` and the
   one-sided exact McNemar test on the prompts both answered gives p < ``significance``
   (both models answer the same eval prompts: the comparison is paired);
+  (a sequential panel, ``rlhf_tasks.panel.sequential``: its anytime-valid test in place of
+  the fixed McNemar test, at the same significance);
 * with ``max_gap_to_reference`` set, its pass rate trails the experts' own reference
   answers (the ``reference`` rows of the eval data, reviewed blinded) by at most that
   gap, both counted on the same prompts (those with a decided reference answer and a
@@ -19,6 +21,14 @@ from dataclasses import asdict, dataclass, field
 from rlhf_tasks.panel.aggregate import PanelResult, discordant_pairs, mcnemar_exact
 
 EXPERT = "reference"  # the label of the experts' own answers in a review batch
+CANDIDATE = "rlhf"    # the label of the run's tuned policy
+
+
+def reference_model(models) -> str | None:
+    """The model the candidate must beat: the registry's champion when the batch has one,
+    else the foundation model (what serves), else none."""
+    return "champion" if "champion" in models else ("foundation" if "foundation" in models
+                                                    else None)
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class GateDecision:
     worse: int | None        # prompts where only the reference passed
     p_value: float | None
     reasons: list[str] = field(default_factory=list)
+    sequential: dict | None = None  # a sequential panel's state (its look, e-value, verdicts)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +79,9 @@ def gap_to_experts(result: PanelResult, candidate: str) -> tuple[float, float, i
 
 
 def decide(result: PanelResult, policy: GatePolicy, candidate: str,
-           reference: str | None) -> GateDecision:
+           reference: str | None, sequential=None) -> GateDecision:
+    """``sequential``: a sequential panel's state (``sequential.SequentialState``); its
+    test decides significance."""
     reasons: list[str] = []
     cand = result.scores.get(candidate)
     if cand is None:
@@ -91,7 +104,11 @@ def decide(result: PanelResult, policy: GatePolicy, candidate: str,
         if lift < policy.min_lift:
             reasons.append(f"lift over {reference} {lift:+.3f} is below the minimum "
                            f"{policy.min_lift:+.3f}")
-        if p >= policy.significance:
+        if sequential is not None:
+            if not sequential.promote_worthy:
+                reasons.append(f"the sequential panel found no significant lift over "
+                               f"{reference} ({sequential.look} look: {sequential.reason})")
+        elif p >= policy.significance:
             reasons.append(f"lift over {reference} is not significant "
                            f"(p = {p:.3g} >= {policy.significance})")
     if policy.max_gap_to_reference is not None:

@@ -90,6 +90,15 @@ def expert_time_html(time: dict | None) -> str:
             f"<table>{head}{rows(time['per_reviewer'], str)}</table>")
 
 
+def sequential_line(state: dict) -> str:
+    """What a sequential panel's decision took, against a fixed panel."""
+    share = state["verdicts_used"] / state["verdicts_fixed"] if state["verdicts_fixed"] else 0
+    return (f"Sequential panel: decided at the {state['look']} look after "
+            f"{state['prompts_decided']} of {state['prompts']} prompts ({state['reason']}); "
+            f"the decision took {state['verdicts_used']} verdicts, a fixed panel would have "
+            f"taken {state['verdicts_fixed']} ({share:.0%}).")
+
+
 def write_html(path: Path, *, rows: list[dict], result: PanelResult, decision: dict,
                png: Path, simulated: bool, batch_id: str, run: str,
                agreement: dict | None = None, warnings: list[str] | None = None,
@@ -115,6 +124,8 @@ def write_html(path: Path, *, rows: list[dict], result: PanelResult, decision: d
         f"<th>passed</th><th>failed</th></tr>{agreement_rows}</table>" if agreement_rows else "")
     warning_html = ("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings)
                     + "</ul>" if warnings else "")
+    sequential = decision.get("sequential")
+    sequential_html = f"<p>{esc(sequential_line(sequential))}</p>" if sequential else ""
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>Expert panel report: {esc(run)}</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}
@@ -127,7 +138,7 @@ items. Agreement (Fleiss' kappa): {kappa}.</p>
 <table><tr><th>model</th><th>data</th><th>pass rate</th><th>95% interval</th>
 <th>passed</th></tr>{body}</table>
 <h2>Gate: {'promote' if decision.get('promote') else 'reject'}</h2><ul>{reasons}</ul>
-{warning_html}{agreement_html}{expert_time_html(expert_time)}
+{sequential_html}{warning_html}{agreement_html}{expert_time_html(expert_time)}
 {f"<h2>Benefit and cost</h2><pre>{esc(cost_table)}</pre>" if cost_table else ""}
 <img alt="pass rates" src="data:image/png;base64,{image}"></body></html>""",
                     encoding="utf-8")

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
 from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
-                        UniqueConstraint, create_engine, event, func, or_, select)
+                        UniqueConstraint, case, create_engine, event, func, or_, select)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -64,7 +64,20 @@ class ReviewBatch(Base):
     # a verdict's measured time counts at most this long: idle time beyond it (a reviewer
     # who left the page open) is not expert time
     idle_cap_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # a sequential panel's plan (JSON, rlhf_tasks.panel.sequential.SequentialPlan): which
+    # models the decision compares, the serving order, the policy; None: a fixed panel
+    sequential: Mapped[str | None] = mapped_column(Text, nullable=True)
     __table_args__ = (UniqueConstraint("pipeline", "run_id", name="uq_batch_run"),)
+
+    @property
+    def plan(self):
+        """The sequential plan, or None for a fixed panel."""
+        import json
+
+        from rlhf_tasks.panel.sequential import SequentialPlan
+
+        return SequentialPlan.from_json(json.loads(self.sequential)) if self.sequential \
+            else None
 
     def deadline(self, after: timedelta) -> datetime:
         """``after`` past the batch's creation, in UTC (the panel wait and the gate)."""
@@ -86,6 +99,9 @@ class ReviewItem(Base):
     prompt: Mapped[str] = mapped_column(Text)
     response: Mapped[str] = mapped_column(Text)
     model: Mapped[str] = mapped_column(String(100))                 # server side only
+    # a sequential batch serves its decision items by their prompt's rank in the plan's
+    # order (both models' answers to a prompt before the next prompt); None: not served
+    serve_rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Reviewer(Base):
@@ -208,14 +224,20 @@ class PanelStore:
     def create_batch(self, *, pipeline: str, run_id: str, items: Iterable[dict],
                      verdicts_per_item: int, quality_bar: str, simulated: bool,
                      excluded: Iterable[str | None] = (),
-                     idle_cap_seconds: float = DEFAULT_IDLE_CAP_S) -> str:
+                     idle_cap_seconds: float = DEFAULT_IDLE_CAP_S,
+                     sequential: dict | None = None) -> str:
         """A blinded batch from ``items`` (``prompt_index``, ``prompt``, ``response``,
         ``model``), shuffled by the operating system's cryptographic random source (never
         the run's seed, which is logged and could replay the order); item ids are random
         too.  A batch already made for this pipeline run is returned as it is (a retried
         evaluate step must not make a second one).  ``excluded``: identities that may not
-        judge it (the run's triggering user and approver)."""
+        judge it (the run's triggering user and approver).  ``sequential``: the fields of a
+        :class:`~rlhf_tasks.panel.sequential.SequentialPlan` but its order, which is drawn
+        here from the same random source (a random order of the prompts the decision models
+        answered)."""
         import json
+
+        from rlhf_tasks.panel.sequential import SequentialPlan
 
         with self.session() as s:
             found = s.scalar(select(ReviewBatch.id).where(ReviewBatch.pipeline == pipeline,
@@ -227,12 +249,31 @@ class PanelStore:
                                 simulated=simulated, idle_cap_seconds=idle_cap_seconds,
                                 excluded=json.dumps(sorted({e for e in excluded if e})))
             rows = list(items)
-            secrets.SystemRandom().shuffle(rows)
+            rng = secrets.SystemRandom()
+            rng.shuffle(rows)
+            rank: dict[int, int] = {}
+            plan = None
+            if sequential is not None:
+                decision = set(SequentialPlan(**{**sequential, "order": ()}).models)
+                prompts = sorted({int(r["prompt_index"]) for r in rows
+                                  if r["model"] == sequential["candidate"]}
+                                 & {int(r["prompt_index"]) for r in rows
+                                    if r["model"] == sequential["reference"]})
+                if not prompts:
+                    raise BadInput(f"a sequential panel compares {sequential['candidate']} "
+                                   f"with {sequential['reference']}, but the batch has no "
+                                   "prompt both answered", field="panel.sequential")
+                rng.shuffle(prompts)
+                rank = {p: i for i, p in enumerate(prompts)}
+                plan = SequentialPlan(**{**sequential, "order": tuple(prompts)})
+                batch.sequential = json.dumps(plan.as_json())
             s.add(batch)
             s.flush()
             s.add_all(ReviewItem(id=uuid.uuid4().hex, batch_id=batch.id, position=i,
                                  prompt_index=int(r["prompt_index"]), prompt=r["prompt"],
-                                 response=r["response"], model=r["model"])
+                                 response=r["response"], model=r["model"],
+                                 serve_rank=rank.get(int(r["prompt_index"]))
+                                 if plan is not None and r["model"] in decision else None)
                       for i, r in enumerate(rows))
             try:
                 s.commit()
@@ -339,11 +380,10 @@ class PanelStore:
         skipped: list[str] = []
         for _ in range(8):  # another reviewer filled the item between choice and lock
             with self._claim_lock, self.session() as s:
-                item, own = self._candidate(s, batch_id, batch.verdicts_per_item, reviewer,
-                                            skipped)
+                item, own = self._candidate(s, batch, reviewer, skipped)
                 if item is None:
                     return None
-                if not own and self._load(s, item.id, reviewer) >= batch.verdicts_per_item:
+                if not own and not self._room(s, item.id, reviewer, batch):
                     s.rollback()
                     skipped.append(item.id)
                     continue
@@ -360,42 +400,64 @@ class PanelStore:
                                  batch.quality_bar, batch.simulated)
         return None
 
-    def _candidate(self, s: Session, batch_id: str, k: int, reviewer: str,
-                   skipped: list[str]):
+    def _candidate(self, s: Session, batch: ReviewBatch, reviewer: str, skipped: list[str]):
+        k, batch_id = batch.verdicts_per_item, batch.id
         cutoff = _now() - ASSIGNMENT_LEASE
-        given = (select(Verdict.item_id, func.count().label("n"))
+        given = (select(Verdict.item_id, func.count().label("n"),
+                        func.sum(case((Verdict.passed, 1), else_=0)).label("passes"))
                  .group_by(Verdict.item_id).subquery())
         held = (select(Assignment.item_id, func.count().label("n"))
                 .where(*_live_holds_by_others(reviewer, cutoff))
                 .group_by(Assignment.item_id).subquery())
         mine = select(Verdict.item_id).where(Verdict.reviewer == reviewer)
-        load = func.coalesce(given.c.n, 0) + func.coalesce(held.c.n, 0)
+        n_given, n_held = func.coalesce(given.c.n, 0), func.coalesce(held.c.n, 0)
+        load = n_given + n_held
         own = (select(Assignment.item_id).where(Assignment.reviewer == reviewer,
                                                 Assignment.assigned_at > cutoff))
+        if batch.sequential:
+            # a curtailed item: served while unsettled, to at most as many reviewers at once
+            # as the verdicts that could settle it (sequential.votes_to_settle)
+            passes = func.coalesce(given.c.passes, 0)
+            to_pass = k // 2 + 1 - passes
+            to_fail = (k + 1) // 2 - (n_given - passes)
+            need = case((to_pass < to_fail, to_pass), else_=to_fail)
+            rules = (ReviewItem.serve_rank.is_not(None), need > 0,
+                     or_(n_held < need, ReviewItem.id.in_(own)))
+            # an item already served to this reviewer first, then the plan's order: both
+            # models' answers to a prompt before the next prompt
+            order = (ReviewItem.id.in_(own).desc(), ReviewItem.serve_rank.asc(), load.asc(),
+                     ReviewItem.position)
+        else:
+            rules = (n_given < k, or_(load < k, ReviewItem.id.in_(own)))
+            # an item already served to this reviewer first (a reload shows it again), then
+            # the items furthest from quorum, so work spreads out
+            order = (ReviewItem.id.in_(own).desc(), load.asc(), ReviewItem.position)
         query = (select(ReviewItem, ReviewItem.id.in_(own).label("own"))
                  .outerjoin(given, given.c.item_id == ReviewItem.id)
                  .outerjoin(held, held.c.item_id == ReviewItem.id)
                  .where(ReviewItem.batch_id == batch_id, ReviewItem.id.not_in(mine),
-                        ReviewItem.id.not_in(skipped) if skipped else True,
-                        func.coalesce(given.c.n, 0) < k,
-                        or_(load < k, ReviewItem.id.in_(own)))
-                 # an item already served to this reviewer first (a reload shows it
-                 # again), then the items furthest from quorum, so work spreads out
-                 .order_by(ReviewItem.id.in_(own).desc(), load.asc(), ReviewItem.position)
+                        ReviewItem.id.not_in(skipped) if skipped else True, *rules)
+                 .order_by(*order)
                  .limit(1)
                  .with_for_update(skip_locked=True, of=ReviewItem))
         row = s.execute(query).first()
         return (row[0], bool(row[1])) if row is not None else (None, False)
 
     @staticmethod
-    def _load(s: Session, item_id: str, reviewer: str) -> int:
-        """Verdicts on the item plus live holds by other reviewers without a verdict."""
+    def _room(s: Session, item_id: str, reviewer: str, batch: ReviewBatch) -> bool:
+        """Whether the item may be served to one more reviewer, counted under the lock:
+        verdicts plus live holds by others short of k (a fixed panel), or live holds by
+        others short of the verdicts that could settle it (a sequential panel)."""
+        from rlhf_tasks.panel.sequential import votes_to_settle
+
         cutoff = _now() - ASSIGNMENT_LEASE
-        verdicts = s.scalar(select(func.count()).select_from(Verdict)
-                            .where(Verdict.item_id == item_id))
-        holds = s.scalar(select(func.count()).select_from(Assignment).where(
-            Assignment.item_id == item_id, *_live_holds_by_others(reviewer, cutoff)))
-        return int(verdicts) + int(holds)
+        votes = s.scalars(select(Verdict.passed).where(Verdict.item_id == item_id)).all()
+        holds = int(s.scalar(select(func.count()).select_from(Assignment).where(
+            Assignment.item_id == item_id, *_live_holds_by_others(reviewer, cutoff))))
+        k = batch.verdicts_per_item
+        if batch.sequential:
+            return holds < votes_to_settle(sum(votes), len(votes) - sum(votes), k)
+        return len(votes) + holds < k
 
     def record_verdict(self, item_id: str, reviewer: str, passed: bool, comment: str = "",
                        source: str = "web", seconds: float | None = None) -> int:
@@ -433,15 +495,29 @@ class PanelStore:
             served = s.get(Assignment, (item_id, reviewer))
             if source != "import" and served is None:
                 raise NotServed(f"item {item_id} was not served to {reviewer}")
-            given = s.scalar(select(func.count()).select_from(Verdict)
-                             .where(Verdict.item_id == item_id))
-            if given >= batch.verdicts_per_item:
+            votes = s.scalars(select(Verdict.passed).where(Verdict.item_id == item_id)).all()
+            if len(votes) >= batch.verdicts_per_item:
                 raise NotServed(f"item {item_id} already has its {batch.verdicts_per_item} "
                                 "verdicts")
+            plan = batch.plan
+            if plan is not None:
+                from rlhf_tasks.panel.sequential import item_outcome
+
+                if item.serve_rank is None:
+                    raise NotServed(f"item {item_id} is not part of the sequential panel's "
+                                    "decision")
+                if item_outcome(list(votes), plan.k) is not None:
+                    raise NotServed(f"item {item_id} is already settled")
             verdict = Verdict(item_id=item_id, reviewer=reviewer, passed=bool(passed),
                               comment=comment or "", source=source,
                               seconds=self._seconds(s, batch, served, source, seconds))
             s.add(verdict)
+            if plan is not None:
+                # decided with this verdict: the batch closes in the same transaction, so
+                # no reviewer is served another of its items
+                s.flush()
+                if self._sequential_state(s, batch, plan).decided:
+                    batch.closed_at = func.now()
             try:
                 s.commit()
             except IntegrityError:
@@ -467,6 +543,31 @@ class PanelStore:
             else DEFAULT_IDLE_CAP_S
         return round(min(elapsed, cap), 3)
 
+    @staticmethod
+    def _sequential_state(s: Session, batch: ReviewBatch, plan, *, final: bool = False):
+        from rlhf_tasks.panel.sequential import evaluate
+
+        query = (select(Verdict.id, Verdict.item_id, Verdict.reviewer, Verdict.passed,
+                        ReviewItem.model, ReviewItem.prompt_index)
+                 .join(ReviewItem, ReviewItem.id == Verdict.item_id)
+                 .where(ReviewItem.batch_id == batch.id, ReviewItem.model.in_(plan.models)))
+        if batch.closed_at is not None:  # what the gate decided on
+            query = query.where(Verdict.created_at <= batch.closed_at)
+        rows = [dict(r._mapping) for r in s.execute(query).all()]
+        items = s.scalar(select(func.count()).select_from(ReviewItem)
+                         .where(ReviewItem.batch_id == batch.id))
+        return evaluate(plan, rows, items_in_batch=int(items), final=final)
+
+    def sequential_state(self, batch_id: str, *, final: bool = False):
+        """The sequential panel's state (None for a fixed panel); ``final``: as the gate
+        reads a batch it closed at the deadline."""
+        batch = self.batch(batch_id)
+        plan = batch.plan
+        if plan is None:
+            return None
+        with self.session() as s:
+            return self._sequential_state(s, batch, plan, final=final)
+
     def progress(self, batch_id: str, reviewer: str | None = None) -> dict:
         batch = self.batch(batch_id)
         k = batch.verdicts_per_item
@@ -482,6 +583,18 @@ class PanelStore:
                    "verdicts_needed": items * k, "verdicts_given": int(counts[0]),
                    "items_complete": int(counts[1]), "simulated": batch.simulated}
             out["complete"] = items > 0 and out["items_complete"] == items
+            plan = batch.plan
+            if plan is not None:
+                # a sequential panel is complete when it has decided (and closed itself)
+                state = self._sequential_state(s, batch, plan)
+                # reviewers read this too: while the batch is open it says how far the
+                # panel got, never how the comparison stands (that could sway a verdict)
+                out["sequential"] = {key: getattr(state, key) for key in (
+                    "decided", "prompts", "prompts_decided", "verdicts_used",
+                    "verdicts_fixed")}
+                if batch.closed_at is not None:
+                    out["sequential"].update(look=state.look, reason=state.reason)
+                out["complete"] = state.decided and batch.closed_at is not None
             if reviewer is not None:
                 out["reviewer"] = reviewer
                 out["judged_by_reviewer"] = s.scalar(

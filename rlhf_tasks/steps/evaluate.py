@@ -30,11 +30,26 @@ from pathlib import Path
 
 from rlhf_tasks import models, registry, tracking, training
 from rlhf_tasks.generation import generate
+from rlhf_tasks.panel.gate import CANDIDATE, EXPERT, reference_model
 from rlhf_tasks.storage import Storage, join
 
 log = logging.getLogger(__name__)
-CANDIDATE = "rlhf"
-REFERENCE = "reference"
+REFERENCE = EXPERT  # the experts' own answers, reviewed blinded beside the models'
+
+
+def sequential_plan(cfg, models) -> dict | None:
+    """The sequential panel's plan (``panel.sequential``, from the base config): the
+    candidate against the gate's reference, the experts' answers too when the policy
+    compares with them; the policy's rules.  None: a fixed panel."""
+    reference = reference_model(models)
+    if not cfg.panel.sequential or reference is None:
+        return None
+    gap = cfg.panel.max_gap_to_reference
+    return {"candidate": CANDIDATE, "reference": reference,
+            "k": cfg.panel.verdicts_per_item, "significance": cfg.panel.significance,
+            "min_pass_rate": cfg.panel.pass_rate_threshold, "min_lift": cfg.panel.min_lift,
+            "expert": EXPERT if gap is not None and EXPERT in models else None,
+            "max_gap": gap, "min_prompts": cfg.panel.sequential_min_prompts}
 
 
 def reference_answers(frame) -> list[tuple[int, str]]:
@@ -256,7 +271,8 @@ def evaluate(cfg) -> dict:
             verdicts_per_item=cfg.panel.verdicts_per_item, quality_bar=cfg.panel.quality_bar,
             simulated=cfg.panel.mode == "simulated",
             excluded=[cfg.run.triggered_by, cfg.run.triggered_by_id, cfg.panel.approver],
-            idle_cap_seconds=cfg.panel.idle_cap_seconds)
+            idle_cap_seconds=cfg.panel.idle_cap_seconds,
+            sequential=sequential_plan(cfg, compared))
         store.dispose()
         local = tmp / "out"
         local.mkdir()

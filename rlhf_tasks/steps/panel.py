@@ -27,7 +27,8 @@ from rlhf_tasks import compute, registry, tracking, training
 from rlhf_tasks.errors import BadInput
 from rlhf_tasks.panel import aggregate as agg
 from rlhf_tasks.panel import cost, report
-from rlhf_tasks.panel.gate import EXPERT, GatePolicy, decide, paired_comparisons, reward_hacking
+from rlhf_tasks.panel.gate import (CANDIDATE, EXPERT, GatePolicy, decide, paired_comparisons,
+                                   reference_model, reward_hacking)
 from rlhf_tasks.panel.store import PanelStore, panel_store_url
 from rlhf_tasks.storage import Storage, join
 
@@ -75,7 +76,7 @@ def _data_sizes(cfg, storage: Storage) -> dict[str, str]:
     if prefs is not None:
         from rlhf_tasks.steps.ppo import rl_data_description
 
-        sizes["rlhf"] = rl_data_description(cfg, prompts, prefs)
+        sizes[CANDIDATE] = rl_data_description(cfg, prompts, prefs)
     return sizes
 
 
@@ -95,7 +96,7 @@ def _reward_checks(cfg, result, answers: list[dict], evaluation: dict, ppo_summa
     start = ppo_summary.get("init_from", "foundation")
     start = start if start in evaluation.get("models", {}) else None
     warnings = list(ppo_summary.get("warnings") or [])
-    flag = reward_hacking(means, result, "rlhf", start, cfg.panel.reward_rise_flag)
+    flag = reward_hacking(means, result, CANDIDATE, start, cfg.panel.reward_rise_flag)
     if flag:
         warnings.insert(0, flag)
     return agreement, warnings
@@ -159,15 +160,21 @@ def gate(cfg) -> dict:
         batch = store.batch(batch_id)
         progress = store.progress(batch_id)
         rows = store.verdict_rows(batch_id)
+        # a sequential panel: its state on the closed batch; closed by the deadline before
+        # it decided, the deadline's look (only E >= 1/alpha promotes)
+        state = store.sequential_state(batch_id)
+        if state is not None and not state.decided:
+            state = store.sequential_state(batch_id, final=True)
     finally:
         store.dispose()
     k = batch.verdicts_per_item
-    result = agg.aggregate(rows, k)
-    models = evaluation["models"]
-    reference = "champion" if "champion" in models else (
-        "foundation" if "foundation" in models else None)
-    decision = decide(result, GatePolicy.from_config(cfg.panel), "rlhf", reference)
-    if not progress["complete"]:
+    result = agg.aggregate(rows, k, curtailed=state is not None)
+    reference = reference_model(evaluation["models"])
+    decision = decide(result, GatePolicy.from_config(cfg.panel), CANDIDATE, reference,
+                      sequential=state)
+    if state is not None:
+        decision.sequential = state.as_dict()
+    elif not progress["complete"]:
         decision.promote = False
         decision.reasons.insert(0, f"no quorum by the deadline: {progress['items_complete']} "
                                    f"of {progress['items']} items have {k} verdicts")
@@ -201,6 +208,10 @@ def gate(cfg) -> dict:
             metrics.update(lift=decision.lift, p_value=decision.p_value,
                            discordant_candidate=decision.better,
                            discordant_reference=decision.worse)
+        if state is not None:
+            metrics.update({f"sequential/{key}": float(getattr(state, key)) for key in (
+                "verdicts_used", "verdicts_fixed", "prompts_decided", "prompts")})
+            metrics["sequential/e_value"] = min(state.e_value, 1e300)
         for m, s in result.scores.items():
             metrics.update({f"{m}/pass_rate": s.pass_rate, f"{m}/ci_low": s.ci_low,
                             f"{m}/ci_high": s.ci_high, f"{m}/items": s.items})
@@ -219,7 +230,7 @@ def gate(cfg) -> dict:
         figures = _benefit_and_cost(cfg, storage, records, expert, evaluation,
                                     {r["model"]: r["pass_rate"] for r in table})
         tracking.log_metrics("cost", cost.metrics(figures))
-        comparisons = paired_comparisons(result, "rlhf")
+        comparisons = paired_comparisons(result, CANDIDATE)
         for m, c in comparisons.items():
             metrics.update({f"vs_{m}/lift": c["lift"], f"vs_{m}/p_value": c["p_value"]})
         tracking.log_metrics("panel", metrics)
@@ -234,7 +245,7 @@ def gate(cfg) -> dict:
         # every answer beside the panel's verdicts on it, readable in MLflow
         tracking.log_answers(answers, tracking.JUDGED_TABLE, verdicts=rows)
 
-        cand = result.scores.get("rlhf")
+        cand = result.scores.get(CANDIDATE)
         # registered versions are MLflow models (MLmodel, signature, input example), linked
         # to the runs that trained them
         reward_info = storage.read_json(join(cfg.step_uri("reward", "model"), "reward_model.json"))
@@ -251,7 +262,7 @@ def gate(cfg) -> dict:
             "panel.simulated": str(simulated).lower(), "panel.batch_id": batch_id,
             "panel.verdicts": result.verdicts, "panel.reviewers": result.reviewers,
             "reference": reference, "lift": decision.lift, "p_value": decision.p_value,
-            "datasets": sizes.get("rlhf", ""), "data.preference_uri": cfg.data.preference_uri,
+            "datasets": sizes.get(CANDIDATE, ""), "data.preference_uri": cfg.data.preference_uri,
             "data.prompt_uri": cfg.data.prompt_uri, "data.eval_uri": cfg.data.eval_uri,
             "airflow.dag_id": cfg.run.pipeline, "airflow.run_id": cfg.run.run_id,
             "base_model": cfg.model.base_model, "reward_model.version": reward_version.version,
@@ -268,7 +279,7 @@ def gate(cfg) -> dict:
         if cfg.tracking.panel_views:
             from rlhf_tasks.panel import mlflow_views
 
-            model_ids = {"rlhf": version.model_id}
+            model_ids = {CANDIDATE: version.model_id}
             if champion is not None and getattr(champion, "model_id", None):
                 model_ids["champion"] = champion.model_id
             views = mlflow_views.publish(
@@ -298,8 +309,9 @@ def gate(cfg) -> dict:
                    "mlflow_run_id": run_id}
         (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
         storage.put_dir(tmp, out_uri, extra={"step": "gate"})
-    log.info("gate: %s\n%s\n%s", outcome if report_only else decision.summary,
-             report.text_table(table), cost.text_table(figures))
+    log.info("gate: %s\n%s\n%s%s", outcome if report_only else decision.summary,
+             report.text_table(table), cost.text_table(figures),
+             "\n" + report.sequential_line(decision.sequential) if decision.sequential else "")
     return {"decision": summary["decision"], "reasons": decision.reasons,
             "version": version.version, "reward_model_version": reward_version.version,
             "needs_sign_off": summary["needs_sign_off"], "simulated": simulated,

@@ -3,8 +3,9 @@
 ``PanelQuorumSensor`` checks the verdict store once; when the batch still lacks verdicts
 it defers to ``PanelQuorumTrigger``, which polls the store from the triggerer every
 ``panel.poll_seconds`` (no worker slot is held while people review) and fires on quorum
-(every item has its k verdicts) or at the deadline (``panel.deadline_hours`` after the
-batch was made).  On quorum the task returns the batch's progress; at the deadline it
+(every item has its k verdicts), when a sequential panel has decided (and closed its
+batch: reviewers get no more of its items), or at the deadline (``panel.deadline_hours``
+after the batch was made).  On quorum or decision the task returns the batch's progress; at the deadline it
 times out as sensors do (``soft_fail``: skipped), and the ``gate`` step rejects.
 The trigger is :class:`rlhf_airflow.triggers.panel.PanelQuorumTrigger`.
 """
@@ -36,7 +37,8 @@ class PanelQuorumSensor(BaseSensorOperator):
 
     The run's own config (``load_run_config``) names the store, the batch (the evaluation's
     record in the run's folder, never an id handed over in an XCom), the deadline and the
-    poll interval; the task's result is the batch's progress with ``status`` (``quorum``)
+    poll interval; the task's result is the batch's progress with ``status`` (``quorum``,
+    or ``decided`` for a sequential panel)
     and ``review_url``.
 
     :param deferrable: defer to :class:`PanelQuorumTrigger` while people review (default),
@@ -100,7 +102,8 @@ class PanelQuorumSensor(BaseSensorOperator):
             batch.verdicts_per_item
 
     def _result(self, progress: dict) -> dict:
-        return {**progress, "status": "quorum", "review_url": self.review_page_url}
+        status = "decided" if progress.get("sequential") else "quorum"
+        return {**progress, "status": status, "review_url": self.review_page_url}
 
     def poke(self, context) -> bool | PokeReturnValue:
         progress, _, _ = self._progress()

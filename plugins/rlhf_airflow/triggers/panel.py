@@ -5,7 +5,8 @@ A wait lasts days, so one database error must not end it: a store error (the dat
 restarting, a dropped connection) is logged and retried with exponential backoff (from
 ``poll_interval``, doubling, at most ``MAX_BACKOFF_S``); only ``MAX_STORE_ERRORS`` errors
 in a row end the wait with an error event, which fails the task.  Events are keyed
-``"status"``: ``quorum``, ``deadline`` or ``error``, with the batch's progress.
+``"status"``: ``quorum``, ``decided`` (a sequential panel settled its comparison),
+``deadline`` or ``error``, with the batch's progress.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class PanelQuorumTrigger(BaseTrigger):
                     continue
                 self.errors = 0
                 if progress["complete"]:
-                    yield TriggerEvent({"status": "quorum", **progress})
+                    # a sequential panel completes when it has decided, before quorum
+                    status = "decided" if progress.get("sequential") else "quorum"
+                    yield TriggerEvent({"status": status, **progress})
                     return
                 if datetime.now(timezone.utc) >= deadline:
                     yield TriggerEvent({"status": "deadline", **progress})
