@@ -10,8 +10,10 @@ go to a real SMTP server.
 
 Run 1 is triggered through the REST API with form values.  The DAG defers at
 ``wait_for_panel`` and the panel is mailed; three reviewers, each with their own token,
-judge the blinded items through the standalone review app over HTTP; quorum releases the
-gate, which decides to promote (a lenient policy); the named approver signs off through
+judge the blinded items through the standalone review app over HTTP; the sequential panel
+decides after three of six prompts, serves nobody anything more (the third reviewer gets
+nothing) and releases the gate, which decides to promote (a lenient policy) and reports the
+verdicts against a fixed panel's and the experts' measured time; the named approver signs off through
 Airflow's HITL REST API (which refuses anyone else); the champion alias moves, and its
 Asset event runs ``rlhf_deploy_champion``, which smoke-tests the champion.  Run 2, with
 another ``kl_coeff`` and broken eval data, fails and is mailed; MLflow finds both runs
@@ -42,23 +44,18 @@ def _upload_dir(s3, local: Path, bucket: str, prefix: str) -> None:
         s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
 
 
-def _review(http, tokens: dict[str, str], batch_id: str, per_reviewer: int) -> int:
-    """Each reviewer judges by the demo rubric, over the REST API; returns the verdicts."""
-    from rlhf_tasks.demo import rubric
-
+def _review(http, tokens: dict[str, str], batch_id: str, passes) -> int:
+    """Each reviewer in turn judges over the REST API until the app has nothing more for
+    them (204); ``passes(item)`` is the verdict.  Returns the verdicts given."""
     given = 0
     for name, token in tokens.items():
         headers = {"Authorization": f"Bearer {token}"}
-        for _ in range(per_reviewer):
-            response = http.get(f"api/batches/{batch_id}/next", headers=headers)
-            if response.status_code == 204:
-                break
+        while (response := http.get(f"api/batches/{batch_id}/next",
+                                    headers=headers)).status_code != 204:
             item = response.json()
             assert "model" not in item
-            verdict = rubric.judge(item["prompt"], item["response"])
             posted = http.post(f"api/items/{item['id']}/verdict", headers=headers,
-                               json={"passed": verdict.passed,
-                                     "comment": ", ".join(verdict.failed_checks)})
+                               json={"passed": passes(item), "comment": ""})
             assert posted.status_code == 201, posted.text
             given += 1
     return given
@@ -272,18 +269,19 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
     bob_token = store.add_reviewer("bob")
     try:
         wait_http(f"{mlflow_uri}/health", mlflow_server, timeout=120)
-        # people, k = 2; the candidate alone (no baseline) under a lenient policy, so the
-        # gate promotes whatever the verdicts and the sign-off is asked every time
+        # people, k = 2, a sequential panel: the candidate against the foundation model
+        # under a lenient policy (significance 0.99: the early look needs E >= 2.02), so
+        # reviewers who prefer the candidate settle it early and the sign-off is asked
         config = run_config(tmp_path, demo_model_dir, panel={
             "mode": "human", "verdicts_per_item": 2, "poll_seconds": 1, "store_url": panel_db,
             "pass_rate_threshold": 0.0, "min_lift": -1.0, "significance": 0.99,
-            "approver": "alice"})
+            "approver": "alice", "sequential": True, "sequential_min_prompts": 2})
         raw = yaml.safe_load(config.read_text())
         raw["model"]["base_model"] = "s3://rlhf-data/demo/foundation"
         raw["data"].update(preference_uri="s3://rlhf-data/demo/preferences.jsonl",
                            prompt_uri="s3://rlhf-data/demo/prompts.jsonl",
                            eval_uri="s3://rlhf-data/demo/eval.jsonl", sft_uri=None)
-        raw["evaluation"].update(max_prompts=6, baselines=[], smoke_prompts=3)
+        raw["evaluation"].update(max_prompts=6, baselines=["foundation"], smoke_prompts=3)
         raw["storage"] = {"artifact_root": "s3://rlhf-artifacts/runs",
                           "allowed_roots": ["s3://rlhf-data/demo"],
                           "s3_endpoint_url": s3_endpoint, "s3_region": "us-east-1"}
@@ -338,7 +336,7 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
                     assert time.monotonic() < deadline, "no review batch"
                     time.sleep(2)
                 batch = batches[0]
-                assert batch["items"] == 6 and not batch["simulated"]
+                assert batch["items"] == 12 and not batch["simulated"]
                 # the panel is told: the review page and the quorum it needs
                 while not any("review batch waiting" in m["subject"] for m in mails):
                     running()
@@ -346,14 +344,27 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
                     time.sleep(1)
                 waiting = next(m for m in mails if "review batch waiting" in m["subject"])
                 assert f"{api}/rlhf-review/" in waiting["body"]
-                assert "6 answers, 2 verdicts each (12 in all)" in waiting["body"]
+                assert "12 answers, 2 verdicts each (24 in all)" in waiting["body"]
+                assert "A sequential panel" in waiting["body"]
                 state = httpx.get(f"{api}/api/v2/dags/rlhf_tuning/dagRuns/{run_1}",
                                   headers=bob).json()["state"]
                 assert state == "running", "the run must wait for the panel"
                 assert http.get(f"api/batches/{batch['id']}/next").status_code == 401
                 assert http.get(f"api/batches/{batch['id']}/next", headers={
                     "Authorization": f"Bearer {bob_token}"}).status_code == 403
-                assert _review(http, tokens, batch["id"], per_reviewer=4) == 12
+                # the experts prefer the candidate (the test reads the store's server
+                # side for it): ann judges all 12 answers, one verdict settles a fail
+                # (k = 2), cara's second passes settle prompt after prompt, and after the
+                # third prompt (E(3, 0) = 2.6 >= 2.02) the panel has decided: nothing more
+                # is served, dan gets none, half the prompts stay unjudged
+                models = {i["id"]: i["model"] for i in store.items(batch["id"], with_model=True)}
+                given = _review(http, tokens, batch["id"], lambda i: models[i["id"]] == "rlhf")
+                assert given == 15
+                progress = http.get(f"api/batches/{batch['id']}/progress", headers=ann).json()
+                assert progress["complete"] and progress["sequential"]["look"] == "early"
+                assert progress["sequential"]["prompts_decided"] == 3
+                assert (progress["sequential"]["verdicts_used"],
+                        progress["sequential"]["verdicts_fixed"]) == (15, 24)
             _sign_off(api, users, run_1, running, tmp_path / "scheduler.log")
             state = _wait_run(api, bob, "rlhf_tuning", run_1, running)
             assert state == "success", _failure_report(home, tmp_path, "rlhf_tuning", run_1)
@@ -369,7 +380,7 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
             assert states["promote"] == "skipped", states
             # the run's note holds the headline
             note = httpx.get(f"{trigger}/{run_1}", headers=bob).json()["note"]
-            assert note.startswith("promote: version 1; expert pass rates rlhf "), note
+            assert note.startswith("promote: version 1; expert pass rates "), note
             subjects = [m["subject"] for m in mails]
             assert any("gate decided promote" in s for s in subjects), subjects
             assert any("sign-off waiting" in s for s in subjects), subjects
@@ -438,14 +449,14 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
             assert links[task]["MLflow run"].endswith(f"/runs/{run_id}"), (task, links[task])
             assert links[task]["MLflow run"].startswith(mlflow_uri)
         judged = mlflow.load_table("panel/answers.json", run_ids=[step_run["gate"]])
-        assert len(judged) == 6 and (judged["passes"] + judged["fails"] == 2).all()
+        assert len(judged) == 12 and (judged["passes"] + judged["fails"]).sum() == 15
 
         client = mlflow.MlflowClient()
         # the closed panel in MLflow's GenAI views: per model an evaluation run whose pass
         # rate is the gate's, the answers as traces with each reviewer's HUMAN feedback
         views = mlflow.search_runs(filter_string="tags.`rlhf.panel.view_complete` = 'true'")
         gate_metrics = client.get_run(step_run["gate"]).data.metrics
-        assert list(views["tags.rlhf.panel.model"]) == ["rlhf"]  # the batch's one model
+        assert sorted(views["tags.rlhf.panel.model"]) == ["foundation", "rlhf"]
         for model, rate in zip(views["tags.rlhf.panel.model"],
                                views["metrics.panel_majority/mean"]):
             assert rate == pytest.approx(gate_metrics[f"panel/{model}/pass_rate"]), model
@@ -456,13 +467,15 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
                       for t in traces) == sorted((m, str(i)) for m, i in zip(
                           judged["model"], judged["prompt_index"]))
         human = [a for t in traces for a in t.info.assessments if a.name == "expert_pass"]
-        assert len(human) == 12 and {a.source.source_type for a in human} == {"HUMAN"}
-        assert {a.source.source_id for a in human} == {"ann", "cara", "dan"}
+        assert len(human) == 15 and {a.source.source_type for a in human} == {"HUMAN"}
+        assert {a.source.source_id for a in human} == {"ann", "cara"}
         # the experts' time, measured from serving to verdict, per reviewer
-        assert gate_metrics["panel/expert_seconds_timed_verdicts"] == 12
+        assert gate_metrics["panel/expert_seconds_timed_verdicts"] == 15
+        assert (gate_metrics["panel/sequential/verdicts_used"],
+                gate_metrics["panel/sequential/verdicts_fixed"]) == (15, 24)
         assert gate_metrics["panel/expert_seconds_total"] >= 0
         assert {k.rsplit("/", 1)[1] for k in gate_metrics
-                if k.startswith("panel/expert_seconds_reviewer/")} == {"ann", "cara", "dan"}
+                if k.startswith("panel/expert_seconds_reviewer/")} == {"ann", "cara"}
         # and priced in the benefit-and-cost figures (the demo's prices)
         assert gate_metrics["cost/panel_hours"] == pytest.approx(
             gate_metrics["panel/expert_seconds_total"] / 3600)
@@ -472,7 +485,7 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         assert champion.tags["gate.decision"] == "promote"
         assert champion.tags["gate.signed_off_by"] == "alice"
         assert champion.tags["panel.simulated"] == "false"
-        assert champion.tags["panel.reviewers"] == "3"
+        assert champion.tags["panel.reviewers"] == "2"
         assert client.get_model_version_by_alias("resume-assistant-reward", "champion")
         assert champion.source.endswith("/ppo/served")
         # artifacts are in S3, each step folder whole (manifest last)
@@ -486,11 +499,13 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
         # the gate's report: the experts' measured time and the benefit-and-cost table
         report_key = next(k for k in keys if k.endswith("/gate/report.html"))
         report = s3.get_object(Bucket="rlhf-artifacts", Key=report_key)["Body"].read().decode()
-        assert "<h2>Expert time</h2>" in report and "12 timed verdicts (12 measured" in report
+        assert "<h2>Expert time</h2>" in report and "15 timed verdicts (15 measured" in report
+        assert ("Sequential panel: decided at the early look after 3 of 6 prompts" in report
+                and "took 15 verdicts, a fixed panel would have taken 24" in report)
         assert "<h2>Benefit and cost</h2>" in report and "measured panel time" in report
         # the verdict store is PostgreSQL: every verdict, with who gave it
         rows = store.verdict_rows(batch["id"])
-        assert {r["reviewer"] for r in rows} == {"ann", "cara", "dan"} and len(rows) == 12
+        assert {r["reviewer"] for r in rows} == {"ann", "cara"} and len(rows) == 15
         assert {r["source"] for r in rows} == {"api"}
     finally:
         store.dispose()

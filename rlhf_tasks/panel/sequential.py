@@ -147,7 +147,7 @@ def critical_counts(n_max: int, alpha: float, alpha_e: float) -> tuple[float, ..
     """c(n) for n = 0..n_max: the smallest count of candidate-only prompts among n
     discordant ones that the final look promotes on, such that under fair coins the early
     looks (E >= 1/alpha_e at any point) and the final look together promote with chance
-    at most alpha.  ``inf`` where no count qualifies.  Exact: dynamic programming over the
+    below alpha (as the fixed panel's p < alpha).  ``inf`` where no count qualifies.  Exact: dynamic programming over the
     paths that have not crossed."""
     import numpy as np
 
@@ -163,9 +163,10 @@ def critical_counts(n_max: int, alpha: float, alpha_e: float) -> tuple[float, ..
         crossed += float(step[first:n + 1].sum())
         step[first:] = 0.0
         alive = step
-        # the final look's region: b >= c, the largest tail with crossed + tail <= alpha
+        # the final look's region: b >= c, the largest tail with crossed + tail < alpha
+        # (strictly, as the fixed panel's p < alpha; the margin absorbs rounding)
         c, tail = n + 1, 0.0
-        while c - 1 >= 0 and crossed + tail + alive[c - 1] <= alpha + 1e-12:
+        while c - 1 >= 0 and crossed + tail + alive[c - 1] < alpha * (1 - 1e-9):
             c -= 1
             tail += alive[c]
         out.append(float(c) if c <= n else math.inf)

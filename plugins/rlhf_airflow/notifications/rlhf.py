@@ -234,7 +234,7 @@ async def run_overdue(context=None, **kwargs) -> None:
 
 
 def review_waiting(context, *, batch_id: str, items: int, verdicts_needed: int, k: int,
-                   review_url: str, deadline_hours: float) -> None:
+                   review_url: str, deadline_hours: float, sequential: bool = False) -> None:
     """Tell the panel a batch waits for them (called by the panel wait when it starts)."""
     # values go into a template: no Jinja syntax may come with them
     review_url = review_url.replace("{", "%7B").replace("}", "%7D")
@@ -244,5 +244,8 @@ def review_waiting(context, *, batch_id: str, items: int, verdicts_needed: int, 
         subject=f"[rlhf] review batch waiting: {items} answers, {k} verdicts each",
         text=f"A blinded review batch of {{{{ dag.dag_id }}}} run {{{{ run_id }}}} waits for "
              f"the expert panel: {items} answers, {k} verdicts each ({verdicts_needed} in "
-             f"all), within {deadline_hours:g} h.\nReview page: {review_url}\n"
+             f"all), within {deadline_hours:g} h."
+             + (" A sequential panel: it stops as soon as the comparison is settled, "
+                "usually well before." if sequential else "")
+             + f"\nReview page: {review_url}\n"
              f"Batch: {batch_id}")(context)

@@ -130,7 +130,8 @@ class PanelQuorumSensor(BaseSensorOperator):
             review_waiting(context, batch_id=self.batch_id, items=progress["items"],
                            verdicts_needed=progress["verdicts_needed"], k=k,
                            review_url=self.review_page_url,
-                           deadline_hours=cfg.panel.deadline_hours)
+                           deadline_hours=cfg.panel.deadline_hours,
+                           sequential="sequential" in progress)
         if not self.deferrable:
             self.timeout, self.poke_interval = left, float(self.poll_interval)
             return super().execute(context)
