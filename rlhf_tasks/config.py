@@ -527,11 +527,14 @@ class PipelineConfig(Section):
         """Where RL starts: ``sft`` or ``foundation`` (``ppo.init_from`` resolved)."""
         return self.ppo.init_from or ("sft" if self.sft.enabled else "foundation")
 
+    def run_uri(self) -> str:
+        """``<artifact_root>/<pipeline>/<run_id>``: the run's folder."""
+        return "/".join([self.storage.artifact_root.rstrip("/"), self.run.pipeline,
+                         self.run.run_id])
+
     def step_uri(self, step: str, name: str = "") -> str:
         """``<artifact_root>/<pipeline>/<run_id>/<step>/<name>``."""
-        root = self.storage.artifact_root.rstrip("/")
-        parts = [root, self.run.pipeline, self.run.run_id, step] + ([name] if name else [])
-        return "/".join(parts)
+        return "/".join([self.run_uri(), step] + ([name] if name else []))
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

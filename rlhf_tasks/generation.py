@@ -45,7 +45,9 @@ def checkpoint_defaults_off(model):
     knob the caller left unset, e.g. min_p or sequence_bias, from it)."""
     from transformers import GenerationConfig
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from rlhf_tasks.models import unwrap_peft
+
+    inner = unwrap_peft(model)
     saved = inner.generation_config
     inner.generation_config = GenerationConfig()
     try:

@@ -29,6 +29,11 @@ from pathlib import Path
 from rlhf_tasks.errors import BadInput
 from rlhf_tasks.storage import MANIFEST, Storage, is_remote, join, sha256_file
 
+
+def unwrap_peft(model):
+    """The model under a PEFT wrapper (``get_base_model()``), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt",
                 "*.jinja"]

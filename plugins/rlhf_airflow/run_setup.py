@@ -101,6 +101,6 @@ def prepare_run(params: dict, dag_id: str, run_id: str, *, conf: dict | None = N
         digest = config.text_digest(config.read_source(uri))
     except BadInput as exc:
         raise AirflowFailException(str(exc)) from None
-    return {"config_uri": uri, "config_sha256": digest, "run_uri": cfg.step_uri("").rstrip("/"),
+    return {"config_uri": uri, "config_sha256": digest, "run_uri": cfg.run_uri(),
             "backend": cfg.compute.backend, "sft_enabled": cfg.sft.enabled,
             "panel_mode": cfg.panel.mode, "approver": cfg.panel.approver}

@@ -239,7 +239,3 @@ def create_app(store: PanelStore, identity: Callable, *, login_form: bool,
 
     return app
 
-
-def standalone_app(store_url: str) -> FastAPI:
-    store = PanelStore(store_url)
-    return create_app(store, token_identity(store), login_form=True)

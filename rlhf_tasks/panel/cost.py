@@ -23,6 +23,8 @@ An input the admin did not price leaves the figures that need it empty ("not pri
 
 from __future__ import annotations
 
+from rlhf_tasks.panel.gate import CANDIDATE
+
 TUNING_STEPS = ("validate_preference", "validate_prompt", "validate_eval", "validate_sft",
                 "reward", "sft", "ppo")
 EVALUATION_STEPS = ("evaluate", "panel_simulate")
@@ -48,7 +50,7 @@ def _add(*parts: float | None) -> float | None:
 
 def benefit_and_cost(cost_cfg, *, compute: dict[str, dict], expert_time: dict,
                      evaluation: dict, pass_rates: dict[str, float],
-                     preference_pairs: int | None, candidate: str = "rlhf",
+                     preference_pairs: int | None, candidate: str = CANDIDATE,
                      expert_label: str = "reference") -> dict:
     """The run's figures (see the module); every money figure is None when not priced."""
     tuning_records = [compute[s] for s in TUNING_STEPS if s in compute]
@@ -147,7 +149,7 @@ def text_table(figures: dict) -> str:
     return "\n".join(lines)
 
 
-def headline(figures: dict, candidate: str = "rlhf") -> str:
+def headline(figures: dict, candidate: str = CANDIDATE) -> str:
     """One line for the run's note: the run's costs, the candidate's per 1,000 answers
     against the experts', the break-even volume (only what is priced)."""
     c = figures["currency"]

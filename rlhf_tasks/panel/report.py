@@ -8,11 +8,12 @@ import html
 from pathlib import Path
 
 from rlhf_tasks.panel.aggregate import PanelResult
+from rlhf_tasks.panel.gate import CANDIDATE, EXPERT
 
-TABLE_ORDER = ("foundation", "sft", "champion", "rlhf", "reference")
+TABLE_ORDER = ("foundation", "sft", "champion", CANDIDATE, EXPERT)
 TITLES = {"foundation": "Foundation model", "sft": "Supervised tuning (SFT)",
-          "champion": "Current champion", "rlhf": "RLHF (candidate)",
-          "reference": "Expert-written answers"}
+          "champion": "Current champion", CANDIDATE: "RLHF (candidate)",
+          EXPERT: "Expert-written answers"}
 
 
 def ordered(models) -> list[str]:
@@ -47,7 +48,7 @@ def plot(rows: list[dict], path: Path, *, simulated: bool) -> Path:
     rates = [r["pass_rate"] * 100 for r in rows]
     errors = [[(r["pass_rate"] - r["ci_low"]) * 100 for r in rows],
               [(r["ci_high"] - r["pass_rate"]) * 100 for r in rows]]
-    colors = ["#4c72b0" if r["model"] != "rlhf" else "#dd8452" for r in rows]
+    colors = ["#4c72b0" if r["model"] != CANDIDATE else "#dd8452" for r in rows]
     ax.bar(x, rates, yerr=errors, capsize=6, color=colors)
     for i, rate in zip(x, rates):
         ax.text(i, 2, f"{rate:.1f}%", ha="center", color="white", fontweight="bold")

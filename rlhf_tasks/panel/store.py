@@ -220,6 +220,12 @@ class PanelStore:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    def __enter__(self) -> "PanelStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.dispose()
+
     # -- batches ---------------------------------------------------------------------------
     def create_batch(self, *, pipeline: str, run_id: str, items: Iterable[dict],
                      verdicts_per_item: int, quality_bar: str, simulated: bool,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from rlhf_tasks.models import unwrap_peft
 from rlhf_tasks.ppo.trainer import Models
 
 
@@ -69,7 +70,7 @@ def normalise_value_head(critic, mean: float, std: float) -> None:
     import torch
     from torch import nn
 
-    inner = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
+    inner = unwrap_peft(critic)
     holder = inner.score
     copies = getattr(holder, "modules_to_save", None)  # PEFT's trainable copy of the head
     head = copies["default"] if copies is not None else holder

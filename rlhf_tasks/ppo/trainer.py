@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from rlhf_tasks.config import check_batch_split
+from rlhf_tasks.models import unwrap_peft
 from rlhf_tasks.ppo import core
 from rlhf_tasks.progress import Progress
 
@@ -132,7 +133,7 @@ def response_logits(model, ids, mask, positions, width: int, temperature: float)
 
 
 def _backbone_and_head(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     return getattr(inner, inner.base_model_prefix), inner.score
 
 
@@ -350,8 +351,7 @@ def shard_models(models: Models) -> list[nn.Module]:
     two directly.  Returns the trained units (for gradient sync)."""
     from torch.distributed.fsdp import fully_shard
 
-    def inner(model):
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft
 
     def causal_lm(model):
         lm = inner(model)
@@ -539,7 +539,7 @@ def enable_gradient_checkpointing(*modules: nn.Module) -> None:
     """Recompute each layer's activations in the backward pass (non-reentrant: works with
     frozen inputs and LoRA)."""
     for module in modules:
-        inner = module.get_base_model() if hasattr(module, "get_base_model") else module
+        inner = unwrap_peft(module)
         inner.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
 

@@ -265,15 +265,14 @@ def evaluate(cfg) -> dict:
             {label: [r["reward"] for r in rows if r["model"] == label] for label in compared},
             "eval/reward_scores.png", title="Reward scores on the eval prompts",
             xlabel="normalised reward score")
-        store = PanelStore(panel_store_url(cfg))
-        batch_id = store.create_batch(
-            pipeline=cfg.run.pipeline, run_id=cfg.run.run_id, items=rows,
-            verdicts_per_item=cfg.panel.verdicts_per_item, quality_bar=cfg.panel.quality_bar,
-            simulated=cfg.panel.mode == "simulated",
-            excluded=[cfg.run.triggered_by, cfg.run.triggered_by_id, cfg.panel.approver],
-            idle_cap_seconds=cfg.panel.idle_cap_seconds,
-            sequential=sequential_plan(cfg, compared))
-        store.dispose()
+        with PanelStore(panel_store_url(cfg)) as store:
+            batch_id = store.create_batch(
+                pipeline=cfg.run.pipeline, run_id=cfg.run.run_id, items=rows,
+                verdicts_per_item=cfg.panel.verdicts_per_item,
+                quality_bar=cfg.panel.quality_bar, simulated=cfg.panel.mode == "simulated",
+                excluded=[cfg.run.triggered_by, cfg.run.triggered_by_id, cfg.panel.approver],
+                idle_cap_seconds=cfg.panel.idle_cap_seconds,
+                sequential=sequential_plan(cfg, compared))
         local = tmp / "out"
         local.mkdir()
         with open(local / "responses.jsonl", "w", encoding="utf-8") as fh:

@@ -51,14 +51,11 @@ def panel_simulate(cfg) -> dict:
     storage = Storage.from_config(cfg)
     batch_id = _evaluation(cfg, storage)["batch_id"]
     sim = cfg.panel.simulated
-    store = PanelStore(panel_store_url(cfg))
-    try:
+    with PanelStore(panel_store_url(cfg)) as store:
         given = run_panel(store, batch_id, raters(cfg.panel.simulated_raters, sim.noise,
                                                   sim.strictness, cfg.run.seed),
                           seed=cfg.run.seed)
         progress = store.progress(batch_id)
-    finally:
-        store.dispose()
     return {"batch_id": batch_id, "verdicts": given, "simulated": True, **progress}
 
 
@@ -142,8 +139,7 @@ def gate(cfg) -> dict:
     storage = Storage.from_config(cfg)
     evaluation = _evaluation(cfg, storage)
     batch_id = evaluation["batch_id"]
-    store = PanelStore(panel_store_url(cfg))
-    try:
+    with PanelStore(panel_store_url(cfg)) as store:
         batch, progress = store.batch(batch_id), store.progress(batch_id)
         if batch.closed_at is None and not progress["complete"]:
             deadline = batch.deadline(timedelta(hours=cfg.panel.deadline_hours))
@@ -165,8 +161,6 @@ def gate(cfg) -> dict:
         state = store.sequential_state(batch_id)
         if state is not None and not state.decided:
             state = store.sequential_state(batch_id, final=True)
-    finally:
-        store.dispose()
     k = batch.verdicts_per_item
     result = agg.aggregate(rows, k, curtailed=state is not None)
     reference = reference_model(evaluation["models"])

@@ -13,7 +13,7 @@ def start(cfg) -> dict:
     config_uri = storage.write_json(cfg.step_uri("start", "config.json"),
                                     {**cfg.dump(), "tracking": {**cfg.dump()["tracking"],
                                                                 "parent_run_id": parent}})
-    return {"parent_run_id": parent, "run_uri": cfg.step_uri("").rstrip("/"),
+    return {"parent_run_id": parent, "run_uri": cfg.run_uri(),
             "config_uri": config_uri}
 
 

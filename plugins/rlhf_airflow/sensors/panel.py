@@ -92,12 +92,9 @@ class PanelQuorumSensor(BaseSensorOperator):
     def _progress(self) -> tuple[dict, datetime, int]:
         from rlhf_tasks.panel.store import PanelStore
 
-        store = PanelStore(self.store_url)
-        try:
+        with PanelStore(self.store_url) as store:
             batch = store.batch(self.batch_id)
             progress = store.progress(self.batch_id)
-        finally:
-            store.dispose()
         return progress, batch.deadline(timedelta(seconds=self.deadline_seconds)), \
             batch.verdicts_per_item
 
