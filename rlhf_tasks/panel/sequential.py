@@ -13,28 +13,30 @@ than the configured significance:
    the decided prefix are a sequence of coin flips; the candidate is better when its
    side comes up with chance q > 1/2.  The mixture likelihood ratio
 
-       E(B, W) = integral over q in [1/2, 1] of (2q)^B (2(1-q))^W * 2 dq
+       E(B, W) = integral over q in [1/2, HIGH] of (2q)^B (2(1-q))^W dq / (HIGH - 1/2)
 
-   (B prompts only the candidate passed, W only the champion) is a nonnegative
-   supermartingale under every q <= 1/2, so by Ville's inequality it ever reaches
-   1/alpha_e with chance at most alpha_e (Ramdas et al. 2023, "Game-theoretic
-   statistics and safe anytime-valid inference").  The panel may stop the moment it does.
+   (B prompts only the candidate passed, W only the champion; HIGH = 0.85, the range of
+   lifts a tuning run gives) is a nonnegative supermartingale under every q <= 1/2, so
+   by Ville's inequality it ever reaches 1/alpha_e with chance at most alpha_e (Ramdas et
+   al. 2023, "Game-theoretic statistics and safe anytime-valid inference").  The panel
+   may stop the moment it does.
 3. **Stopping when the policy is out of reach.**  The mirror image, a mixture over
-   q in [0, q1] against q1 (``futility_q``), is a supermartingale under every q >= q1:
+   q in [0.25, q1] against q1 (``futility_q``), is a supermartingale under every q >= q1:
    when it reaches 1/beta the candidate is very unlikely to be q1-better, and the panel
    stops; a candidate that is at least q1-better is stopped so with chance at most beta.
    The panel also stops when no outcome of the remaining prompts could meet the policy.
    Stopping for futility only removes promotions, so it cannot raise the type-I error.
 
-When every decision item is decided without an early stop, the final look is the exact
-test at the remaining level: the smallest count c(n) such that, with n discordant prompts
-and fair coins, P(E crossed 1/alpha_e on the way, or B >= c(n)) <= alpha, computed
-exactly by dynamic programming over the coin-flip paths.  So the whole procedure promotes
-a candidate that is not better with chance at most ``alpha`` (conditionally on n, hence
-overall), and at the last look it is the fixed panel's McNemar test whenever the
-discreteness of that test leaves room for the early looks (c(n) equal to the fixed
-critical count).  A batch stopped by its deadline before the final look can only promote
-on E >= 1/alpha, which Ville's inequality also covers.
+When every decision item is decided without an early stop, the final look promotes on
+B >= c(n): the smallest count such that, with n discordant prompts and fair coins,
+P(E crossed 1/alpha_e on the way, or B >= c(n)) < alpha, computed exactly by dynamic
+programming over the coin-flip paths.  So the whole procedure promotes a candidate that
+is not better with chance below ``alpha`` (conditionally on n, hence overall).  alpha_e
+is the largest share of alpha that leaves every c(n) at the fixed panel's exact McNemar
+count (:func:`slack_alpha`): the early looks spend only what the discreteness of that
+test leaves unspent, and the final look promotes whenever the fixed panel would.  A
+batch closed by its deadline before the final look can only promote on E >= 1/alpha,
+which Ville's inequality also covers.
 
 Pure functions on plain data: the store calls :func:`evaluate` after every verdict; the
 gate calls it on the closed batch; ``benchmarks/panel_sequential.py`` simulates it.
