@@ -83,10 +83,11 @@ def decide(result: PanelResult, policy: GatePolicy, candidate: str,
     """``sequential``: a sequential panel's state (``sequential.SequentialState``); its
     test decides significance."""
     reasons: list[str] = []
+    state = sequential.as_dict() if sequential is not None else None
     cand = result.scores.get(candidate)
     if cand is None:
         return GateDecision(False, candidate, reference, None, None, None, None, None, None,
-                            [f"no decided items for the candidate ({candidate})"])
+                            [f"no decided items for the candidate ({candidate})"], state)
     if cand.pass_rate < policy.min_pass_rate:
         reasons.append(f"pass rate {cand.pass_rate:.3f} is below the minimum "
                        f"{policy.min_pass_rate:.3f}")
@@ -121,7 +122,7 @@ def decide(result: PanelResult, policy: GatePolicy, candidate: str,
                            f"{gap[1]:.3f} on the same {gap[2]} prompts by more than "
                            f"{policy.max_gap_to_reference:.3f}")
     return GateDecision(not reasons, candidate, reference, cand.pass_rate,
-                        ref.pass_rate if ref else None, lift, better, worse, p, reasons)
+                        ref.pass_rate if ref else None, lift, better, worse, p, reasons, state)
 
 
 def reward_hacking(reward_means: dict[str, float], result: PanelResult, candidate: str,

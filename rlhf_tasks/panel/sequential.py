@@ -192,16 +192,21 @@ def first_crossing(n: int, alpha_e: float) -> int:
 
 @lru_cache(maxsize=64)
 def fixed_counts(n_max: int, alpha: float) -> tuple[float, ...]:
-    """The fixed panel's critical counts for n = 0..n_max: the smallest b with exact
-    one-sided McNemar p = P(Binomial(n, 1/2) >= b) < alpha (``inf``: none)."""
-    import numpy as np
-    from scipy.stats import binom
+    """The fixed panel's critical counts for n = 0..n_max: the smallest b with the gate's
+    exact one-sided McNemar p (``aggregate.mcnemar_exact``) below alpha (``inf``: none).
+    The p falls as b grows, so each count is found by bisection."""
+    from rlhf_tasks.panel.aggregate import mcnemar_exact
 
     out = [math.inf]
     for n in range(1, n_max + 1):
-        b = np.arange(n + 1)
-        hits = np.nonzero(binom.sf(b - 1, n, 0.5) < alpha)[0]
-        out.append(float(hits[0]) if len(hits) else math.inf)
+        low, high = 0, n + 1  # p(high) counts as below alpha: b = n + 1 means none
+        while low < high:
+            mid = (low + high) // 2
+            if mcnemar_exact(mid, n - mid) < alpha:
+                high = mid
+            else:
+                low = mid + 1
+        out.append(float(low) if low <= n else math.inf)
     return tuple(out)
 
 

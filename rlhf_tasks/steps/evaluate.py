@@ -34,7 +34,6 @@ from rlhf_tasks.panel.gate import CANDIDATE, EXPERT, reference_model
 from rlhf_tasks.storage import Storage, join
 
 log = logging.getLogger(__name__)
-REFERENCE = EXPERT  # the experts' own answers, reviewed blinded beside the models'
 
 
 def sequential_plan(cfg, models) -> dict | None:
@@ -85,7 +84,7 @@ def _reference_rows(frame, prompts, encoded, renderer, reward_model, norm, token
     scores = score_sequences(reward_model, [encoded[i] + a for (i, _), a in zip(found, answers)],
                              tokenizer.pad_token_id, device=device)
     scores = [(s - norm["mean"]) / norm["std"] for s in scores]
-    rows = [{"prompt_index": i, "prompt": prompts[i], "response": text, "model": REFERENCE,
+    rows = [{"prompt_index": i, "prompt": prompts[i], "response": text, "model": EXPERT,
              "reward": round(s, 4), "ended": True}
             for (i, text), s in zip(found, scores)]
     metrics = {"reward_mean": sum(scores) / len(scores),
@@ -252,10 +251,10 @@ def evaluate(cfg) -> dict:
                 frame, prompts, encoded, renderer, reward_model, norm, tokenizer, device)
         if reference:
             rows += reference
-            metrics[REFERENCE] = reference_metrics
-            tracking.log_metrics("eval", {f"{REFERENCE}/{k}": v
-                                          for k, v in metrics[REFERENCE].items()})
-            compared[REFERENCE] = "expert-written reference answers (eval data)"
+            metrics[EXPERT] = reference_metrics
+            tracking.log_metrics("eval", {f"{EXPERT}/{k}": v
+                                          for k, v in metrics[EXPERT].items()})
+            compared[EXPERT] = "expert-written reference answers (eval data)"
 
         mlflow.log_dict(forms, "eval/forms.json")
         # no answers table here: it names each answer's model, and reviewers judge the batch

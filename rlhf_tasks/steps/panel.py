@@ -166,9 +166,7 @@ def gate(cfg) -> dict:
     reference = reference_model(evaluation["models"])
     decision = decide(result, GatePolicy.from_config(cfg.panel), CANDIDATE, reference,
                       sequential=state)
-    if state is not None:
-        decision.sequential = state.as_dict()
-    elif not progress["complete"]:
+    if state is None and not progress["complete"]:
         decision.promote = False
         decision.reasons.insert(0, f"no quorum by the deadline: {progress['items_complete']} "
                                    f"of {progress['items']} items have {k} verdicts")

@@ -18,7 +18,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
 from rlhf_airflow.links import ReviewPageLink
-from rlhf_airflow.triggers.panel import PanelQuorumTrigger
+from rlhf_airflow.triggers.panel import PanelQuorumTrigger, completion
 
 def review_url(cfg) -> str:
     """Where reviewers judge: ``panel.review_url``, else the page inside Airflow."""
@@ -99,8 +99,7 @@ class PanelQuorumSensor(BaseSensorOperator):
             batch.verdicts_per_item
 
     def _result(self, progress: dict) -> dict:
-        status = "decided" if progress.get("sequential") else "quorum"
-        return {**progress, "status": status, "review_url": self.review_page_url}
+        return {**progress, "status": completion(progress), "review_url": self.review_page_url}
 
     def poke(self, context) -> bool | PokeReturnValue:
         progress, _, _ = self._progress()

@@ -34,6 +34,12 @@ def backoff(errors: int, base: float) -> float:
     return min(MAX_BACKOFF_S, max(base, 0.01) * 2 ** (errors - 1))
 
 
+def completion(progress: dict) -> str:
+    """How a complete batch completed: ``decided`` (a sequential panel settled its
+    comparison and closed the batch, before quorum) or ``quorum``."""
+    return "decided" if progress.get("sequential") else "quorum"
+
+
 class PanelQuorumTrigger(BaseTrigger):
     def __init__(self, store_url: str, batch_id: str, deadline: str, poll_seconds: float):
         super().__init__()
@@ -73,9 +79,7 @@ class PanelQuorumTrigger(BaseTrigger):
                     continue
                 self.errors = 0
                 if progress["complete"]:
-                    # a sequential panel completes when it has decided, before quorum
-                    status = "decided" if progress.get("sequential") else "quorum"
-                    yield TriggerEvent({"status": status, **progress})
+                    yield TriggerEvent({"status": completion(progress), **progress})
                     return
                 if datetime.now(timezone.utc) >= deadline:
                     yield TriggerEvent({"status": "deadline", **progress})
