@@ -13,9 +13,40 @@ GOOD = {"prompt": "worked on the help desk", "chosen": "Led help desk, cutting d
         "rejected": "Helped with the help desk"}
 
 
-def rlhf(*args, cwd=None):
+def rlhf_process(*args, cwd=None):
+    """The command as a user runs it: its own process."""
     return subprocess.run([sys.executable, "-m", "rlhf_tasks.cli", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=300)
+
+
+def rlhf(*args, cwd=None):
+    """``rlhf.cli.main`` in this process (each process start-up costs seconds of imports):
+    its exit code, what it printed, and on stderr its log records too, as the command's
+    own logging would write them there."""
+    import contextlib
+    import io
+    import logging
+
+    from rlhf_tasks import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)  # the command's own level (cli._setup_logging)
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in args])
+    finally:
+        os.chdir(here)
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_data_validate_prints_summary(demo_dir):
@@ -30,7 +61,7 @@ def test_data_validate_prints_summary(demo_dir):
 
 def test_bad_rows_exit_2_naming_file_line_field(tmp_path, demo_dir):
     path = write_jsonl(tmp_path / "p.jsonl", [GOOD, {**GOOD, "prompt": "x", "chosen": 5}])
-    proc = rlhf("data", "validate", str(path), "--kind", "preference",
+    proc = rlhf_process("data", "validate", str(path), "--kind", "preference",
                 "--tokenizer", str(demo_dir / "foundation"))
     assert proc.returncode == 2
     assert f"{path} line 2 field 'chosen': expected a string, got int" in proc.stderr
@@ -86,6 +117,7 @@ def test_run_validate_step_writes_result(tmp_path, demo_dir):
     result = json.loads((tmp_path / "out" / "r.json").read_text())
     assert result["step"] == "validate_eval" and result["rows_kept"] == 200
     assert result["canonical_uri"] == f"{tmp_path / 'art'}/rlhf_tuning/t1/validate_eval/canonical.parquet"
+    assert "step validate_eval done" in proc.stderr  # the log is read here
     assert "validate_eval: 200" not in proc.stderr  # no progress spam for small work
     # the step's compute, measured: wall time and the devices it held (here CPU cores)
     record = json.loads((tmp_path / "art" / "rlhf_tuning" / "t1" / "compute" /
@@ -101,8 +133,10 @@ def test_fault_exits_1(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tracking: {tracking_uri: 'sqlite:////proc/no-such-dir/m.db'}\n"
                    f"storage: {{artifact_root: {tmp_path / 'art'}}}\n")
-    proc = rlhf("run", "start", "--config", str(cfg), "--result", str(tmp_path / "r.json"))
+    proc = rlhf_process("run", "start", "--config", str(cfg), "--result",
+                        str(tmp_path / "r.json"))
     assert proc.returncode == 1, proc.stderr
+    assert "Traceback" in proc.stderr  # a fault: the full traceback, for the log
 
 
 def test_review_serve_never_prints_the_store_password(postgres_url):
