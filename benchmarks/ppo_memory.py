@@ -33,8 +33,10 @@ def child(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
-    from rlhf_tasks.ppo.models import build_models
-    from rlhf_tasks.ppo.trainer import PPOSettings, train
+    from rlhf_tasks.config import LoraFields
+    from rlhf_tasks.rl.models import build_models
+    from rlhf_tasks.rl.settings import RLSettings
+    from rlhf_tasks.rl.trainer import train
 
     dtype_name, checkpointing = SETTINGS[args.setting]
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
@@ -49,16 +51,16 @@ def child(args) -> None:
     policy = AutoModelForCausalLM.from_config(config, dtype=dtype)
     reward = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
     params = sum(p.numel() for p in policy.parameters())
-    models = build_models(policy, reward, lora_rank=8, layout="shared")
+    models = build_models(policy, reward, lora=LoraFields(lora_rank=8), layout="shared")
     for model in (models.policy, models.critic):
         model.to(args.device)
     g = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, args.vocab, (args.prompt_tokens,), generator=g).tolist()
                for _ in range(args.batch)]
-    settings = PPOSettings(total_updates=args.updates, batch_size=args.batch, num_minibatches=1,
-                           microbatch_size=args.microbatch, ppo_epochs=1,
-                           max_new_tokens=args.response_tokens, temperature=1.0,
-                           dtype=dtype_name, gradient_checkpointing=checkpointing)
+    settings = RLSettings(train_steps=args.updates, batch_size=args.batch, num_minibatches=1,
+                          microbatch_size=args.microbatch, ppo_epochs=1,
+                          response_length=args.response_tokens, temperature=1.0,
+                          dtype=dtype_name, gradient_checkpointing=checkpointing)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()

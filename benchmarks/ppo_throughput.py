@@ -88,7 +88,7 @@ def build(args):
     """Policy, reference, reward and value models (random, seeded) and the prompts."""
     import torch
 
-    from rlhf_tasks.ppo.models import random_llama, sequence_classifier_like
+    from rlhf_tasks.rl.models import random_llama, sequence_classifier_like
 
     policy, config = random_llama(args.vocab, args.hidden, args.layers, args.heads,
                                   seed=args.seed, pad_token_id=PAD, bos_token_id=BOS,
@@ -110,15 +110,17 @@ def build(args):
 
 
 def run_rlhf(args) -> float:
-    from rlhf_tasks.ppo.trainer import Models, PPOSettings, train
+    from rlhf_tasks.rl.models import Models
+    from rlhf_tasks.rl.settings import RLSettings
+    from rlhf_tasks.rl.trainer import train
 
     policy, reference, reward, value, prompts = build(args)
     value.requires_grad_(True)
-    settings = PPOSettings(
-        total_updates=args.episodes // args.batch_size, batch_size=args.batch_size,
+    settings = RLSettings(
+        train_steps=args.episodes // args.batch_size, batch_size=args.batch_size,
         num_minibatches=args.num_minibatches,
         microbatch_size=args.batch_size // args.num_minibatches, ppo_epochs=args.ppo_epochs,
-        learning_rate=3e-6, temperature=args.temperature, max_new_tokens=args.response_length,
+        learning_rate=3e-6, temperature=args.temperature, response_length=args.response_length,
         missing_eos_penalty=0.0, seed=args.seed, rollout_cache=args.rollout_cache,
         dtype=args.dtype)
     for model in (policy, reference, reward, value):
@@ -145,7 +147,7 @@ def run_rlhf(args) -> float:
     # token (forward 2, backward 4; input embeddings are lookups), every PPO epoch
     trained = sum(p.numel() for m in (policy, value) for name, p in m.named_parameters()
                   if "embed_tokens" not in name)
-    tokens = sum(len(p) + args.response_length for p in prompts[:settings.total_updates
+    tokens = sum(len(p) + args.response_length for p in prompts[:settings.train_steps
                                                                 * args.batch_size])
     TRAINING["tflop_per_s"] = round(6 * trained * tokens * args.ppo_epochs
                                     / max(phases.get("training", 0.0), 1e-9) / 1e12, 3)

@@ -170,8 +170,22 @@ class DriftBounds(Section):
                                                                       "since the first update.")
 
 
+RL_ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo")
+
+
 class PPOSection(LoraFields):
-    train_steps: int = Field(32, ge=1, le=1_000_000, description="PPO updates (RL steps).")
+    """The RL step (its section keeps PPO's name; ``algorithm`` chooses the estimator)."""
+
+    algorithm: Literal["ppo", "rloo", "grpo", "dr_grpo"] = Field(
+        "ppo", description="ppo (a value model, GAE); rloo (leave-one-out baseline over the "
+                           "prompt's samples); grpo (advantages normalised within the "
+                           "prompt's group); dr_grpo (GRPO without the std division, the "
+                           "loss over a fixed token count: no length bias). The last three "
+                           "train no value model.")
+    samples_per_prompt: int = Field(1, ge=1, le=256, description="Responses sampled per "
+                                                                 "prompt (k); rloo and grpo "
+                                                                 "need 2 or more.")
+    train_steps: int = Field(32, ge=1, le=1_000_000, description="RL updates (steps).")
     learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0,
                                             description="Times the base rate: 3e-4 with LoRA, "
                                                         "1e-6 for full tuning.")
@@ -179,7 +193,9 @@ class PPOSection(LoraFields):
     kl_estimator: Literal["k1", "k3"] = "k1"
     kl_target: float | None = Field(None, gt=0.0, description="Set: adaptive KL controller "
                                                               "aiming at this KL per response.")
-    batch_size: int = Field(32, ge=1, le=4096, description="Episodes (prompts) per update.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Episodes (responses) per update: "
+                                                           "batch_size / samples_per_prompt "
+                                                           "prompts.")
     num_minibatches: int = Field(4, ge=1, le=4096)
     microbatch_size: int = Field(8, ge=1, le=4096)
     ppo_epochs: int = Field(4, ge=1, le=64)
@@ -213,13 +229,20 @@ class PPOSection(LoraFields):
     @model_validator(mode="after")
     def _batches_divide(self):
         check_batch_split(self.batch_size, self.num_minibatches, self.microbatch_size)
+        k = self.samples_per_prompt
+        if self.algorithm != "ppo" and k < 2:
+            raise ValueError(f"algorithm {self.algorithm} compares a prompt's samples with "
+                             f"each other: samples_per_prompt must be 2 or more, not {k}")
+        if self.batch_size % k:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of "
+                             f"samples_per_prompt {k} (whole groups per update)")
         return self
 
 
 def check_batch_split(batch_size: int, num_minibatches: int, microbatch_size: int) -> None:
     """PPO splits a batch into equal minibatches of whole microbatches; ValueError if not.
 
-    Shared by the config (where it becomes a BadInput naming ``ppo``) and ``PPOSettings``.
+    Shared by the config (where it becomes a BadInput naming ``ppo``) and ``RLSettings``.
     """
     if batch_size % num_minibatches:
         raise ValueError(f"batch_size {batch_size} must be a multiple of "

@@ -65,7 +65,6 @@ def generate(model, tokenizer, renderer, prompts: list[list[int]], *, temperatur
     ``progress`` (a label), logs count, rate and ETA as it goes."""
     import torch
 
-    from rlhf_tasks.ppo.trainer import collate_prompts
     from rlhf_tasks.progress import Progress
 
     if seed is not None:
@@ -89,3 +88,21 @@ def generate(model, tokenizer, renderer, prompts: list[list[int]], *, temperatur
     if meter is not None:
         meter.close()
     return out, ended
+
+
+def position_ids(mask):
+    """[N+ "left padding"] position ids that skip the left padding (0 at the first real token)."""
+    return (mask.cumsum(1) - 1).clamp_min(0)
+
+
+def collate_prompts(prompts: list[list[int]], pad_token_id: int, device):
+    """Token-id prompts left-padded into one batch: (ids, attention mask) on ``device``."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)

@@ -74,7 +74,7 @@ def score_sequences(model, rows: list[list[int]], pad_token_id: int, batch_size:
     where the reward model was trained to score: see the module's docstring)."""
     import torch
 
-    from rlhf_tasks.ppo.trainer import position_ids, sequence_scores
+    from rlhf_tasks.generation import position_ids
 
     out: list[float] = []
     model.eval()
@@ -85,6 +85,25 @@ def score_sequences(model, rows: list[list[int]], pad_token_id: int, batch_size:
             out += sequence_scores(model, ids, mask, position_ids(mask),
                                    mask.sum(1) - 1).tolist()
     return out
+
+
+def backbone_and_head(model):
+    """A sequence classifier's (or a PEFT model over one) backbone and score head."""
+    from rlhf_tasks.models import unwrap_peft
+
+    inner = unwrap_peft(model)
+    return getattr(inner, inner.base_model_prefix), inner.score
+
+
+def sequence_scores(model, ids, mask, positions, last_index):
+    """The reward model's score read at ``last_index`` (EOS, or the last token)."""
+    import torch
+
+    backbone, head = backbone_and_head(model)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                      use_cache=False).last_hidden_state
+    picked = hidden[torch.arange(len(ids), device=ids.device), last_index]
+    return head(picked).squeeze(-1).float()
 
 
 def pairwise_accuracy(model, chosen: list[list[int]], rejected: list[list[int]],

@@ -279,7 +279,7 @@ def trainable_model(model, section, task_type: str, modules_to_save: list[str] |
     if section.lora_rank > 0:
         from peft import get_peft_model
 
-        from rlhf_tasks.ppo.models import lora_config
+        from rlhf_tasks.rl.models import lora_config
 
         model = get_peft_model(model, lora_config(section, task_type, modules_to_save))
     else:

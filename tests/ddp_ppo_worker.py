@@ -8,8 +8,9 @@ import torch
 from accelerate import Accelerator
 
 from tests.test_ppo_trainer import EOS, PAD, prompts, tiny
-from rlhf_tasks.ppo import core
-from rlhf_tasks.ppo.trainer import PPOSettings, train
+from rlhf_tasks.rl import core
+from rlhf_tasks.rl.settings import RLSettings
+from rlhf_tasks.rl.trainer import train
 
 out = sys.argv[1]
 accelerator = Accelerator(cpu=True)
@@ -31,15 +32,18 @@ def minibatch_gradient_error() -> float:
     process's gradient over the whole batch."""
     from dataclasses import fields, replace
 
-    from rlhf_tasks.ppo.trainer import (PolicyAndValue, Processes, collate_prompts,
-                                        collect_rollouts, compute_advantages, ppo_update,
-                                        score_rollouts)
+    from rlhf_tasks.generation import collate_prompts
+    from rlhf_tasks.rl.distributed import Processes
+    from rlhf_tasks.rl.forwards import PolicyAndValue
+    from rlhf_tasks.rl.rollout import collect_rollouts
+    from rlhf_tasks.rl.trainer import compute_advantages, score_rollouts
+    from rlhf_tasks.rl.update import update_policy
     from tests.test_ppo_trainer import _GradientRecorder
 
     torch.manual_seed(0)
     stack = tiny(4, "shared")
-    s = PPOSettings(batch_size=8, num_minibatches=1, microbatch_size=2, ppo_epochs=1,
-                    max_new_tokens=8, max_grad_norm=1e9)
+    s = RLSettings(batch_size=8, num_minibatches=1, microbatch_size=2, ppo_epochs=1,
+                    response_length=8, max_grad_norm=1e9)
     ids, mask = collate_prompts(prompts(8), PAD, "cpu")
     local = PolicyAndValue(stack.policy, stack.critic)
     torch.manual_seed(0)  # the same rollouts on both processes
@@ -49,7 +53,7 @@ def minibatch_gradient_error() -> float:
     exp.logprobs = exp.logprobs - 0.3 * batch.maskf
     params = [p for p in local.parameters() if p.requires_grad]
     whole = _GradientRecorder(params)
-    ppo_update(local, local, whole, params, batch, exp, s, Processes(), 1, "cpu")
+    update_policy(local, local, whole, params, batch, exp, s, Processes(), 1, "cpu")
 
     # the longer half on one process, the shorter on the other: unequal token counts
     rows = torch.argsort(batch.lengths, descending=True, stable=True)[4 * rank: 4 * rank + 4]
@@ -60,7 +64,7 @@ def minibatch_gradient_error() -> float:
 
     ddp = accelerator.prepare(local)
     shared = _GradientRecorder(params)
-    ppo_update(ddp, local, shared, params, half(batch), half(exp), replace(s, batch_size=4),
+    update_policy(ddp, local, shared, params, half(batch), half(exp), s.model_copy(update={"batch_size": 4}),
                Processes(accelerator), 1, "cpu")
     assert batch.lengths.min() < batch.lengths.max(), "responses of different lengths"
     return max((a - b).abs().max().item() for a, b in zip(whole.steps[0], shared.steps[0]))
@@ -89,8 +93,8 @@ def counting_prepare(*objects):
 accelerator.prepare = counting_prepare
 models = tiny(4, "shared")
 # the adaptive KL controller with a short horizon, so beta moves every update
-settings = PPOSettings(total_updates=3, batch_size=8, num_minibatches=2, microbatch_size=2,
-                       ppo_epochs=2, max_new_tokens=5, learning_rate=1e-2, kl_target=1e-3,
+settings = RLSettings(train_steps=3, batch_size=8, num_minibatches=2, microbatch_size=2,
+                       ppo_epochs=2, response_length=5, learning_rate=1e-2, kl_target=1e-3,
                        kl_horizon=20, whiten_rewards=True)
 before = {n: p.detach().clone() for n, p in models.policy.named_parameters() if p.requires_grad}
 result = train(models, prompts(32), settings, eos_token_id=EOS, pad_token_id=PAD,

@@ -10,10 +10,14 @@ import torch
 from accelerate import Accelerator
 
 from tests.test_ppo_trainer import EOS, PAD, prompts, tiny
-from rlhf_tasks.ppo.trainer import (Experience, PolicyAndValue, PPOSettings, Processes,
-                                    Rollouts, _adamw, collate_prompts, collect_rollouts,
-                                    compute_advantages, gather_weights, ppo_update,
-                                    score_rollouts, train, weights_digest)
+from rlhf_tasks.generation import collate_prompts
+from rlhf_tasks.rl.checkpoints import weights_digest
+from rlhf_tasks.rl.distributed import Processes, gather_weights
+from rlhf_tasks.rl.forwards import PolicyAndValue
+from rlhf_tasks.rl.rollout import Rollouts, collect_rollouts
+from rlhf_tasks.rl.settings import RLSettings
+from rlhf_tasks.rl.trainer import Experience, compute_advantages, score_rollouts, train
+from rlhf_tasks.rl.update import adamw, update_policy
 
 out = Path(sys.argv[1])
 accelerator = Accelerator(cpu=True)  # the process group; FSDP2 itself is torch's
@@ -35,8 +39,8 @@ def rows(batch, exp, take):
 # 1. one PPO update on a fixed batch of 8 episodes: 2 processes with 4 rows each and
 # sharded models, against one process with all 8 rows and whole models.  One minibatch,
 # one epoch and one row per microbatch make the two the same sum of per-row losses.
-s = PPOSettings(batch_size=8, num_minibatches=1, microbatch_size=1, ppo_epochs=1,
-                max_new_tokens=6, learning_rate=1e-2, whiten_rewards=True)
+s = RLSettings(batch_size=8, num_minibatches=1, microbatch_size=1, ppo_epochs=1,
+                response_length=6, learning_rate=1e-2, whiten_rewards=True)
 ref = tiny(4, "shared")
 ref_wrapped = PolicyAndValue(ref.policy, ref.critic)
 query_ids, query_mask = collate_prompts(prompts(8), PAD, "cpu")
@@ -46,7 +50,7 @@ scored = score_rollouts(ref, ref_wrapped, batch, s, "cpu")
 exp = compute_advantages(batch, scored, s, 0.05, lambda t: t)
 ref_params = [p for p in ref_wrapped.parameters() if p.requires_grad]
 before = [p.detach().clone() for p in ref_params]
-single = ppo_update(ref_wrapped, ref_wrapped, _adamw(ref_params, s), ref_params, batch, exp,
+single = update_policy(ref_wrapped, ref_wrapped, adamw(ref_params, s), ref_params, batch, exp,
                     s, Processes(), 1, "cpu")
 
 sharded = tiny(4, "shared")
@@ -58,8 +62,8 @@ report["params_total"], report["params_held"] = total, (numel(sharded.policy)
 wrapped = PolicyAndValue(sharded.policy, sharded.critic)
 params = [p for p in wrapped.parameters() if p.requires_grad]
 mine = slice(4 * rank, 4 * rank + 4)
-part = ppo_update(wrapped, wrapped, _adamw(params, s, fused=False), params,
-                  *rows(batch, exp, mine), replace(s, batch_size=4), processes, 1, "cpu")
+part = update_policy(wrapped, wrapped, adamw(params, s, fused=False), params,
+                  *rows(batch, exp, mine), s.model_copy(update={"batch_size": 4}), processes, 1, "cpu")
 losses = torch.tensor([sum(part["policy_loss"]), sum(part["value_loss"])])
 losses = accelerator.reduce(losses, reduction="sum")
 report["loss_error"] = (losses - torch.tensor([sum(single["policy_loss"]),
@@ -74,8 +78,8 @@ report["moved"] = max((p.detach() - q).abs().max().item() for p, q in zip(ref_pa
 # 2. train() under FSDP: the adaptive controller's beta is the same on both processes,
 # and a run stopped after 2 updates resumes from its sharded checkpoint to the
 # weights of 3 updates in one go
-settings = PPOSettings(total_updates=3, batch_size=4, num_minibatches=2, microbatch_size=2,
-                       ppo_epochs=2, max_new_tokens=5, learning_rate=1e-2, kl_target=1e-3,
+settings = RLSettings(train_steps=3, batch_size=4, num_minibatches=2, microbatch_size=2,
+                       ppo_epochs=2, response_length=5, learning_rate=1e-2, kl_target=1e-3,
                        kl_horizon=20, checkpoint_every=1, strategy="fsdp")
 
 

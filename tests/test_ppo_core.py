@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_tasks.ppo import core
+from rlhf_tasks.rl import core
 
 T = torch.tensor
 

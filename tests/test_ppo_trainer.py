@@ -7,20 +7,24 @@ import os
 import pytest
 import torch
 
-from rlhf_tasks.ppo import core
-from rlhf_tasks.ppo.models import build_models, random_llama, sequence_classifier_like
-from rlhf_tasks.ppo.trainer import (PPOSettings, collate_prompts, position_ids, prompt_batch,
-                                    response_logits, rollout, token_values, train)
+from rlhf_tasks.config import LoraFields
+from rlhf_tasks.generation import collate_prompts, position_ids
+from rlhf_tasks.rl import core
+from rlhf_tasks.rl.forwards import response_logits, token_values
+from rlhf_tasks.rl.models import build_models, random_llama, sequence_classifier_like
+from rlhf_tasks.rl.rollout import prompt_batch, rollout
+from rlhf_tasks.rl.settings import RLSettings
+from rlhf_tasks.rl.trainer import train
 
 VOCAB, PAD, EOS = 120, 0, 2
 # the same tests on a GPU: RLHF_TEST_DEVICE=cuda (benchmarks/gpu_check.sh)
 DEVICE = os.environ.get("RLHF_TEST_DEVICE", "cpu")
 
 
-def tiny(lora_rank: int, layout: str):
+def tiny(lora_rank: int, layout: str, critic: bool = True):
     policy, config = random_llama(VOCAB, 32, 2, 2, seed=0)
-    models = build_models(policy, sequence_classifier_like(config), lora_rank=lora_rank,
-                          layout=layout)
+    models = build_models(policy, sequence_classifier_like(config),
+                          lora=LoraFields(lora_rank=lora_rank), layout=layout, critic=critic)
     for model in filter(None, (models.policy, models.critic, models.reference, models.reward)):
         model.to(DEVICE)
     return models
@@ -56,7 +60,7 @@ def test_rollout_logprobs_equal_a_forward_pass_over_left_padded_prompts(cache):
     """Left padding + position ids + temperature: what generate sampled from is what the
     training forward computes (the PPO ratio starts at exactly 1), with the default KV
     cache and the static one (compiled on a GPU)."""
-    settings = PPOSettings(max_new_tokens=6, temperature=0.7, rollout_cache=cache)
+    settings = RLSettings(response_length=6, temperature=0.7, rollout_cache=cache)
     recorded, forward, _, _ = _rollout_vs_forward(tiny(4, "shared"), settings, EOS)
     assert torch.allclose(recorded, forward, atol=ATOL)
 
@@ -67,7 +71,7 @@ def test_a_microbatch_cut_to_its_longest_response_computes_the_same():
     token, for the policy's log-probs and the critic's values."""
     models = tiny(4, "shared")
     # stop ids common enough that the 8 responses end at different lengths
-    _, _, responses, keep = _rollout_vs_forward(models, PPOSettings(max_new_tokens=8),
+    _, _, responses, keep = _rollout_vs_forward(models, RLSettings(response_length=8),
                                                 [EOS, *range(5, 40)])
     ids, mask = collate_prompts(prompts(8), PAD, DEVICE)
     lengths = keep.sum(1)
@@ -98,7 +102,7 @@ def test_rollouts_ignore_the_checkpoints_generation_config(monkeypatch):
     gen.repetition_penalty, gen.top_k, gen.top_p, gen.min_p = 1.8, 5, 0.5, 0.2
     gen.min_new_tokens, gen.no_repeat_ngram_size, gen.do_sample = 4, 2, True
     gen.suppress_tokens = list(range(20, 60))  # a knob our settings leave unset
-    settings = PPOSettings(max_new_tokens=6, temperature=0.7)
+    settings = RLSettings(response_length=6, temperature=0.7)
     stops = [EOS, 7, 11]  # several stop ids, as Llama 3 and chat templates have
     recorded, forward, responses, keep = _rollout_vs_forward(models, settings, stops)
     assert torch.allclose(recorded, forward, atol=ATOL)
@@ -127,8 +131,8 @@ def test_every_layout_trains_and_keeps_the_reference_fixed(lora_rank, layout):
     before = {n: p.detach().clone() for n, p in models.policy.named_parameters()}
     reference = None if models.reference is None else {
         n: p.detach().clone() for n, p in models.reference.named_parameters()}
-    settings = PPOSettings(total_updates=2, batch_size=8, num_minibatches=2, microbatch_size=2,
-                           ppo_epochs=2, max_new_tokens=5, learning_rate=1e-2)
+    settings = RLSettings(train_steps=2, batch_size=8, num_minibatches=2, microbatch_size=2,
+                           ppo_epochs=2, response_length=5, learning_rate=1e-2)
     result = train(models, prompts(), settings, eos_token_id=EOS, pad_token_id=PAD,
                    device=DEVICE)
     assert result.updates == 2 and len(result.history) == 2
@@ -159,7 +163,7 @@ def test_settings_and_config_refuse_batches_that_do_not_divide():
     from rlhf_tasks.errors import BadInput
 
     with pytest.raises(ValueError, match="num_minibatches"):
-        PPOSettings(batch_size=30, num_minibatches=4)
+        RLSettings(batch_size=30, num_minibatches=4)
     with pytest.raises(BadInput, match="microbatch_size 3"):
         config.validate({"ppo": {"batch_size": 32, "num_minibatches": 4, "microbatch_size": 3}})
 
@@ -181,8 +185,8 @@ def test_resume_loads_checkpoints_without_running_their_code(tmp_path):
     state.pt is refused, not executed; an honest checkpoint still resumes."""
     import pickle
 
-    from rlhf_tasks.ppo.trainer import (PolicyAndValue, _trainable_state, load_checkpoint,
-                                        save_checkpoint)
+    from rlhf_tasks.rl.checkpoints import load_checkpoint, save_checkpoint, trainable_state
+    from rlhf_tasks.rl.forwards import PolicyAndValue
 
     models = tiny(4, "shared")
     wrapped = PolicyAndValue(models.policy, models.critic)
@@ -191,7 +195,7 @@ def test_resume_loads_checkpoints_without_running_their_code(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, core.linear_schedule(4))
     kl = core.KLController(0.05, 0.5, 1000)
     folder = save_checkpoint(tmp_path / "update-1", update=1,
-                             weights=_trainable_state(wrapped),
+                             weights=trainable_state(wrapped),
                              optimizer_state=optimizer.state_dict(), scheduler=scheduler,
                              kl_ctl=kl, data_position=8, history=[{"update": 1, "kl": 0.1}])
     state = load_checkpoint(folder, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
@@ -210,7 +214,7 @@ def test_sampling_by_inverse_transform_draws_the_softmax_distribution():
     """[sampling] the recorder's draw: 40,000 rows of softmax([log .1, log .2, log .3,
     log .4, -inf]) come out .1/.2/.3/.4 (within 4 standard errors, about .01) and never
     the token of probability 0; at temperature T the probabilities are those of logits / T."""
-    from rlhf_tasks.ppo.trainer import sample_tokens
+    from rlhf_tasks.rl.rollout import sample_tokens
 
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0]])).repeat(40_000, 1)
@@ -239,14 +243,19 @@ class _GradientRecorder:
         self.steps.append([p.grad.detach().clone() for p in self.params])
 
 
-def _minibatch_gradient(microbatch_size: int) -> list[torch.Tensor]:
-    """The gradient of one PPO minibatch of 8 episodes of different lengths."""
-    from rlhf_tasks.ppo.trainer import (PolicyAndValue, Processes, collect_rollouts,
-                                        compute_advantages, ppo_update, score_rollouts)
+def _minibatch_gradient(microbatch_size: int, loss_tokens: str = "batch",
+                        return_tokens: bool = False):
+    """The gradient of one PPO minibatch of 8 episodes of different lengths (and, with
+    ``return_tokens``, the minibatch's response tokens)."""
+    from rlhf_tasks.rl.distributed import Processes
+    from rlhf_tasks.rl.forwards import PolicyAndValue
+    from rlhf_tasks.rl.rollout import collect_rollouts
+    from rlhf_tasks.rl.trainer import compute_advantages, score_rollouts
+    from rlhf_tasks.rl.update import update_policy
 
     models = tiny(4, "shared")
-    s = PPOSettings(batch_size=8, num_minibatches=1, microbatch_size=microbatch_size,
-                    ppo_epochs=1, max_new_tokens=8, max_grad_norm=1e9)
+    s = RLSettings(batch_size=8, num_minibatches=1, microbatch_size=microbatch_size,
+                    ppo_epochs=1, response_length=8, max_grad_norm=1e9)
     ids, mask = collate_prompts(prompts(8), PAD, DEVICE)
     torch.manual_seed(0)
     wrapped = PolicyAndValue(models.policy, models.critic)
@@ -258,7 +267,10 @@ def _minibatch_gradient(microbatch_size: int) -> list[torch.Tensor]:
     exp.logprobs = exp.logprobs - 0.3 * batch.maskf
     params = [p for p in wrapped.parameters() if p.requires_grad]
     recorder = _GradientRecorder(params)
-    ppo_update(wrapped, wrapped, recorder, params, batch, exp, s, Processes(), 1, DEVICE)
+    update_policy(wrapped, wrapped, recorder, params, batch, exp, s, Processes(), 1, DEVICE,
+                  loss_tokens=loss_tokens)
+    if return_tokens:
+        return recorder.steps[0], batch.maskf.sum().item()
     return recorder.steps[0]
 
 
@@ -275,7 +287,7 @@ def test_dropout_kept_as_a_float_attribute_is_switched_off_too():
     ``F.dropout`` itself: those are zeroed as well as ``nn.Dropout`` modules."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from rlhf_tasks.ppo.trainer import disable_dropout
+    from rlhf_tasks.rl.forwards import disable_dropout
 
     model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                      ffn_dim=32, num_attention_heads=2, dropout=0.3,
@@ -293,7 +305,8 @@ def test_dropout_kept_as_a_float_attribute_is_switched_off_too():
 def test_the_critic_starts_on_the_normalised_reward_scale():
     """At the start the critic's value at the last token is (score - mean) / std, the
     reward PPO gives; with the adapter disabled the reward model still reads raw scores."""
-    from rlhf_tasks.ppo.trainer import adapters_disabled, sequence_scores
+    from rlhf_tasks.reward_model import sequence_scores
+    from rlhf_tasks.rl.forwards import adapters_disabled
 
     policy, config = random_llama(VOCAB, 32, 2, 2, seed=0)
     reward = sequence_classifier_like(config)
@@ -304,7 +317,7 @@ def test_the_critic_starts_on_the_normalised_reward_scale():
     for layout in ("shared", "separate"):
         models = build_models(policy if layout == "shared" else random_llama(
             VOCAB, 32, 2, 2, seed=0)[0], sequence_classifier_like(config) if layout ==
-            "separate" else reward, lora_rank=4, layout=layout, score_mean=0.7, score_std=2.0)
+            "separate" else reward, lora=LoraFields(lora_rank=4), layout=layout, score_mean=0.7, score_std=2.0)
         with torch.no_grad():
             value = sequence_scores(models.critic, ids, mask, position_ids(mask), last)
             if models.reward is None:
@@ -324,4 +337,4 @@ def test_fp16_is_refused_with_one_line_before_any_step_runs():
     with pytest.raises(BadInput, match="no loss scaling"):
         config.validate({"compute": {"dtype": "fp16"}})
     with pytest.raises(ValueError, match="no loss scaling"):
-        PPOSettings(dtype="fp16")
+        RLSettings(dtype="fp16")

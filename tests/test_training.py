@@ -70,11 +70,12 @@ def test_ppo_raises_the_reward_of_fresh_samples_within_the_kl_bound(trained):
     from peft import PeftModel
 
     from rlhf_tasks import models
-    from rlhf_tasks.ppo import core
-    from rlhf_tasks.ppo.trainer import (collate_prompts, position_ids, response_logits,
-                                        rollout, sequence_scores)
-    from rlhf_tasks.reward_model import load_reward_model
-    from rlhf_tasks.steps.ppo import ppo_settings
+    from rlhf_tasks.generation import collate_prompts, position_ids
+    from rlhf_tasks.reward_model import load_reward_model, sequence_scores
+    from rlhf_tasks.rl import core
+    from rlhf_tasks.rl.forwards import response_logits
+    from rlhf_tasks.rl.rollout import rollout
+    from rlhf_tasks.rl.settings import rl_settings
 
     from rlhf_tasks.steps.ppo import starting_policy
     from rlhf_tasks.storage import Storage
@@ -86,7 +87,7 @@ def test_ppo_raises_the_reward_of_fresh_samples_within_the_kl_bound(trained):
     start = starting_policy(cfg, Storage.from_config(cfg), tmp / "start-policy")
     policy = PeftModel.from_pretrained(start, results["ppo"]["model_uri"])
     policy.eval()
-    settings = ppo_settings(cfg)
+    settings = rl_settings(cfg)
     ids, mask = collate_prompts(_eval_prompts(cfg, tokenizer), tokenizer.pad_token_id, "cpu")
     norm = info["normalisation"]
     measured = {}
@@ -260,7 +261,7 @@ def test_two_nodes_run_the_ppo_step_to_the_end(trained, tmp_path, strategy):
     from safetensors.torch import load_file
 
     from rlhf_tasks import models
-    from rlhf_tasks.ppo.trainer import weights_digest
+    from rlhf_tasks.rl.checkpoints import weights_digest
 
     adapter = load_file(f"{report['model_uri']}/adapter_model.safetensors")
     assert adapter and all(t.dim() == 2 for t in adapter.values())
@@ -347,3 +348,34 @@ def test_progress_lines_give_count_rate_and_eta(caplog, monkeypatch):
         "evaluate: rlhf answers: 5/10 prompts (1.25/s, ETA 0m04s) loss=0.5",
         "evaluate: rlhf answers: 10/10 prompts (1.00/s, ETA 0m00s)"]
     assert progress.eta_text(3725) == "1h02m"
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "dr_grpo"])
+def test_critic_free_algorithms_run_the_step_and_resume(trained, algorithm):
+    """The ppo step with an algorithm that trains no value model: stopped after one update
+    and run again, it resumes from the checkpoint and finishes; the algorithm is in its
+    MLflow params and tags and in the model's summary."""
+    import mlflow
+
+    cfg, _, _ = trained
+    src = f"{cfg.storage.artifact_root}/{cfg.run.pipeline}/{cfg.run.run_id}"
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.run.run_id = f"critic-free-{algorithm}"
+    for step in ("validate_prompt", "reward", "sft"):
+        shutil.copytree(f"{src}/{step}", run_cfg.step_uri(step))
+    run_cfg.ppo = run_cfg.ppo.model_validate({
+        **PPO, "algorithm": algorithm, "samples_per_prompt": 4, "train_steps": 2,
+        "checkpoint_every": 1, "batch_size": 8, "num_minibatches": 1, "microbatch_size": 8,
+        "ppo_epochs": 1, "response_length": 12})
+    assert ppo(run_cfg, stop_after=1)["stopped_early"]
+    result = ppo(run_cfg)
+    assert (result["updates"], result["resumed_from"]) == (2, 1)
+    summary = json.loads(open(f"{result['model_uri']}/ppo_summary.json").read())
+    assert summary["algorithm"] == algorithm
+    assert summary["settings"]["samples_per_prompt"] == 4
+    history = json.loads(open(f"{result['model_uri']}/history.json").read())
+    assert "value_loss" not in history[-1] and "policy_loss" in history[-1]
+    mlflow.set_tracking_uri(run_cfg.tracking.tracking_uri)
+    run = mlflow.get_run(result["mlflow_run_id"])
+    assert run.data.params["ppo.algorithm"] == algorithm
+    assert run.data.tags["ppo.algorithm"] == algorithm

@@ -1,4 +1,5 @@
-"""The ``ppo`` step: tune the policy against the reward model with the project's PPO.
+"""The ``ppo`` step: tune the policy against the reward model with the project's RL loop
+(``ppo.algorithm``: PPO, RLOO, GRPO or Dr. GRPO; the step keeps PPO's name).
 
 Inputs: ``validate_prompt/canonical.parquet``, ``reward/model/`` and, when RL starts from
 the SFT policy, ``sft/model/``.  Where RL starts (``ppo.init_from``, by default ``sft``
@@ -35,31 +36,6 @@ from rlhf_tasks.errors import BadInput
 from rlhf_tasks.storage import Storage, join
 
 log = logging.getLogger(__name__)
-BASE_LR_LORA, BASE_LR_FULL = 3e-4, 1e-6
-
-
-def ppo_settings(cfg, score_mean: float = 0.0, score_std: float = 1.0):
-    import torch
-
-    from rlhf_tasks.ppo.trainer import PPOSettings
-
-    p = cfg.ppo
-    dtype = models.compute_dtype(cfg, training.resolve_device(cfg))
-    return PPOSettings(
-        total_updates=p.train_steps, batch_size=p.batch_size, num_minibatches=p.num_minibatches,
-        microbatch_size=p.microbatch_size, ppo_epochs=p.ppo_epochs,
-        learning_rate=training.learning_rate(BASE_LR_LORA, BASE_LR_FULL, p.lora_rank,
-                                             p.learning_rate_multiplier),
-        max_grad_norm=p.max_grad_norm, gamma=p.gamma, lam=p.lam, clip_range=p.clip_range,
-        value_clip_range=p.value_clip_range, vf_coef=p.vf_coef, kl_coef=p.kl_coef,
-        kl_estimator=p.kl_estimator, kl_target=p.kl_target, whiten_rewards=p.whiten_rewards,
-        temperature=p.temperature,
-        max_new_tokens=p.response_length or cfg.data.max_target_tokens,
-        missing_eos_penalty=p.missing_eos_penalty, score_mean=score_mean, score_std=score_std,
-        checkpoint_every=p.checkpoint_every, seed=cfg.run.seed,
-        dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),
-        gradient_checkpointing=cfg.compute.gradient_checkpointing,
-        strategy=cfg.compute.strategy, rollout_cache=p.rollout_cache)
 
 
 def starting_policy(cfg, storage: Storage, local: Path, **load_kwargs):
@@ -126,8 +102,12 @@ def _accelerator(cfg):
 def ppo(cfg, stop_after: int | None = None) -> dict:
     import torch
 
-    from rlhf_tasks.ppo import trainer as ppo_trainer
-    from rlhf_tasks.ppo.models import build_models
+    from rlhf_tasks.rl import trainer as rl_trainer
+    from rlhf_tasks.rl.advantages import estimator
+    from rlhf_tasks.rl.checkpoints import weights_digest
+    from rlhf_tasks.rl.distributed import Processes, gather_weights
+    from rlhf_tasks.rl.models import build_models
+    from rlhf_tasks.rl.settings import rl_settings
     from rlhf_tasks.reward_model import load_reward_model
 
     storage = Storage.from_config(cfg)
@@ -137,7 +117,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
     accelerator = _accelerator(cfg)
     # under `accelerate launch` every process trains; only the first tracks and saves
     main = accelerator is None or accelerator.is_main_process
-    run = (tracking.step_run(cfg, "ppo", tags={"ppo.model_layout": cfg.ppo.model_layout,
+    run = (tracking.step_run(cfg, "ppo", tags={"ppo.algorithm": cfg.ppo.algorithm,
+                                               "ppo.model_layout": cfg.ppo.model_layout,
                                                "ppo.lora_rank": str(cfg.ppo.lora_rank),
                                                "ppo.init_from": cfg.rl_start},
                                system_metrics=True)
@@ -167,9 +148,10 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
                                  tokenizer, renderer, cfg, device)
             log.info("ppo: reward normalisation on the %s policy's samples: mean %.3f, std "
                      "%.3f", cfg.rl_start, norm["mean"], norm["std"])
-        settings = ppo_settings(cfg, norm["mean"], norm["std"])
+        settings = rl_settings(cfg, norm["mean"], norm["std"])
         torch.manual_seed(cfg.run.seed)  # LoRA initialisation: the same on every rerun
-        stack = build_models(policy, reward_model, lora_rank=cfg.ppo, layout=cfg.ppo.model_layout,
+        stack = build_models(policy, reward_model, lora=cfg.ppo, layout=cfg.ppo.model_layout,
+                             critic=estimator(settings.algorithm).need_critic,
                              score_mean=norm["mean"], score_std=norm["std"])
         for model in filter(None, (stack.policy, stack.critic, stack.reference, stack.reward)):
             model.to(device)
@@ -183,7 +165,7 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             if main:
                 tracking.log_metrics("ppo", metrics, step=update)
 
-        processes = ppo_trainer.Processes(accelerator, settings.strategy)
+        processes = Processes(accelerator, settings.strategy)
         rank, world = processes.rank, processes.world
 
         def on_checkpoint(update: int, folder: Path) -> None:
@@ -194,18 +176,18 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
                 gather=processes.gather_objects if processes.sharded else None)
 
         started = time.perf_counter()
-        result = ppo_trainer.train(
+        result = rl_trainer.train(
             stack, prompts, settings, eos_token_id=renderer.stop_ids,
             pad_token_id=tokenizer.pad_token_id, device=device, resume_from=resume,
             checkpoint_dir=tmp / "checkpoints", on_checkpoint=on_checkpoint,
             on_metrics=on_metrics, stop_after=stop_after, accelerator=accelerator)
-        if result.updates < settings.total_updates:  # stopped early on purpose (tests)
+        if result.updates < settings.train_steps:  # stopped early on purpose (tests)
             return {"updates": result.updates, "stopped_early": True, "mlflow_run_id": run_id}
         if processes.sharded:  # whole weights again, for saving
-            ppo_trainer.gather_weights(stack.policy)
+            gather_weights(stack.policy)
         # every process, on every machine, says what it ended with: one digest in all the
         # logs of a multi-process run is the proof that it stayed in step
-        digest = ppo_trainer.weights_digest(stack.policy)
+        digest = weights_digest(stack.policy)
         log.info("ppo: trainable weights sha256 %s (process %d of %d)", digest, rank, world)
         if not main:
             return {"updates": result.updates, "rank": rank}
@@ -219,7 +201,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             "updates": result.updates, "resumed_from": result.resumed_from,
             "reward_first": first["reward_mean"], "reward_last": last["reward_mean"],
             "kl_last": last["kl"], "seconds": round(time.perf_counter() - started, 1),
-            "settings": settings.__dict__, "reward_model": cfg.step_uri("reward", "model"),
+            "algorithm": settings.algorithm,
+            "settings": settings.model_dump(mode="json"), "reward_model": cfg.step_uri("reward", "model"),
             "base_model": cfg.model.base_model, "base_model_revision": cfg.model.revision,
             "init_from": cfg.rl_start,
             "init_model": (cfg.step_uri("sft", "model") if cfg.rl_start == "sft"

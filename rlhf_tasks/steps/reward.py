@@ -48,12 +48,13 @@ def sample_reference(policy, prompts: list[list[int]], tokenizer, renderer, cfg,
     ``policy`` with the decoding PPO uses for its rollouts."""
     import torch
 
-    from rlhf_tasks.ppo import core
-    from rlhf_tasks.ppo.trainer import collate_prompts, rollout
+    from rlhf_tasks.generation import collate_prompts
+    from rlhf_tasks.rl import core
     from rlhf_tasks.progress import Progress
-    from rlhf_tasks.steps.ppo import ppo_settings
+    from rlhf_tasks.rl.rollout import rollout
+    from rlhf_tasks.rl.settings import rl_settings
 
-    settings = ppo_settings(cfg)
+    settings = rl_settings(cfg)
     sequences = []
     meter = Progress(len(prompts), "reward normalisation: reference samples", unit="prompts")
     for start in range(0, len(prompts), batch_size):

@@ -1,4 +1,7 @@
-"""Build the models PPO needs, in one of two memory layouts (see docs/ARCHITECTURE.md).
+"""Build the models the RL loop needs, in one of two memory layouts (see
+docs/ARCHITECTURE.md).  An algorithm without a value model (rloo, grpo) has no critic:
+policy (its reference through disabled adapters, or a frozen copy) and the frozen reward
+model.
 
 ``shared`` (LoRA, the default): the policy is the base model with a LoRA adapter and the
 reference is the same weights with the adapter disabled; the critic is a LoRA adapter
@@ -14,19 +17,32 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from rlhf_tasks.config import LoraFields
 from rlhf_tasks.models import unwrap_peft
-from rlhf_tasks.ppo.trainer import Models
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
-class LoraSettings:
-    """The LoRA fields of a config section, for callers without a config (tests, benchmarks)."""
+class Models:
+    """What the RL loop trains and reads.  ``None`` entries share weights with a trained model:
 
-    lora_rank: int = 8
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"
+    * ``reference=None``: the policy is a PEFT model; the reference is the same weights
+      with the adapters disabled (no second copy of the base model).
+    * ``reward=None``: the critic is a PEFT adapter on the reward model; the reward is the
+      critic with its adapters disabled (value model initialised from the reward model,
+      as InstructGPT did, at the cost of one base model instead of two).
+    * ``critic=None``: an algorithm without a value model; ``reward`` is then the reward
+      model itself.
+    """
+
+    policy: nn.Module            # causal LM, trainable
+    critic: nn.Module | None     # sequence-classification model (value head), trainable
+    reference: nn.Module | None = None
+    reward: nn.Module | None = None
 
 
 def lora_config(section, task_type: str, modules_to_save: list[str] | None = None):
@@ -41,22 +57,24 @@ def lora_config(section, task_type: str, modules_to_save: list[str] | None = Non
                       target_modules=getattr(section, "lora_target_modules", "all-linear"))
 
 
-def build_models(policy_base, reward_model, *, lora_rank=8, layout: str = "shared",
-                 score_mean: float = 0.0, score_std: float = 1.0) -> Models:
+def build_models(policy_base, reward_model, *, lora: LoraFields | None = None,
+                 critic: bool = True, layout: str = "shared", score_mean: float = 0.0,
+                 score_std: float = 1.0) -> Models:
     """``policy_base``: a causal LM (the policy RL starts from, and its KL reference);
     ``reward_model``: a sequence-classification model with one label (its LoRA, if any,
-    already merged).  Both are consumed (wrapped in place).  ``lora_rank``: an int or a
-    config section with the LoRA fields.  Trainable weights (adapters, the value head,
+    already merged).  Both are consumed (wrapped in place).  ``lora``: the LoRA fields
+    (a config section; default rank 8; rank 0 tunes every weight).  ``critic``: whether
+    the algorithm trains a value model.  Trainable weights (adapters, the value head,
     fully tuned weights) are upcast to fp32 master copies.  The critic's head starts as
-    the reward head on PPO's reward scale, ``(score - score_mean) / score_std``
+    the reward head on the RL reward scale, ``(score - score_mean) / score_std``
     (:func:`normalise_value_head`)."""
     from rlhf_tasks.models import upcast_trainable
 
-    lora = LoraSettings(lora_rank) if isinstance(lora_rank, int) else lora_rank
-    models = _build(policy_base, reward_model, lora, layout)
-    normalise_value_head(models.critic, score_mean, score_std)
+    models = _build(policy_base, reward_model, lora or LoraFields(), layout, critic)
     upcast_trainable(models.policy)
-    upcast_trainable(models.critic)
+    if models.critic is not None:
+        normalise_value_head(models.critic, score_mean, score_std)
+        upcast_trainable(models.critic)
     return models
 
 
@@ -87,24 +105,26 @@ def normalise_value_head(critic, mean: float, std: float) -> None:
         inner.score = new
 
 
-def _build(policy_base, reward_model, lora, layout: str) -> Models:
+def _build(policy_base, reward_model, lora: LoraFields, layout: str, critic: bool) -> Models:
     from peft import get_peft_model
 
-    lora_rank = lora.lora_rank
+    if layout not in ("shared", "separate"):
+        raise ValueError(f"unknown model layout {layout!r}; use 'shared' or 'separate'")
     reward_model.requires_grad_(False)
-    if lora_rank > 0:
+    if lora.lora_rank > 0:
         policy = get_peft_model(policy_base, lora_config(lora, "CAUSAL_LM"))
         reference = None
     else:
         reference = copy.deepcopy(policy_base).requires_grad_(False).eval()
         policy = policy_base.requires_grad_(True)
-    if layout == "shared" and lora_rank > 0:
-        critic = get_peft_model(reward_model, lora_config(lora, "SEQ_CLS", ["score"]))
-        return Models(policy=policy, critic=critic, reference=reference, reward=None)
-    if layout not in ("shared", "separate"):
-        raise ValueError(f"unknown model layout {layout!r}; use 'shared' or 'separate'")
+    if not critic:  # the reward model as it is: nothing of it trains
+        return Models(policy=policy, critic=None, reference=reference,
+                      reward=reward_model.eval())
+    if layout == "shared" and lora.lora_rank > 0:
+        value = get_peft_model(reward_model, lora_config(lora, "SEQ_CLS", ["score"]))
+        return Models(policy=policy, critic=value, reference=reference, reward=None)
     value = copy.deepcopy(reward_model)
-    if lora_rank > 0:
+    if lora.lora_rank > 0:
         value = get_peft_model(value, lora_config(lora, "SEQ_CLS", ["score"]))
     else:
         value.requires_grad_(True)
