@@ -264,3 +264,20 @@ def webhook_connection(base: str, token: str | None = None) -> str:
     if token:
         conn["password"] = token
     return json.dumps(conn)
+
+
+# Two workers (scripts/test.sh runs `-n 2 --dist loadgroup` where pytest-xdist is there):
+# a module's tests stay on one worker (its module fixtures are built once), and the two
+# modules that drive a real Airflow (the longest, and waiting on services more than
+# computing) form one group that starts first, so that the other worker computes beside it.
+AIRFLOW_MODULES = ("test_production_stack.py", "test_e2e_dag.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        name = item.path.name
+        return "airflow" if name in AIRFLOW_MODULES else name
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: group(item) != "airflow")  # stable: module order kept
