@@ -446,7 +446,9 @@ class ComputeSection(Section):
                                                         "(compute.backend: kubernetes).")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Weights and autocast precision; trainable weights keep fp32 "
-                            "master copies. auto: bf16 on a GPU that has it, else fp32.")
+                            "master copies. auto: bf16 on a GPU that has it and on a "
+                            "CPU with AMX bf16 tiles, else fp32 (the choice is logged "
+                            "and tagged on each training step's MLflow run).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
                                                             "backward pass: less memory, "
                                                             "about a third more compute.")

@@ -41,6 +41,14 @@ def resolve_device(cfg) -> str:
     return cfg.compute.device
 
 
+def precision_tag(cfg) -> dict[str, str]:
+    """The precision a GPU step computes in (``compute.dtype`` with ``auto`` resolved), as
+    the tag its MLflow run carries: ``compute.dtype_used``."""
+    from rlhf_tasks.models import compute_dtype, dtype_name
+
+    return {"compute.dtype_used": dtype_name(compute_dtype(cfg, resolve_device(cfg)))}
+
+
 def autocast(cfg, device: str):
     """Autocast to ``compute.dtype`` (a no-op in fp32)."""
     import torch

@@ -22,11 +22,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "!! missing ${missing[*]} and not root: those tests will skip"
   fi
 fi
-# two workers where the machine has two cores or more (tests/conftest.py groups the tests);
+# two workers where the machine has two cores or more (tests/conftest.py schedules them);
 # each process computes on one thread, so the two workers do not fight over the cores
 workers=()
 if [ "$(nproc)" -ge 2 ] && python -c "import xdist" 2> /dev/null; then
-  workers=(-n 2 --dist loadgroup)
+  workers=(-n 2)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 fi
 exec python -m pytest -q --durations=30 "${workers[@]}" "$@"

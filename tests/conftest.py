@@ -266,18 +266,29 @@ def webhook_connection(base: str, token: str | None = None) -> str:
     return json.dumps(conn)
 
 
-# Two workers (scripts/test.sh runs `-n 2 --dist loadgroup` where pytest-xdist is there):
-# a module's tests stay on one worker (its module fixtures are built once), and the two
-# modules that drive a real Airflow (the longest, and waiting on services more than
-# computing) form one group that starts first, so that the other worker computes beside it.
+# Two workers (scripts/test.sh runs `-n 2` where pytest-xdist is there): a module's tests
+# stay on one worker (its module fixtures are built once), and the two modules that drive a
+# real Airflow (the longest, and waiting on services more than computing) form one unit
+# that starts first, so that the other worker computes beside it.
 AIRFLOW_MODULES = ("test_production_stack.py", "test_e2e_dag.py")
 
 
-def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        name = item.path.name
-        return "airflow" if name in AIRFLOW_MODULES else name
+def _unit(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return "airflow" if module.rsplit("/", 1)[-1] in AIRFLOW_MODULES else module
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=lambda item: group(item) != "airflow")  # stable: module order kept
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: _unit(item.nodeid) != "airflow")  # stable: module order kept
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Load scheduling by the units above (xdist's own xdist_group marks do not reach
+    pytest 9's node ids)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    return ByUnit(config, log)

@@ -320,6 +320,13 @@ def check_runs_compare(children, parent, run_dir: Path) -> None:
         == {"training"}
     assert "prompt" in {d.dataset.name for d in
                         client.get_run(step["ppo"]["run_id"]).inputs.dataset_inputs}
+    # the precision each GPU step computed in: compute.dtype auto, resolved on this machine
+    from rlhf_tasks.models import cpu_has_amx_bf16
+
+    for name in ("reward", "ppo", "evaluate"):
+        assert step[name]["tags.compute.dtype_used"] == (
+            "bf16" if cpu_has_amx_bf16() else "fp32"), name
+    assert step["ppo"]["tags.ppo.algorithm"] == "ppo"
     # system metrics on training steps; where PPO's time goes
     assert step["ppo"]["metrics.system/cpu_utilization_percentage"] >= 0
     assert step["reward"]["metrics.system/system_memory_usage_megabytes"] > 0

@@ -126,3 +126,33 @@ def test_uncached_hub_id_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "acme/not-here" in line]
     assert len(errors) == 1 and str(tmp_path / "hub") in errors[0], proc.stderr
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_fast(monkeypatch, make_config, caplog):
+    """compute.dtype auto: bf16 on a CPU whose flags list AMX bf16 tiles (avx512_bf16
+    alone is not enough: its bf16 matmuls are not the several-fold faster kind), fp32
+    otherwise; the choice is logged with its reason; an explicit dtype is kept."""
+    import logging
+
+    import torch
+
+    from rlhf_tasks import models
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    plain = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n"
+    assert models.cpu_has_amx_bf16(amx) and not models.cpu_has_amx_bf16(plain)
+    assert not models.cpu_has_amx_bf16("model name\t: amx_bf16 in a name, not a flag\n")
+    cfg = make_config()
+    assert cfg.compute.dtype == "auto"
+    monkeypatch.setattr(models, "_REPORTED", set())
+    with caplog.at_level(logging.INFO, logger="rlhf_tasks.models"):
+        monkeypatch.setattr(models, "cpu_has_amx_bf16", lambda: True)
+        assert models.compute_dtype(cfg, "cpu") == torch.bfloat16
+        monkeypatch.setattr(models, "cpu_has_amx_bf16", lambda: False)
+        assert models.compute_dtype(cfg, "cpu") == torch.float32
+    said = [r.getMessage() for r in caplog.records]
+    assert "compute.dtype auto: bf16 on a CPU with AMX bf16 tiles" in said
+    assert "compute.dtype auto: fp32 on a CPU without AMX bf16" in said
+    monkeypatch.setattr(models, "cpu_has_amx_bf16", lambda: True)
+    assert models.compute_dtype(make_config(compute={"dtype": "fp32"}), "cpu") == torch.float32
+    assert models.dtype_name(torch.bfloat16) == "bf16"

@@ -36,6 +36,9 @@ def trained(tmp_path_factory, demo_model_dir):
                      "norm_samples": 128}
     raw["sft"] = {"enabled": True, "train_steps": 20, "batch_size": 16, "checkpoint_every": 10}
     raw["ppo"] = PPO
+    # the quality bounds below were measured in fp32: the same on a CPU with AMX bf16
+    # (where compute.dtype auto would choose bf16; the qwen2 family test runs in bf16)
+    raw["compute"] = {**raw.get("compute", {}), "dtype": "fp32"}
     cfg = config.validate(raw)
     for kind in ("preference", "prompt", "eval", "sft"):
         validate_kind(cfg, kind)

@@ -47,22 +47,15 @@ INSTRUCTION = "Rewrite as one strong resume bullet with the figure."
 SIZES = {"eval_prompts": 150, "norm_samples": 32}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """A CPU with AMX bf16 tiles (bf16 matmuls several times faster than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
-
-
 def fast_bf16() -> bool:
     """bf16 is the faster precision here: a GPU with bf16, or a CPU with AMX."""
     import torch
 
+    from rlhf_tasks.models import cpu_has_amx_bf16
+
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return cpu_has_fast_bf16()
+    return cpu_has_amx_bf16()
 
 
 def fetch_gguf(cache: Path) -> Path:

@@ -53,8 +53,6 @@ class RLSettings(PPOSection):
 def rl_settings(cfg, score_mean: float = 0.0, score_std: float = 1.0) -> RLSettings:
     """The loop's settings for a run: its ``ppo`` section as it is, the derived values
     added."""
-    import torch
-
     from rlhf_tasks import models, training
 
     section = cfg.ppo
@@ -65,6 +63,6 @@ def rl_settings(cfg, score_mean: float = 0.0, score_std: float = 1.0) -> RLSetti
         learning_rate=training.learning_rate(BASE_LR_LORA, BASE_LR_FULL, section.lora_rank,
                                              section.learning_rate_multiplier),
         score_mean=score_mean, score_std=score_std, seed=cfg.run.seed,
-        dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),
+        dtype=models.dtype_name(dtype),
         gradient_checkpointing=cfg.compute.gradient_checkpointing,
         strategy=cfg.compute.strategy)

@@ -183,7 +183,7 @@ def evaluate(cfg) -> dict:
     storage = Storage.from_config(cfg)
     device = training.resolve_device(cfg)
     out_uri = cfg.step_uri("evaluate")
-    with tracking.step_run(cfg, "evaluate") as run_id, \
+    with tracking.step_run(cfg, "evaluate", tags=training.precision_tag(cfg)) as run_id, \
             tempfile.TemporaryDirectory(prefix="rlhf-evaluate-") as tmp:
         tmp = Path(tmp)
         import mlflow

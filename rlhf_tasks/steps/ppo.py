@@ -120,7 +120,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
     run = (tracking.step_run(cfg, "ppo", tags={"ppo.algorithm": cfg.ppo.algorithm,
                                                "ppo.model_layout": cfg.ppo.model_layout,
                                                "ppo.lora_rank": str(cfg.ppo.lora_rank),
-                                               "ppo.init_from": cfg.rl_start},
+                                               "ppo.init_from": cfg.rl_start,
+                                               **training.precision_tag(cfg)},
                                system_metrics=True)
            if main else contextlib.nullcontext(None))
     with run as run_id, tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:

@@ -106,7 +106,8 @@ def reward(cfg) -> dict:
     key = training.resume_key(cfg, storage, "reward", ("validate_preference",))
     device = training.resolve_device(cfg)
     torch.manual_seed(cfg.run.seed)
-    with tracking.step_run(cfg, "reward", tags={"reward.lora_rank": str(rc.lora_rank)},
+    with tracking.step_run(cfg, "reward", tags={"reward.lora_rank": str(rc.lora_rank),
+                                                **training.precision_tag(cfg)},
                            system_metrics=True) as run_id, \
             tempfile.TemporaryDirectory(prefix="rlhf-reward-") as tmp:
         started = time.perf_counter()

@@ -31,7 +31,8 @@ def sft(cfg) -> dict:
     checkpoints_uri = join(out_uri, "checkpoints")
     key = training.resume_key(cfg, storage, "sft", ("validate_sft",))
     torch.manual_seed(cfg.run.seed)
-    with tracking.step_run(cfg, "sft", tags={"sft.lora_rank": str(sc.lora_rank)},
+    with tracking.step_run(cfg, "sft", tags={"sft.lora_rank": str(sc.lora_rank),
+                                             **training.precision_tag(cfg)},
                            system_metrics=True) as run_id, \
             tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp:
         started = time.perf_counter()
