@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# A short GPU check, for a lent GPU machine (the device tool): the PPO tests on cuda, then
+# A short GPU check, for a lent GPU machine (the device tool): the RL tests on cuda, then
 # PPO throughput on cuda against TRL 1.12's PPOTrainer on the same card (alternating runs,
 # medians; memory is the GPU's peak allocation), fp32 and bf16 on the wide shape and bf16
 # on the default and long-response shapes, each of our runs with the training phase's
 # achieved TFLOP/s beside the card's measured matmul peak for the dtype (the static KV
 # cache and one update's memory were measured on 2026-11-30: results/). Most wanted first:
 # a run past the device tool's limit keeps what was logged.
-# Needs python3 with torch (the GPU image has it); transformers, peft, TRL 1.12 and
-# datasets travel as wheels in .whl (see the device tool's README) and install into
-# /tmp/site.  Every figure is appended to $OUT/gpu_check.log as it comes (a timeout keeps
-# what was measured).
+# Then RLOO and GRPO (ours, no value model) against TRL 1.16's RLOOTrainer / GRPOTrainer,
+# bf16, the default and long-response shapes.
+# Needs python3 with torch (the GPU image has it); transformers, peft, datasets and both
+# TRLs travel as wheels in .whl (see the device tool's README): every wheel but TRL's
+# installs into /tmp/site, TRL 1.12 (the PPOTrainer) into /tmp/trl112 and TRL 1.16 (RLOO,
+# GRPO) into /tmp/trl116, each put in front of /tmp/site for its comparisons.  The wheels:
+#   pip download --no-deps -d .whl transformers==5.24.0 peft==0.21.2 datasets==5.2.0 \
+#     trl==1.12.0 trl==1.16.0 dill multiprocess pydantic==2.14.4 pydantic_core==2.50.5 \
+#     annotated_types typing_inspection      (one trl per call: pip takes one version)
+# Every figure is appended to $OUT/gpu_check.log as it comes (a timeout keeps what was measured).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-/tmp}/gpu_check.log"
+BASE="$PWD:${PYTHONPATH:-}"
 if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD"
-else
-  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+  install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --upgrade --target "$@" || exit 1; }
+  install /tmp/site $(ls .whl/*.whl | grep -v '/trl-')
+  install /tmp/trl112 .whl/trl-1.12.*.whl
+  install /tmp/trl116 .whl/trl-1.16.*.whl
+  BASE="/tmp/site:$PWD"
 fi
+export PYTHONPATH="/tmp/trl112:$BASE"
 export PYTHONUNBUFFERED=1
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -27,7 +36,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 python3 -c "import trl; print('trl', trl.__version__)" 2>&1 | tail -1
 echo "== PPO tests on cuda"
 RLHF_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:randomly \
-  tests/test_ppo_core.py tests/test_ppo_trainer.py 2>&1 | tail -3
+  tests/test_ppo_core.py tests/test_ppo_trainer.py tests/test_rl_algorithms.py 2>&1 | tail -3
 WIDE="--hidden 1024 --layers 8 --heads 16 --episodes 512 --batch-size 64"
 for dtype in bf16 fp32; do
   echo "== PPO on cuda, ours vs TRL 1.12, both $dtype (wide model: 1024 x 8 layers, vocab 32000)"
@@ -40,4 +49,13 @@ timeout 85 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python 
 echo "== PPO on cuda, ours vs TRL 1.12, both bf16 (long responses: 96 tokens)"
 timeout 85 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
   --device cuda --dtype bf16 --response-length 96 --episodes 256 --batch-size 64
+export PYTHONPATH="/tmp/trl116:$BASE"
+for algorithm in grpo rloo; do
+  echo "== $algorithm on cuda, ours vs TRL 1.16, both bf16 (default shape, k = 4)"
+  timeout 85 python3 benchmarks/ppo_throughput.py --compare --runs 3 --algorithm $algorithm \
+    --device cuda --dtype bf16 --episodes 512 --batch-size 64
+  echo "== $algorithm on cuda, ours vs TRL 1.16, both bf16 (long responses: 96 tokens)"
+  timeout 85 python3 benchmarks/ppo_throughput.py --compare --runs 3 --algorithm $algorithm \
+    --device cuda --dtype bf16 --response-length 96 --episodes 256 --batch-size 64
+done
 } 2>&1 | tee -a "$LOG"

@@ -1,4 +1,6 @@
-"""PPO throughput and peak memory: the project's PPO against TRL 1.12's PPOTrainer.
+"""RL throughput and peak memory: the project's loop against TRL's trainers: PPO against
+TRL 1.12's PPOTrainer, and (``--algorithm rloo | grpo | dr_grpo``) the critic-free
+algorithms against TRL 1.16's RLOOTrainer / GRPOTrainer (the project's own environment).
 
 Both sides get the same work: random tiny Llamas of the given sizes (policy, reference,
 reward model and a separate value model, all full-weight, as TRL's PPOTrainer uses them),
@@ -55,6 +57,11 @@ TRAINING: dict[str, float] = {}  # the project's PPO: the training phase's achie
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", choices=["rlhf", "trl"], default="rlhf")
+    p.add_argument("--algorithm", choices=["ppo", "rloo", "grpo", "dr_grpo"], default="ppo",
+                   help="ppo: against TRL 1.12's PPOTrainer (its own venv); the others "
+                        "against TRL 1.16's RLOOTrainer / GRPOTrainer")
+    p.add_argument("--samples-per-prompt", type=int, default=4,
+                   help="k: responses per prompt (rloo, grpo, dr_grpo)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -115,15 +122,22 @@ def run_rlhf(args) -> float:
     from rlhf_tasks.rl.trainer import train
 
     policy, reference, reward, value, prompts = build(args)
-    value.requires_grad_(True)
+    critic_free = args.algorithm != "ppo"
+    if critic_free:  # no value model: nothing of it is built or trained
+        value = None
+        FLOOR["trained_mb"] = round(sum(p.numel() * p.element_size()
+                                        for p in policy.parameters()) / 2**20)
+    else:
+        value.requires_grad_(True)
     settings = RLSettings(
+        algorithm=args.algorithm, samples_per_prompt=args.samples_per_prompt if critic_free else 1,
         train_steps=args.episodes // args.batch_size, batch_size=args.batch_size,
         num_minibatches=args.num_minibatches,
         microbatch_size=args.batch_size // args.num_minibatches, ppo_epochs=args.ppo_epochs,
         learning_rate=3e-6, temperature=args.temperature, response_length=args.response_length,
         missing_eos_penalty=0.0, seed=args.seed, rollout_cache=args.rollout_cache,
         dtype=args.dtype)
-    for model in (policy, reference, reward, value):
+    for model in filter(None, (policy, reference, reward, value)):
         model.to(args.device)
     if args.dtype == "bf16":  # frozen models in bf16; trained weights stay fp32 masters
         import torch
@@ -145,8 +159,8 @@ def run_rlhf(args) -> float:
     PHASES.update({k: round(v / total, 3) for k, v in phases.items()})
     # the training phase's achieved rate, estimated as 6 FLOPs per trained weight per
     # token (forward 2, backward 4; input embeddings are lookups), every PPO epoch
-    trained = sum(p.numel() for m in (policy, value) for name, p in m.named_parameters()
-                  if "embed_tokens" not in name)
+    trained = sum(p.numel() for m in filter(None, (policy, value))
+                  for name, p in m.named_parameters() if "embed_tokens" not in name)
     tokens = sum(len(p) + args.response_length for p in prompts[:settings.train_steps
                                                                 * args.batch_size])
     TRAINING["tflop_per_s"] = round(6 * trained * tokens * args.ppo_epochs
@@ -198,6 +212,53 @@ def run_trl(args) -> float:
         return time.perf_counter() - started
 
 
+def run_trl_group(args) -> float:
+    """TRL 1.16's RLOOTrainer or GRPOTrainer on the same work: the same random policy (TRL
+    loads it, and its reference, from a folder), the same reward model, prompts, k, batch
+    (``steps_per_generation`` minibatches, ``num_iterations`` passes), response length, temperature and KL coefficient
+    (TRL puts beta * KL in the loss, we in the reward: one reference forward each).  A
+    generation is ``per_device_train_batch_size x steps_per_generation`` completions."""
+    import torch
+    from datasets import Dataset
+
+    grpo = args.algorithm in ("grpo", "dr_grpo")
+    if grpo:
+        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+
+    policy, _, reward, _, prompts = build(args)
+    tokenizer = _word_tokenizer(args.vocab)
+    updates = args.episodes // args.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        policy.save_pretrained(f"{tmp}/policy")
+        tokenizer.save_pretrained(f"{tmp}/policy")
+        del policy
+        extra = ({"loss_type": args.algorithm, "scale_rewards": "none" if args.algorithm ==
+                  "dr_grpo" else "group"} if grpo else {"normalize_advantages": False})
+        config = Config(
+            output_dir=f"{tmp}/out", per_device_train_batch_size=args.batch_size //
+            args.num_minibatches, steps_per_generation=args.num_minibatches,
+            num_generations=args.samples_per_prompt,
+            num_iterations=args.ppo_epochs, max_steps=updates * args.num_minibatches *
+            args.ppo_epochs, max_completion_length=args.response_length,
+            temperature=args.temperature, top_p=1.0, top_k=0, beta=0.05,
+            learning_rate=3e-6, report_to="none", save_strategy="no", logging_steps=10_000,
+            seed=args.seed, use_cpu=not args.device.startswith("cuda"),
+            bf16=args.dtype == "bf16", dataloader_num_workers=0, disable_tqdm=True,
+            model_init_kwargs={"dtype": torch.float32}, **extra)
+        dataset = Dataset.from_dict({"prompt": [" ".join(f"t{i}" for i in p) for p in prompts]})
+        trainer = Trainer(model=f"{tmp}/policy", reward_funcs=reward, args=config,
+                          train_dataset=dataset, processing_class=tokenizer,
+                          reward_processing_classes=tokenizer)
+        FLOOR["rss_mb"] = round(_rss_mb())
+        started = time.perf_counter()
+        trainer.train()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
@@ -218,7 +279,7 @@ def account(args) -> None:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    run = run_rlhf if args.impl == "rlhf" else run_trl
+    run = run_rlhf if args.impl == "rlhf" else trl_runner(args)
     torch.manual_seed(args.seed)
     with FlopCounterMode(display=False) as counter:
         run(args)  # first: its models are built in a process without profiler data
@@ -243,7 +304,7 @@ def single(args) -> None:
     if args.account:
         return account(args)
     torch.manual_seed(args.seed)
-    seconds = run_rlhf(args) if args.impl == "rlhf" else run_trl(args)
+    seconds = (run_rlhf if args.impl == "rlhf" else trl_runner(args))(args)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"impl": args.impl, "seconds": round(seconds, 2), "torch_threads":
                       torch.get_num_threads(), "phases": PHASES,
@@ -255,6 +316,11 @@ def single(args) -> None:
             f" matmul_peak_tflop_per_s={matmul_peak(args.device, args.dtype):g}"
             if TRAINING else "")
     print(f"episodes_per_s={args.episodes / seconds:.3f} peak_rss_mb={peak_mb:.0f}{gpu}{rate}")
+
+
+def trl_runner(args):
+    """TRL 1.12's PPOTrainer for ppo, TRL 1.16's RLOO / GRPO trainers for the others."""
+    return run_trl if args.algorithm == "ppo" else run_trl_group
 
 
 def matmul_peak(device: str, dtype: str, n: int = 4096, repeats: int = 10) -> float:
@@ -291,9 +357,12 @@ def compare(args, argv: list[str]) -> None:
             skip = True
             continue
         cleaned.append(a)
+    # TRL 1.12 (its own venv) has the PPOTrainer; RLOO and GRPO are this environment's TRL
+    trl_python, trl_name = ((args.trl_python, "trl-1.12") if args.algorithm == "ppo"
+                            else (sys.executable, "trl-" + _trl_version()))
     if args.account:
         fields = {}
-        for impl, python in (("rlhf", sys.executable), ("trl", args.trl_python)):
+        for impl, python in (("rlhf", sys.executable), ("trl", trl_python)):
             fields[impl] = _run(impl, python, cleaned)
             print(f"{impl:<4} {_line(fields[impl])}", flush=True)
         ours, trl = fields["rlhf"], fields["trl"]
@@ -304,7 +373,7 @@ def compare(args, argv: list[str]) -> None:
         return
     results: dict[str, list[tuple[float, float]]] = {"rlhf": [], "trl": []}
     for run in range(args.runs):
-        for impl, python in (("rlhf", sys.executable), ("trl", args.trl_python)):
+        for impl, python in (("rlhf", sys.executable), ("trl", trl_python)):
             fields = _run(impl, python, cleaned)
             results[impl].append((fields["episodes_per_s"],
                                   fields.get("peak_gpu_mb", fields["peak_rss_mb"])))
@@ -313,10 +382,16 @@ def compare(args, argv: list[str]) -> None:
            for impl, r in results.items()}
     # memory: the GPU's peak allocation on a GPU, the process's peak RSS on the CPU
     print(f"median of {args.runs}: rlhf {med['rlhf'][0]:.3f} ep/s {med['rlhf'][1]:.0f} MB | "
-          f"trl-1.12 {med['trl'][0]:.3f} ep/s {med['trl'][1]:.0f} MB")
+          f"{trl_name} {med['trl'][0]:.3f} ep/s {med['trl'][1]:.0f} MB")
     print(f"speed ratio {med['rlhf'][0] / med['trl'][0]:.2f}x  "
           f"memory ratio {med['rlhf'][1] / med['trl'][1]:.2f}x")
     print(f"episodes_per_s={med['rlhf'][0]:.3f} peak_rss_mb={med['rlhf'][1]:.0f}")
+
+
+def _trl_version() -> str:
+    from importlib.metadata import version
+
+    return version("trl")
 
 
 def _line(fields: dict[str, float]) -> str:

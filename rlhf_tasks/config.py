@@ -152,6 +152,23 @@ class SFTSection(LoraFields):
     checkpoint_every: int = Field(50, ge=1)
 
 
+class DPOSection(LoraFields):
+    """Direct preference optimisation (TRL's DPOTrainer) on the validated preference pairs:
+    no reward model and no RL loop.  It starts where RL does (``ppo.init_from``: the SFT
+    policy when the run trains one), which is also its reference."""
+
+    train_steps: int = Field(100, ge=1, le=1_000_000)
+    batch_size: int = Field(16, ge=1, le=4096, description="Preference pairs per step.")
+    learning_rate_multiplier: float = Field(1.0, gt=0.0, le=100.0,
+                                            description="Times the base rate: 5e-5 with LoRA, "
+                                                        "5e-7 for full tuning.")
+    beta: float = Field(0.1, gt=0.0, le=10.0, description="Strength of the pull towards "
+                                                          "the reference.")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo: IPO (squared loss towards 1 / (2 beta)).")
+    checkpoint_every: int = Field(50, ge=1)
+
+
 class DriftBounds(Section):
     """When the run note warns about the RL curves (checked on the last update; None: no
     check).  They move no gate: they say where to look."""
@@ -525,6 +542,7 @@ class PipelineConfig(Section):
     reward: RewardSection = RewardSection()
     sft: SFTSection = SFTSection()
     ppo: PPOSection = PPOSection()
+    dpo: DPOSection = DPOSection()
     evaluation: EvaluationSection = EvaluationSection()
     panel: PanelSection = PanelSection()
     registry: RegistrySection = RegistrySection()

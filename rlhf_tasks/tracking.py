@@ -21,13 +21,14 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-NAMESPACES = ("data", "reward", "sft", "ppo", "eval", "panel", "system", "cost")
+NAMESPACES = ("data", "reward", "sft", "ppo", "dpo", "eval", "panel", "system", "cost")
 # which config sections a step's run records as params (the parent records them all)
 STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "validate": ("data", "model"),
     "reward": ("reward", "model", "data", "compute"),
     "sft": ("sft", "model", "data", "compute"),
     "ppo": ("ppo", "model", "data", "compute"),
+    "dpo": ("dpo", "model", "data", "compute"),
     "evaluate": ("evaluation", "model", "compute"),
     "panel_simulate": ("panel",),
     "gate": ("panel", "registry", "cost"),

@@ -26,7 +26,7 @@ fi
 # each process computes on one thread, so the two workers do not fight over the cores
 workers=()
 if [ "$(nproc)" -ge 2 ] && python -c "import xdist" 2> /dev/null; then
-  workers=(-n 2)
+  workers=(-n 2 --no-loadscope-reorder)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 fi
 exec python -m pytest -q --durations=30 "${workers[@]}" "$@"

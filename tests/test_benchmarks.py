@@ -1,8 +1,8 @@
-"""The PPO benchmark script still runs, and its accounting measures something real.
+"""The RL benchmark script still runs, and its accounting measures something real.
 
 Its figures are quoted in docs/SCALING.md and in closing notes; nothing else runs it in
-CI. TRL 1.12's side needs its own environment (``make bench-trl-venv``) and is not run
-here."""
+CI. TRL 1.12's PPO side needs its own environment (``make bench-trl-venv``) and is not
+run here; TRL 1.16's GRPO side is this environment's and is."""
 
 from __future__ import annotations
 
@@ -52,3 +52,19 @@ def test_the_accounting_sees_every_tensor_and_matmul_the_run_must_hold():
     layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * 4 * HIDDEN
     assert fields["gflop_per_episode"] * 1e9 >= 6 * (2 * layer * 7 + VOCAB * HIDDEN * 4)
     assert fields["rss_floor_mb"] > fields["peak_tensor_mb"]
+
+
+def test_the_critic_free_comparison_runs_both_sides_on_the_same_work():
+    """``--algorithm grpo --compare``: ours and TRL 1.16's GRPOTrainer (this environment's
+    TRL), one run each, and the ratio line."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ppo_throughput.py"),
+                           "--compare", "--runs", "1", "--algorithm", "grpo",
+                           "--samples-per-prompt", "4", *SHAPE], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert any(line.startswith("run 1 rlhf episodes_per_s=") for line in lines), lines
+    assert any(line.startswith("run 1 trl  episodes_per_s=") for line in lines), lines
+    assert any(line.startswith("median of 1: rlhf ") and "| trl-1.16.0 " in line
+               for line in lines), lines
+    assert any(line.startswith("speed ratio ") and "memory ratio" in line for line in lines)

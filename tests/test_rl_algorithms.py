@@ -140,7 +140,7 @@ def test_the_loop_trains_without_a_value_model_and_resumes_exactly(algorithm, tm
     """No critic is built or trained; each update samples every prompt k times in a row
     (a group); a run stopped after one update and resumed ends with the weights of one
     that ran straight through."""
-    from test_ppo_trainer import EOS, PAD, prompts, tiny
+    from test_ppo_trainer import DEVICE, EOS, PAD, prompts, tiny
 
     from rlhf_tasks.rl import trainer
     from rlhf_tasks.rl.checkpoints import weights_digest
@@ -157,8 +157,8 @@ def test_the_loop_trains_without_a_value_model_and_resumes_exactly(algorithm, tm
         models = tiny(4, "shared", critic=False)
         assert models.critic is None and models.reward is not None
         return models, trainer.train(models, prompts(), settings, eos_token_id=EOS,
-                                     pad_token_id=PAD, checkpoint_dir=tmp_path / folder,
-                                     **kwargs)
+                                     pad_token_id=PAD, device=DEVICE,
+                                     checkpoint_dir=tmp_path / folder, **kwargs)
 
     straight, result = run("straight")
     assert result.updates == 2

@@ -382,3 +382,69 @@ def test_critic_free_algorithms_run_the_step_and_resume(trained, algorithm):
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.data.params["ppo.algorithm"] == algorithm
     assert run.data.tags["ppo.algorithm"] == algorithm
+
+
+def test_dpo_tunes_from_the_sft_policy_resumes_and_prefers_the_chosen(trained):
+    """The dpo step on the validated pairs, from the SFT policy (its reference): a rerun
+    with more steps resumes from the checkpoint; the tuned policy's log-prob margin of
+    chosen over rejected grows on the training pairs; IPO through ``loss_type``."""
+    import mlflow
+    from peft import PeftModel
+
+    from rlhf_tasks import models
+    from rlhf_tasks.steps.dpo import dpo, dpo_pairs
+    from rlhf_tasks.steps.ppo import starting_policy
+    from rlhf_tasks.storage import Storage
+    from rlhf_tasks.training import read_canonical
+
+    cfg, _, tmp = trained
+    src = f"{cfg.storage.artifact_root}/{cfg.run.pipeline}/{cfg.run.run_id}"
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.run.run_id = "dpo"
+    for step in ("validate_preference", "sft"):
+        shutil.copytree(f"{src}/{step}", run_cfg.step_uri(step))
+    run_cfg.dpo = run_cfg.dpo.model_validate({"train_steps": 4, "batch_size": 16,
+                                              "checkpoint_every": 4,
+                                              "learning_rate_multiplier": 20.0})
+    first = dpo(run_cfg)
+    assert first["steps"] == 4 and not first["resumed_from"]
+    run_cfg.dpo.train_steps = 6
+    again = dpo(run_cfg)
+    assert (again["steps"], again["resumed_from"]) == (6, 4)
+    summary = json.loads(open(f"{again['model_uri']}/dpo_summary.json").read())
+    assert summary["init_from"] == "sft" and summary["loss_type"] == "sigmoid"
+    assert summary["data"] == f"SFT + {again['train_pairs']:,} preference pairs"
+    run = mlflow.MlflowClient(run_cfg.tracking.tracking_uri).get_run(again["mlflow_run_id"])
+    assert run.data.params["dpo.beta"] == "0.1" and run.data.tags["dpo.init_from"] == "sft"
+
+    # the margin log p(chosen) - log p(rejected), summed over response tokens, before and
+    # after, on 64 training pairs
+    storage = Storage.from_config(run_cfg)
+    tokenizer = models.load_tokenizer(run_cfg)
+    frame = read_canonical(run_cfg, storage, "preference").head(64)
+    pairs = dpo_pairs(frame, models.renderer(run_cfg, tokenizer))
+    start = starting_policy(run_cfg, storage, tmp / "dpo-start").eval()
+    tuned = PeftModel.from_pretrained(starting_policy(run_cfg, storage, tmp / "dpo-tuned"),
+                                      again["model_uri"]).eval()
+
+    def margin(model) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for prompt, chosen, rejected in zip(*pairs.values()):
+                for sign, response in ((1, chosen), (-1, rejected)):
+                    ids = torch.tensor([prompt + response])
+                    logps = model(ids).logits[0, :-1].log_softmax(-1)
+                    picked = logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None])
+                    total += sign * picked.sum().item()
+        return total / len(pairs["prompt_ids"])
+
+    assert margin(tuned) > margin(start)
+    ipo_cfg = run_cfg.model_copy(deep=True)
+    ipo_cfg.run.run_id = "ipo"
+    for step in ("validate_preference", "sft"):
+        shutil.copytree(f"{src}/{step}", ipo_cfg.step_uri(step))
+    ipo_cfg.dpo = ipo_cfg.dpo.model_validate({"train_steps": 2, "batch_size": 8,
+                                              "loss_type": "ipo"})
+    ipo = dpo(ipo_cfg)
+    assert ipo["steps"] == 2 and json.loads(open(
+        f"{ipo['model_uri']}/dpo_summary.json").read())["loss_type"] == "ipo"

@@ -75,8 +75,8 @@ def train(models: Models, prompts: list[list[int]], settings: RLSettings, *,
           on_metrics: Callable[[int, dict], None] | None = None,
           stop_after: int | None = None, accelerator=None) -> TrainResult:
     """Run ``settings.algorithm``; ``stop_after`` ends early after that many updates (to
-    test resuming).
-    ``eos_token_id``: the stop id, or a list of them (a response ends at the first)."""
+    test resuming).  ``eos_token_id``: the stop id, or a list of them (a response ends at
+    the first).  ``models`` has a critic exactly when the algorithm needs one."""
     s = settings
     algorithm = estimator(s.algorithm)
     if algorithm.need_critic != (models.critic is not None):

@@ -20,6 +20,7 @@ STEPS: dict[str, str] = {
     "reward": "rlhf_tasks.steps.reward:reward",
     "sft": "rlhf_tasks.steps.sft:sft",
     "ppo": "rlhf_tasks.steps.ppo:ppo",
+    "dpo": "rlhf_tasks.steps.dpo:dpo",
     "evaluate": "rlhf_tasks.steps.evaluate:evaluate",
     "panel_simulate": "rlhf_tasks.steps.panel:panel_simulate",
     "gate": "rlhf_tasks.steps.panel:gate",
@@ -30,8 +31,8 @@ STEPS: dict[str, str] = {
 # The steps that hold an accelerator (Airflow's GPU queue and ``gpu`` pool; on Kubernetes,
 # ``nvidia.com/gpu`` limits, the GPU node selector and tolerations), and of those the ones
 # that train (on several nodes: a TrainJob; their pool slots count every node's GPUs).
-GPU_STEPS = frozenset({"reward", "sft", "ppo", "evaluate"})
-TRAINING_STEPS = frozenset({"reward", "sft", "ppo"})
+GPU_STEPS = frozenset({"reward", "sft", "ppo", "dpo", "evaluate"})
+TRAINING_STEPS = frozenset({"reward", "sft", "ppo", "dpo"})
 
 
 def resolve(name: str) -> Callable:
