@@ -268,27 +268,27 @@ def webhook_connection(base: str, token: str | None = None) -> str:
 
 # Two workers (scripts/test.sh runs `-n 2` where pytest-xdist is there): a module's tests
 # stay on one worker (its module fixtures are built once), and the two modules that drive a
-# real Airflow (the longest, and waiting on services more than computing) form one unit
-# that starts first, so that the other worker computes beside it.
-AIRFLOW_MODULES = ("test_production_stack.py", "test_e2e_dag.py")
+# real Airflow (the longest, and waiting on services more than computing) start first, one
+# on each worker, so that the rest computes beside them.
+FIRST = ("test_production_stack.py", "test_e2e_dag.py")
 
 
-def _unit(nodeid: str) -> str:
-    module = nodeid.split("::", 1)[0]
-    return "airflow" if module.rsplit("/", 1)[-1] in AIRFLOW_MODULES else module
+def _rank(nodeid: str) -> int:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return FIRST.index(module) if module in FIRST else len(FIRST)
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: _unit(item.nodeid) != "airflow")  # stable: module order kept
+    items.sort(key=lambda item: _rank(item.nodeid))  # stable: the order inside kept
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """Load scheduling by the units above (xdist's own xdist_group marks do not reach
-    pytest 9's node ids)."""
+    """Load scheduling by module, in collection order (``--no-loadscope-reorder``): the
+    first two modules go one to each worker."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class ByUnit(LoadScopeScheduling):
+    class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return _unit(nodeid)
+            return nodeid.split("::", 1)[0]
 
-    return ByUnit(config, log)
+    return ByModule(config, log)
