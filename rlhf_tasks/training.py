@@ -305,3 +305,34 @@ def log_model_reference(cfg, storage: Storage) -> dict:
     described = describe(cfg, storage)
     mlflow.log_params({k: v for k, v in described.items() if k != "model.resolved_path"})
     return described
+
+
+def save_tuned_policy(cfg, storage: Storage, step: str, policy, tokenizer, renderer,
+                      folder: Path, *, lora_rank: int, merge: bool = False,
+                      files: dict[str, str] | None = None) -> tuple[str, str]:
+    """A tuned policy's two outputs, each folder whole (manifest last):
+    ``<step>/model`` (the adapter or full weights, the tokenizer, the prompt format, the
+    step's own ``files``; ``merged/`` with ``merge``, and always after an SFT start: an
+    adapter trained over the SFT weights is usable only merged) and ``<step>/served`` (the
+    MLflow model the registry serves: merged weights, tokenizer, prompt format, the
+    evaluation's decoding).  Returns their URIs."""
+    from rlhf_tasks import serving
+
+    model_dir = folder / "model"
+    policy = policy.cpu()
+    policy.save_pretrained(model_dir, safe_serialization=True)
+    merged = policy.merge_and_unload() if lora_rank else policy
+    if lora_rank and (merge or cfg.rl_start == "sft"):
+        merged.save_pretrained(model_dir / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(model_dir / "merged")
+    tokenizer.save_pretrained(model_dir)
+    renderer.save(model_dir)
+    for name, text in (files or {}).items():
+        (model_dir / name).write_text(text)
+    model_uri, served_uri = cfg.step_uri(step, "model"), cfg.step_uri(step, "served")
+    storage.put_dir(model_dir, model_uri,
+                    extra={"step": step, "kind": "lora" if lora_rank else "full"})
+    served = serving.save_policy_model(folder / "served", merged, tokenizer, renderer,
+                                       serving.decoding_from_config(cfg, renderer))
+    storage.put_dir(served, served_uri, extra={"step": step})
+    return model_uri, served_uri

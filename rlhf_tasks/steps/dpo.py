@@ -95,15 +95,6 @@ def dpo(cfg) -> dict:
         resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, tmp / "trainer", key)
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-        model_dir = tmp / "model"
-        policy = trainer.model.cpu()
-        policy.save_pretrained(model_dir, safe_serialization=True)
-        merged = policy.merge_and_unload() if dc.lora_rank else policy
-        if dc.lora_rank and cfg.rl_start == "sft":  # the adapter alone needs the SFT weights
-            merged.save_pretrained(model_dir / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(model_dir / "merged")
-        tokenizer.save_pretrained(model_dir)
-        renderer.save(model_dir)
         summary = {"algorithm": "dpo", "kind": "lora" if dc.lora_rank else "full",
                    "loss_type": dc.loss_type, "beta": dc.beta,
                    "base_model": cfg.model.base_model, "init_from": cfg.rl_start,
@@ -114,18 +105,13 @@ def dpo(cfg) -> dict:
                    "lora_rank": dc.lora_rank, "train_pairs": len(frame),
                    "train_loss": output.training_loss, "steps": output.global_step,
                    "prompt_format": renderer.settings(), "mlflow_run_id": run_id}
-        (model_dir / "dpo_summary.json").write_text(json.dumps(summary, indent=2))
-        model_uri = join(out_uri, "model")
-        storage.put_dir(model_dir, model_uri, extra={"step": "dpo", "kind": summary["kind"]})
-        from rlhf_tasks import serving
-
-        served = serving.save_policy_model(tmp / "served", merged, tokenizer, renderer,
-                                           serving.decoding_from_config(cfg, renderer))
-        storage.put_dir(served, join(out_uri, "served"), extra={"step": "dpo"})
+        model_uri, served_uri = training.save_tuned_policy(
+            cfg, storage, "dpo", trainer.model, tokenizer, renderer, tmp,
+            lora_rank=dc.lora_rank, files={"dpo_summary.json": json.dumps(summary, indent=2)})
         tracking.log_metrics("dpo", {"train_pairs": len(frame),
                                      "final_loss": output.training_loss,
                                      "seconds": time.perf_counter() - started})
-    return {"model_uri": model_uri, "served_uri": join(out_uri, "served"),
+    return {"model_uri": model_uri, "served_uri": served_uri,
             "resumed_from": training.checkpoint_step(resume), "train_pairs": len(frame),
             "train_loss": round(output.training_loss, 4), "steps": output.global_step,
             "mlflow_run_id": run_id}

@@ -212,27 +212,11 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             "lora_rank": cfg.ppo.lora_rank, "prompt_format": renderer.settings(),
             "mlflow_run_id": run_id,
         }
-        model_dir = tmp / "model"
-        policy = stack.policy.cpu()
-        policy.save_pretrained(model_dir, safe_serialization=True)
-        merged = policy.merge_and_unload() if cfg.ppo.lora_rank else policy
-        # an adapter trained over the SFT weights is usable only merged (or with them)
-        if cfg.ppo.lora_rank and (cfg.ppo.merge_adapter or cfg.rl_start == "sft"):
-            merged.save_pretrained(model_dir / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(model_dir / "merged")
-        tokenizer.save_pretrained(model_dir)
-        renderer.save(model_dir)
-        (model_dir / "ppo_summary.json").write_text(json.dumps(summary, indent=2))
-        (model_dir / "history.json").write_text(json.dumps(result.history))
-        storage.put_dir(model_dir, join(out_uri, "model"),
-                        extra={"step": "ppo", "kind": "lora" if cfg.ppo.lora_rank else "full"})
-        # the MLflow model the registry serves: merged weights, tokenizer, prompt format,
-        # the evaluation's decoding settings
-        from rlhf_tasks import serving
-
-        served = serving.save_policy_model(tmp / "served", merged, tokenizer, renderer,
-                                           serving.decoding_from_config(cfg, renderer))
-        storage.put_dir(served, join(out_uri, "served"), extra={"step": "ppo"})
+        training.save_tuned_policy(
+            cfg, storage, "ppo", stack.policy, tokenizer, renderer, tmp,
+            lora_rank=cfg.ppo.lora_rank, merge=cfg.ppo.merge_adapter,
+            files={"ppo_summary.json": json.dumps(summary, indent=2),
+                   "history.json": json.dumps(result.history)})
         _log_curves(result.history, tmp / "curves.png")
         tracking.log_metrics("ppo", {"reward_lift": last["reward_mean"] - first["reward_mean"],
                                      "seconds": summary["seconds"]})
