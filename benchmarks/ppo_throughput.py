@@ -215,9 +215,10 @@ def run_trl(args) -> float:
 def run_trl_group(args) -> float:
     """TRL 1.16's RLOOTrainer or GRPOTrainer on the same work: the same random policy (TRL
     loads it, and its reference, from a folder), the same reward model, prompts, k, batch
-    (``steps_per_generation`` minibatches, ``num_iterations`` passes), response length, temperature and KL coefficient
-    (TRL puts beta * KL in the loss, we in the reward: one reference forward each).  A
-    generation is ``per_device_train_batch_size x steps_per_generation`` completions."""
+    (``steps_per_generation`` minibatches, ``num_iterations`` passes), response length,
+    temperature and KL coefficient (TRL puts beta * KL in the loss, we in the reward: one
+    reference forward each).  A generation is ``per_device_train_batch_size x
+    steps_per_generation`` completions."""
     import torch
     from datasets import Dataset
 

@@ -37,7 +37,9 @@ def token_values(critic, ids, mask, positions, width: int):
 
 def adapters_disabled(model):
     """Context: the PEFT model's base weights (the reference / the reward model)."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    if hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
 
 
 def disable_dropout(model: nn.Module) -> None:

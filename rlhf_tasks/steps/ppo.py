@@ -202,8 +202,8 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             "updates": result.updates, "resumed_from": result.resumed_from,
             "reward_first": first["reward_mean"], "reward_last": last["reward_mean"],
             "kl_last": last["kl"], "seconds": round(time.perf_counter() - started, 1),
-            "algorithm": settings.algorithm,
-            "settings": settings.model_dump(mode="json"), "reward_model": cfg.step_uri("reward", "model"),
+            "algorithm": settings.algorithm, "settings": settings.model_dump(mode="json"),
+            "reward_model": cfg.step_uri("reward", "model"),
             "base_model": cfg.model.base_model, "base_model_revision": cfg.model.revision,
             "init_from": cfg.rl_start,
             "init_model": (cfg.step_uri("sft", "model") if cfg.rl_start == "sft"
