@@ -73,6 +73,15 @@ def encode_prompts(renderer, frame) -> list[list[int]]:
     return [renderer.prompt_ids(p, m) for p, m in prompt_rows(frame)]
 
 
+def encode_pairs(renderer, frame) -> dict[str, list[list[int]]]:
+    """Preference pairs in the token layout: each prompt's ids (``prompt_ids``) and each
+    response's ids after it, ending with the stop token (``chosen_ids``, ``rejected_ids``;
+    the columns TRL's DPOTrainer reads)."""
+    return {"prompt_ids": encode_prompts(renderer, frame),
+            "chosen_ids": [renderer.response_ids(t) for t in frame["chosen"]],
+            "rejected_ids": [renderer.response_ids(t) for t in frame["rejected"]]}
+
+
 # -- data -----------------------------------------------------------------------------------
 def read_canonical(cfg, storage: Storage, kind: str, *, mlflow_context: str | None = None):
     """The validated data of ``kind`` (from its validate step), as a DataFrame.  With

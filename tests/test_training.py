@@ -387,15 +387,16 @@ def test_critic_free_algorithms_run_the_step_and_resume(trained, algorithm):
 def test_dpo_tunes_from_the_sft_policy_resumes_and_prefers_the_chosen(trained):
     """The dpo step on the validated pairs, from the SFT policy (its reference): a rerun
     with more steps resumes from the checkpoint; the tuned policy's log-prob margin of
-    chosen over rejected grows on the training pairs; IPO through ``loss_type``."""
+    chosen over rejected grows on the training pairs; IPO through ``loss_type``, with full
+    tuning."""
     import mlflow
     from peft import PeftModel
 
     from rlhf_tasks import models
-    from rlhf_tasks.steps.dpo import dpo, dpo_pairs
+    from rlhf_tasks.steps.dpo import dpo
     from rlhf_tasks.steps.ppo import starting_policy
     from rlhf_tasks.storage import Storage
-    from rlhf_tasks.training import read_canonical
+    from rlhf_tasks.training import encode_pairs, read_canonical
 
     cfg, _, tmp = trained
     src = f"{cfg.storage.artifact_root}/{cfg.run.pipeline}/{cfg.run.run_id}"
@@ -422,7 +423,7 @@ def test_dpo_tunes_from_the_sft_policy_resumes_and_prefers_the_chosen(trained):
     storage = Storage.from_config(run_cfg)
     tokenizer = models.load_tokenizer(run_cfg)
     frame = read_canonical(run_cfg, storage, "preference").head(64)
-    pairs = dpo_pairs(frame, models.renderer(run_cfg, tokenizer))
+    pairs = encode_pairs(models.renderer(run_cfg, tokenizer), frame)
     start = starting_policy(run_cfg, storage, tmp / "dpo-start").eval()
     tuned = PeftModel.from_pretrained(starting_policy(run_cfg, storage, tmp / "dpo-tuned"),
                                       again["model_uri"]).eval()
@@ -443,8 +444,10 @@ def test_dpo_tunes_from_the_sft_policy_resumes_and_prefers_the_chosen(trained):
     ipo_cfg.run.run_id = "ipo"
     for step in ("validate_preference", "sft"):
         shutil.copytree(f"{src}/{step}", ipo_cfg.step_uri(step))
+    # IPO, and full tuning (its reference a frozen copy of the starting policy)
     ipo_cfg.dpo = ipo_cfg.dpo.model_validate({"train_steps": 2, "batch_size": 8,
-                                              "loss_type": "ipo"})
+                                              "loss_type": "ipo", "lora_rank": 0})
     ipo = dpo(ipo_cfg)
-    assert ipo["steps"] == 2 and json.loads(open(
-        f"{ipo['model_uri']}/dpo_summary.json").read())["loss_type"] == "ipo"
+    ipo_summary = json.loads(open(f"{ipo['model_uri']}/dpo_summary.json").read())
+    assert ipo["steps"] == 2 and ipo_summary["loss_type"] == "ipo"
+    assert ipo_summary["kind"] == "full"

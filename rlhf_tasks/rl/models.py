@@ -45,16 +45,16 @@ class Models:
     reward: nn.Module | None = None
 
 
-def lora_config(section, task_type: str, modules_to_save: list[str] | None = None):
-    """PEFT LoRA settings from a config section with ``lora_rank``, ``lora_alpha`` (None:
-    2 x rank), ``lora_dropout`` and ``lora_target_modules``."""
+def lora_config(section: LoraFields, task_type: str, modules_to_save: list[str] | None = None):
+    """PEFT LoRA settings from a config section's LoRA fields (``lora_alpha`` None: 2 x
+    rank)."""
     from peft import LoraConfig
 
     rank = section.lora_rank
-    alpha = getattr(section, "lora_alpha", None) or 2 * rank
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=getattr(section, "lora_dropout", 0.0),
-                      bias="none", task_type=task_type, modules_to_save=modules_to_save,
-                      target_modules=getattr(section, "lora_target_modules", "all-linear"))
+    return LoraConfig(r=rank, lora_alpha=section.lora_alpha or 2 * rank,
+                      lora_dropout=section.lora_dropout, bias="none", task_type=task_type,
+                      modules_to_save=modules_to_save,
+                      target_modules=section.lora_target_modules)
 
 
 def build_models(policy_base, reward_model, *, lora: LoraFields | None = None,

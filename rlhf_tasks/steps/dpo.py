@@ -15,6 +15,7 @@ Outputs under ``<run>/dpo/``: ``model/`` (the adapter or full weights, the token
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -24,18 +25,6 @@ from rlhf_tasks import models, tracking, training
 from rlhf_tasks.storage import Storage, join
 
 BASE_LR_LORA, BASE_LR_FULL = 5e-5, 5e-7
-
-
-def dpo_pairs(frame, renderer) -> dict[str, list]:
-    """The pairs as DPOTrainer's tokenized columns: the prompt's ids, and each response's
-    ids after it."""
-    out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    prompts = training.encode_prompts(renderer, frame)
-    for prompt, chosen, rejected in zip(prompts, frame["chosen"], frame["rejected"]):
-        out["prompt_ids"].append(prompt)
-        out["chosen_ids"].append(renderer.response_ids(chosen))
-        out["rejected_ids"].append(renderer.response_ids(rejected))
-    return out
 
 
 def dpo(cfg) -> dict:
@@ -72,9 +61,16 @@ def dpo(cfg) -> dict:
         tokenizer = models.load_tokenizer(cfg, storage)
         renderer = models.renderer(cfg, tokenizer, storage)
         frame = training.read_canonical(cfg, storage, "preference", mlflow_context="training")
-        pairs = dpo_pairs(frame, renderer)
+        pairs = training.encode_pairs(renderer, frame)
         policy = starting_policy(cfg, storage, tmp / "sft", **models.load_kwargs(
             cfg, device, trainable=dc.lora_rank == 0))
+        # full tuning keeps a frozen copy of the starting policy as the reference (in the
+        # compute dtype, as frozen weights load); with LoRA the reference is the same
+        # weights with the adapter disabled
+        reference = None
+        if dc.lora_rank == 0:
+            reference = copy.deepcopy(policy).to(models.compute_dtype(cfg, device))
+            reference.requires_grad_(False).eval()
         model = training.trainable_model(policy, dc, "CAUSAL_LM")
         lr = training.learning_rate(BASE_LR_LORA, BASE_LR_FULL, dc.lora_rank,
                                     dc.learning_rate_multiplier)
@@ -82,12 +78,6 @@ def dpo(cfg) -> dict:
             cfg, output_dir=tmp / "trainer", steps=dc.train_steps, batch_size=dc.batch_size,
             learning_rate=lr, checkpoint_every=dc.checkpoint_every),
             beta=dc.beta, loss_type=[dc.loss_type], max_length=None, disable_dropout=True)
-        # full tuning keeps a frozen copy of the starting policy as the reference; with
-        # LoRA the reference is the same weights with the adapter disabled
-        reference = None
-        if dc.lora_rank == 0:
-            reference = starting_policy(cfg, storage, tmp / "sft-ref", **models.load_kwargs(
-                cfg, device, trainable=False))
         trainer = TokenizedDPOTrainer(
             model=model, ref_model=reference, args=args,
             train_dataset=Dataset.from_dict(pairs), processing_class=tokenizer,

@@ -32,11 +32,11 @@ BASE_LR_LORA, BASE_LR_FULL = 1e-3, 2e-5
 
 
 def _encode_pairs(frame, renderer, use_margin: bool) -> dict[str, list]:
-    out: dict[str, list] = {"chosen_ids": [], "rejected_ids": []}
-    prompts = training.encode_prompts(renderer, frame)
-    for prompt, chosen, rejected in zip(prompts, frame["chosen"], frame["rejected"]):
-        out["chosen_ids"].append(prompt + renderer.response_ids(chosen))
-        out["rejected_ids"].append(prompt + renderer.response_ids(rejected))
+    """Full sequences, prompt + response, as TRL's RewardTrainer reads them."""
+    pairs = training.encode_pairs(renderer, frame)
+    out: dict[str, list] = {
+        side: [p + r for p, r in zip(pairs["prompt_ids"], pairs[side])]
+        for side in ("chosen_ids", "rejected_ids")}
     if use_margin:
         out["margin"] = [0.0 if m is None or math.isnan(m) else float(m) for m in frame["margin"]]
     return out
