@@ -228,7 +228,8 @@ def run_trl_group(args) -> float:
     else:
         from trl import RLOOConfig as Config, RLOOTrainer as Trainer
 
-    policy, _, reward, _, prompts = build(args)
+    policy, reference, reward, value, prompts = build(args)
+    del reference, value  # TRL loads its reference from the folder; it has no value model
     tokenizer = _word_tokenizer(args.vocab)
     updates = args.episodes // args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
