@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# A short GPU check, for a lent GPU machine (the device tool): the RL tests on cuda, then
-# PPO throughput on cuda against TRL 1.12's PPOTrainer on the same card (alternating runs,
-# medians; memory is the GPU's peak allocation), fp32 and bf16 on the wide shape and bf16
-# on the default and long-response shapes, each of our runs with the training phase's
-# achieved TFLOP/s beside the card's measured matmul peak for the dtype (the static KV
-# cache and one update's memory were measured on 2026-11-30: results/). Most wanted first:
-# a run past the device tool's limit keeps what was logged.
-# Then RLOO and GRPO (ours, no value model) against TRL 1.16's RLOOTrainer / GRPOTrainer,
-# bf16, the default and long-response shapes.
+# A short GPU check, for a lent GPU machine (the device tool), most wanted first (a run
+# past the device tool's limit keeps what was logged): the RL tests on cuda; GRPO and RLOO
+# (ours, no value model) against TRL 1.16's GRPOTrainer / RLOOTrainer in bf16; ours alone
+# in bf16 against fp32 on the wide shape; then PPO against TRL 1.12's PPOTrainer in bf16
+# (default, long responses) and on the wide shape in both dtypes. Alternating runs,
+# medians of 3; memory is the GPU's peak allocation; each of our runs prints the training
+# phase's achieved TFLOP/s beside the card's measured matmul peak for the dtype. (PPO in
+# fp32 on the default shape and the static KV cache were measured on 2026-11-30: results/.)
 # Needs python3 with torch (the GPU image has it); transformers, peft, datasets and both
 # TRLs travel as wheels in .whl (see the device tool's README): every wheel but TRL's
 # installs into /tmp/site, TRL 1.12 (the PPOTrainer) into /tmp/trl112 and TRL 1.16 (RLOO,
@@ -34,28 +33,42 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
 python3 -c "import trl; print('trl', trl.__version__)" 2>&1 | tail -1
-echo "== PPO tests on cuda"
+echo "== RL tests on cuda"
 RLHF_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:randomly \
   tests/test_ppo_core.py tests/test_ppo_trainer.py tests/test_rl_algorithms.py 2>&1 | tail -3
+DEFAULT="--episodes 512 --batch-size 64"
+LONG="--response-length 96 --episodes 256 --batch-size 64"
 WIDE="--hidden 1024 --layers 8 --heads 16 --episodes 512 --batch-size 64"
-for dtype in bf16 fp32; do
-  echo "== PPO on cuda, ours vs TRL 1.12, both $dtype (wide model: 1024 x 8 layers, vocab 32000)"
-  timeout 170 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
-    --device cuda --dtype $dtype $WIDE
-done
-echo "== PPO on cuda, ours vs TRL 1.12, both bf16 (default shape)"
-timeout 85 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
-  --device cuda --dtype bf16 --episodes 512 --batch-size 64
-echo "== PPO on cuda, ours vs TRL 1.12, both bf16 (long responses: 96 tokens)"
-timeout 85 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
-  --device cuda --dtype bf16 --response-length 96 --episodes 256 --batch-size 64
 export PYTHONPATH="/tmp/trl116:$BASE"
 for algorithm in grpo rloo; do
   echo "== $algorithm on cuda, ours vs TRL 1.16, both bf16 (default shape, k = 4)"
-  timeout 85 python3 benchmarks/ppo_throughput.py --compare --runs 3 --algorithm $algorithm \
-    --device cuda --dtype bf16 --episodes 512 --batch-size 64
+  timeout 100 python3 benchmarks/ppo_throughput.py --compare --runs 3 --algorithm $algorithm \
+    --device cuda --dtype bf16 $DEFAULT
+done
+echo "== ours alone on cuda, bf16 against fp32, alternating (wide model: 1024 x 8 layers)"
+for run in 1 2 3; do
+  for dtype in bf16 fp32; do
+    echo -n "run $run $dtype "
+    timeout 60 python3 benchmarks/ppo_throughput.py --device cuda --dtype $dtype $WIDE | tail -1
+  done
+done
+export PYTHONPATH="/tmp/trl112:$BASE"
+echo "== PPO on cuda, ours vs TRL 1.12, both bf16 (default shape)"
+timeout 90 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
+  --device cuda --dtype bf16 $DEFAULT
+export PYTHONPATH="/tmp/trl116:$BASE"
+for algorithm in grpo rloo; do
   echo "== $algorithm on cuda, ours vs TRL 1.16, both bf16 (long responses: 96 tokens)"
-  timeout 85 python3 benchmarks/ppo_throughput.py --compare --runs 3 --algorithm $algorithm \
-    --device cuda --dtype bf16 --response-length 96 --episodes 256 --batch-size 64
+  timeout 100 python3 benchmarks/ppo_throughput.py --compare --runs 3 --algorithm $algorithm \
+    --device cuda --dtype bf16 $LONG
+done
+export PYTHONPATH="/tmp/trl112:$BASE"
+echo "== PPO on cuda, ours vs TRL 1.12, both bf16 (long responses: 96 tokens)"
+timeout 90 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
+  --device cuda --dtype bf16 $LONG
+for dtype in bf16 fp32; do
+  echo "== PPO on cuda, ours vs TRL 1.12, both $dtype (wide model)"
+  timeout 170 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
+    --device cuda --dtype $dtype $WIDE
 done
 } 2>&1 | tee -a "$LOG"
