@@ -1,5 +1,9 @@
-"""RLHF tuning pipeline: validate -> reward model -> PPO (+ optional SFT baseline)
+"""RLHF tuning pipeline: validate -> reward model -> tune (+ optional SFT baseline)
 -> evaluate -> expert panel -> gate -> (sign-off) -> promote.
+
+``tune`` trains the run's candidate (RL: PPO, RLOO, GRPO or Dr. GRPO; or DPO), one mapped
+task per algorithm when ``tuning.algorithms`` names several (a bake-off): all of them are
+judged in one blinded batch, and the gate promotes the best that passes.
 
 The panel is simulated rubric raters (demo) or people on the review page (human mode:
 the run waits, deferred, for quorum or the deadline).  The gate registers the candidate
@@ -18,7 +22,8 @@ from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 
 from rlhf_airflow.notifications.rlhf import LINKS, PASS_RATES, run_failed, sign_off_waiting
 from rlhf_airflow.notifications.rlhf import gate_decision as gate_decided
-from rlhf_airflow.operators.step import RlhfStepOperator
+from rlhf_airflow.operators.step import (CANDIDATE_STEP, RlhfStepOperator, placement,
+                                         step_timeout)
 from rlhf_airflow.sensors.panel import PanelQuorumSensor
 from rlhf_airflow.params import trigger_params
 from rlhf_airflow.run_note import write_gate_headline
@@ -32,7 +37,8 @@ LIMITS = limits(BASE)
 
 with DAG(
     dag_id="rlhf_tuning",
-    description="Validate data, train a reward model, tune with PPO, gate on an expert panel.",
+    description="Validate data, train a reward model, tune (RL or DPO; a bake-off of several), "
+                "gate on an expert panel.",
     # retraining: schedule.cron and/or new preference data (see rlhf_airflow/scheduling.py)
     schedule=retraining_schedule(BASE),
     deadline=LIMITS["deadline"],
@@ -80,20 +86,34 @@ with DAG(
 
     # ids without the group's prefix: other tasks, mails and users refer to them by name
     with TaskGroup("training", prefix_group_id=False,
-                   tooltip="Reward model, SFT baseline, RL (GPU pool)") as training:
+                   tooltip="Reward model, SFT baseline, the candidates (GPU pool)") as training:
         reward = RlhfStepOperator(
             task_id="reward", step="reward", parent_run=parent,
             doc_md="TRL RewardTrainer + LoRA on the validated preferences.")
         sft = RlhfStepOperator(task_id="sft", step="sft", parent_run=parent,
                                doc_md="TRL SFTTrainer + LoRA: the baseline.")
-        # RL starts from the SFT policy when the run trains one (ppo.init_from): PPO
-        # waits for SFT when it runs, and not when it is skipped
-        ppo = RlhfStepOperator(
-            task_id="ppo", step="ppo", parent_run=parent,
+        @task(retries=0)
+        def candidates(**context) -> list[str | None]:
+            """One training task per candidate (``tuning.algorithms``); None: the run's
+            one candidate."""
+            from rlhf_airflow.run_config import load_run_config
+
+            found = load_run_config(context).candidates
+            return [c.algorithm for c in found] if len(found) > 1 else [None]
+
+        # RL (and DPO) start from the SFT policy when the run trains one (ppo.init_from):
+        # they wait for SFT when it runs, and not when it is skipped.  The task's step
+        # (ppo or dpo) is read off the run's config at run time
+        tune = RlhfStepOperator.partial(
+            task_id="tune", step=CANDIDATE_STEP, parent_run=parent,
             trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
-            doc_md="The project's RL against the reward model, from the SFT policy when the "
-                   "run has one.")
-        [reward, sft] >> ppo
+            execution_timeout=max(step_timeout("ppo"), step_timeout("dpo")),
+            **placement("ppo"),
+            doc_md="Tune a candidate: the project's RL (ppo, rloo, grpo, dr_grpo) against the "
+                   "reward model, or DPO on the pairs; one mapped task per algorithm of a "
+                   "bake-off.").expand(candidate=(named := candidates()))
+        prepared >> named  # the run's config exists from prepare_run on
+        [reward, sft] >> tune
 
     with TaskGroup("panel", prefix_group_id=False,
                    tooltip="Blinded answers, the expert panel's verdicts") as panel:
@@ -159,8 +179,8 @@ with DAG(
     prepared >> start >> validate
     checks >> reward
     validate_sft >> sft
-    [ppo, sft] >> evaluate
+    [tune, sft] >> evaluate
     wait_for_panel >> gate
     [gate, sign_off, promote] >> finish
-    [*checks, validate_sft, reward, ppo, sft, evaluate, panel_simulate, wait_for_panel, gate,
+    [*checks, validate_sft, reward, tune, sft, evaluate, panel_simulate, wait_for_panel, gate,
      sign_off, promote] >> abort

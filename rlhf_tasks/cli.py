@@ -71,7 +71,10 @@ def cmd_run(args) -> int:
     result = {"step": args.step, "seconds": round(seconds, 3), **result}
     from rlhf_tasks import compute
 
-    result["compute"] = compute.record(cfg, args.step, seconds)
+    # a bake-off's training tasks run one step each: their records go by candidate
+    unit = (cfg.candidate_for(args.step).folder if args.step in steps.CANDIDATE_STEPS
+            else args.step)
+    result["compute"] = compute.record(cfg, unit, seconds)
     run_id = result.get("mlflow_run_id") or result.get("parent_run_id")
     if run_id:  # the task's "MLflow run" link
         from rlhf_tasks import tracking

@@ -10,6 +10,7 @@ Light module: pydantic and yaml only (imported by DAG files at parse time).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -268,6 +269,52 @@ def check_batch_split(batch_size: int, num_minibatches: int, microbatch_size: in
     if minibatch % min(microbatch_size, minibatch):
         raise ValueError(f"the minibatch ({minibatch} episodes) must be a multiple of "
                          f"microbatch_size {microbatch_size}")
+
+
+TUNING_ALGORITHMS = (*RL_ALGORITHMS, "dpo")
+SINGLE_CANDIDATE = "rlhf"  # the panel's and the registry's label of a run's one candidate
+
+
+class TuningSection(Section):
+    """Which tuned policies the run trains and the panel judges: one candidate (the RL
+    step's ``ppo.algorithm``, or the one algorithm named), or a bake-off of several, each
+    trained by its own task and all judged in one blinded batch."""
+
+    algorithms: list[Literal["ppo", "rloo", "grpo", "dr_grpo", "dpo"]] = Field(
+        default_factory=list, max_length=len(TUNING_ALGORITHMS),
+        description="Empty: one candidate, trained by the RL step with ppo.algorithm. One "
+                    "name: that algorithm alone. Several (e.g. [ppo, grpo, dpo]): a "
+                    "bake-off; the RL ones share the ppo section's settings, dpo reads the "
+                    "dpo section, and the gate registers the best that passes.")
+    candidate: Literal["ppo", "rloo", "grpo", "dr_grpo", "dpo"] | None = Field(
+        None, description="Set by the DAG on the command line of each bake-off training "
+                          "task: the algorithm that task trains.")
+
+    @field_validator("algorithms")
+    @classmethod
+    def _each_once(cls, value):
+        twice = sorted({a for a in value if value.count(a) > 1})
+        if twice:
+            raise ValueError(f"each algorithm once: {', '.join(twice)} is named twice")
+        return value
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One tuned policy of a run: its label in the review batch, the registry's tags and
+    the report (``rlhf`` for a run's one candidate; the algorithm's name in a bake-off),
+    its algorithm, the step that trains it and the run folder it is saved in (the step's
+    name for one candidate; the algorithm's in a bake-off)."""
+
+    label: str
+    algorithm: str
+    step: str
+    folder: str
+
+
+def tuning_step(algorithm: str) -> str:
+    """The step that trains an algorithm: ``dpo``, or the RL step ``ppo``."""
+    return "dpo" if algorithm == "dpo" else "ppo"
 
 
 class EvaluationSection(Section):
@@ -543,6 +590,7 @@ class PipelineConfig(Section):
     sft: SFTSection = SFTSection()
     ppo: PPOSection = PPOSection()
     dpo: DPOSection = DPOSection()
+    tuning: TuningSection = TuningSection()
     evaluation: EvaluationSection = EvaluationSection()
     panel: PanelSection = PanelSection()
     registry: RegistrySection = RegistrySection()
@@ -564,6 +612,62 @@ class PipelineConfig(Section):
             raise ValueError("ppo.init_from is 'sft' but sft.enabled is false: enable the SFT "
                              "step or start from 'foundation'")
         return self
+
+    @model_validator(mode="after")
+    def _candidates_train(self):
+        names = self.tuning.algorithms
+        for algorithm in names:
+            if algorithm in RL_ALGORITHMS and algorithm != self.ppo.algorithm:
+                try:  # the RL candidates share the ppo section: each must be valid with it
+                    PPOSection.model_validate({**self.ppo.model_dump(), "algorithm": algorithm})
+                except ValidationError as exc:
+                    reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"tuning.algorithms: {algorithm} with the ppo section's "
+                                     f"settings: {reason}") from None
+        chosen = self.tuning.candidate
+        if chosen is not None and chosen not in (names or [self.ppo.algorithm]):
+            raise ValueError(f"tuning.candidate {chosen} is not one of this run's candidates "
+                             f"({', '.join(names) or self.ppo.algorithm})")
+        return self
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        """The run's tuned policies (``tuning.algorithms``), in the order named."""
+        names = self.tuning.algorithms or [self.ppo.algorithm]
+        if len(names) == 1:
+            step = tuning_step(names[0])
+            return [Candidate(SINGLE_CANDIDATE, names[0], step, step)]
+        return [Candidate(a, a, tuning_step(a), a) for a in names]
+
+    def candidate_for(self, step: str) -> Candidate:
+        """The candidate a run of the training step ``step`` trains: ``tuning.candidate``
+        (a bake-off's task), else the run's one candidate of that step; a step run by hand
+        that trains none of them saves under its own name."""
+        found = [c for c in self.candidates if c.step == step]
+        chosen = self.tuning.candidate
+        if chosen is not None:
+            found = [c for c in found if c.algorithm == chosen]
+            if not found:
+                raise BadInput(f"tuning.candidate {chosen} is trained by the "
+                               f"{tuning_step(chosen)} step, not by {step}",
+                               field="tuning.candidate")
+        if len(found) > 1:
+            raise BadInput(f"this run's bake-off trains {len(found)} candidates with the "
+                           f"{step} step ({', '.join(c.algorithm for c in found)}): name "
+                           "one with tuning.candidate", field="tuning.candidate")
+        if found:
+            return found[0]
+        return Candidate(SINGLE_CANDIDATE, "dpo" if step == "dpo" else self.ppo.algorithm,
+                         step, step)
+
+    def for_candidate(self, candidate: Candidate) -> "PipelineConfig":
+        """This config as the candidate's training step reads it (an RL candidate's
+        algorithm in ``ppo.algorithm``)."""
+        if candidate.step != "ppo" or candidate.algorithm == self.ppo.algorithm:
+            return self
+        raw = self.dump()
+        raw["ppo"]["algorithm"] = candidate.algorithm
+        return PipelineConfig.model_validate(raw)
 
     @property
     def rl_start(self) -> str:
@@ -593,6 +697,8 @@ def _describe(error: dict[str, Any]) -> str:
             section = section.model_fields[part].annotation
         allowed = ", ".join(sorted(section.model_fields))
         return f"config field '{field}': unknown field; allowed here: {allowed}"
+    if not field:  # a rule across sections
+        return error["msg"].removeprefix("Value error, ")
     return f"config field '{field}': {error['msg']}{shown}"
 
 

@@ -27,11 +27,11 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "validate": ("data", "model"),
     "reward": ("reward", "model", "data", "compute"),
     "sft": ("sft", "model", "data", "compute"),
-    "ppo": ("ppo", "model", "data", "compute"),
-    "dpo": ("dpo", "model", "data", "compute"),
-    "evaluate": ("evaluation", "model", "compute"),
+    "ppo": ("ppo", "tuning", "model", "data", "compute"),
+    "dpo": ("dpo", "tuning", "model", "data", "compute"),
+    "evaluate": ("evaluation", "tuning", "model", "compute"),
     "panel_simulate": ("panel",),
-    "gate": ("panel", "registry", "cost"),
+    "gate": ("panel", "tuning", "registry", "cost"),
 }
 # not settings of the run: where it lives and who it is
 _NOT_PARAMS = ("tracking.parent_run_id", "run.run_id", "run.triggered_by",
@@ -216,10 +216,11 @@ def step_sections(step: str) -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def step_run(cfg, step: str, tags: dict[str, str] | None = None, *,
-             system_metrics: bool = False) -> Iterator[str]:
-    """A child run for ``step`` under the pipeline's parent run; yields its run id.  The
-    run records the config sections the step reads as params, and with ``system_metrics``
-    (training steps) CPU, memory and GPU use as ``system/*``."""
+             system_metrics: bool = False, name: str | None = None) -> Iterator[str]:
+    """A child run for ``step`` under the pipeline's parent run, named ``name`` (a
+    bake-off's candidate; default the step); yields its run id.  The run records the
+    config sections the step reads as params, and with ``system_metrics`` (training
+    steps) CPU, memory and GPU use as ``system/*``."""
     import mlflow
 
     experiment_id = setup(cfg)
@@ -229,7 +230,7 @@ def step_run(cfg, step: str, tags: dict[str, str] | None = None, *,
     if system_metrics:
         mlflow.set_system_metrics_sampling_interval(
             float(os.environ.get("RLHF_SYSTEM_METRICS_SECONDS", "10")))
-    with mlflow.start_run(experiment_id=experiment_id, run_name=step, parent_run_id=parent,
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name or step, parent_run_id=parent,
                           log_system_metrics=system_metrics,
                           tags={"rlhf.step": step, PIPELINE_TAG: cfg.run.pipeline,
                                 RUN_TAG: cfg.run.run_id, **(tags or {})}) as run:

@@ -136,6 +136,6 @@ def test_config_params_are_flat_masked_and_leave_out_the_runs_plumbing():
     assert not {"tracking.parent_run_id", "run.run_id", "run.triggered_by"} & set(params)
     assert not any("s3cret" in v for v in params.values())
     ppo = tracking.config_params(cfg, tracking.step_sections("ppo"))
-    assert {k.split(".")[0] for k in ppo} == {"ppo", "model", "data", "compute"}
+    assert {k.split(".")[0] for k in ppo} == {"ppo", "tuning", "model", "data", "compute"}
     assert {k.split(".")[0] for k in tracking.config_params(
         cfg, tracking.step_sections("validate_eval"))} == {"data", "model"}

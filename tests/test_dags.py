@@ -47,20 +47,26 @@ def test_graph(dagbag):
     groups = {t.task_id: t.task_group.group_id for t in dag.tasks}
     assert {groups[t] for t in ("validate.preference", "validate.sft",
                                 "validate.sft_enabled")} == {"validate"}
-    assert {groups[t] for t in ("reward", "sft", "ppo")} == {"training"}
+    assert {groups[t] for t in ("reward", "sft", "candidates", "tune")} == {"training"}
     assert {groups[t] for t in ("evaluate", "panel_simulate", "wait_for_panel")} == {"panel"}
     assert {groups[t] for t in ("gate", "sign_off", "promote")} == {"release"}
-    # training: reward after every validation, PPO after the reward model; SFT is gated
+    # training: reward after every validation, the candidates after the reward model; SFT
+    # is gated
     assert up("reward") == {"validate.preference", "validate.prompt", "validate.eval"}
-    # RL starts from the SFT policy when SFT runs: PPO waits for it, not when it is skipped
-    assert up("ppo") == {"reward", "sft"}
-    assert dag.get_task("ppo").trigger_rule == "none_failed_min_one_success"
+    # RL starts from the SFT policy when SFT runs: tune waits for it, not when it is
+    # skipped; one mapped task per candidate, its step read off the run's config
+    assert up("tune") == {"reward", "sft", "candidates"}
+    assert up("candidates") == {"prepare_run"}
+    tune = dag.get_task("tune")
+    assert tune.trigger_rule == "none_failed_min_one_success"
+    assert tune.partial_kwargs["step"] == "@candidate"
+    assert (tune.queue, tune.pool) == ("gpu", "gpu")  # the scheduler sees them unmapped
     assert up("validate.sft") == {"validate.sft_enabled"}
     assert dag.get_task("validate.sft").step == "validate_sft"
     assert up("sft") == {"validate.sft"}
     assert dag.get_task("validate.sft_enabled").ignore_downstream_trigger_rules is False
     # evaluation after PPO and (when it runs) SFT; the panel; the gate; promotion
-    assert up("evaluate") == {"ppo", "sft"}
+    assert up("evaluate") == {"tune", "sft"}
     assert dag.get_task("evaluate").trigger_rule == "none_failed_min_one_success"
     assert up("panel_simulate") == {"simulated_panel"}
     assert up("wait_for_panel") == {"evaluate", "panel_simulate"}
@@ -83,7 +89,7 @@ def test_graph(dagbag):
     assert dag.get_task("sign_off").ignore_downstream_trigger_rules is True
     assert up("finish_tracking") == {"gate", "sign_off", "promote"}
     assert dag.get_task("finish_tracking").trigger_rule == "none_failed_min_one_success"
-    assert {"reward", "ppo", "sft", "evaluate", "gate", "promote", "wait_for_panel"} <= \
+    assert {"reward", "tune", "sft", "evaluate", "gate", "promote", "wait_for_panel"} <= \
         dag.get_task("abort_tracking").upstream_task_ids
 
 
@@ -144,7 +150,7 @@ def test_build_config_layers_form_over_file(tmp_path, monkeypatch):
     form = trigger_params()
     assert form["kl_coeff"].value == 0.2, "the form shows the base config's values"
     assert "eval_dataset" not in form, "the gating eval set is the admin's"
-    assert form["kl_coeff"].schema["section"] == "Reinforcement learning (PPO)"
+    assert form["kl_coeff"].schema["section"] == "Tuning (RL or DPO; a bake-off of several)"
     assert form["kl_coeff"].schema["title"] == "KL coefficient"
     params = {"config_file": str(base), "kl_coeff": 0.05, "lora_rank": 4,
               "instruction": None}
@@ -429,10 +435,10 @@ def test_limits_come_from_the_base_config(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_BASE_CONFIG", str(base))
     dag = DagBag(dag_folder=str(ROOT / "dags"), bundle_path=ROOT / "dags").dags["rlhf_tuning"]
     tasks = dag.task_dict
-    assert tasks["ppo"].execution_timeout == timedelta(hours=30)
+    assert tasks["tune"].partial_kwargs["execution_timeout"] == timedelta(hours=30)
     assert tasks["reward"].execution_timeout == timedelta(hours=2)
     assert tasks["gate"].execution_timeout == timedelta(hours=2)
-    for training_step in ("reward", "ppo", "sft"):  # 2 nodes x 4 GPUs
+    for training_step in ("reward", "tune", "sft"):  # 2 nodes x 4 GPUs
         assert tasks[training_step].pool_slots == 8, training_step
     assert tasks["evaluate"].pool_slots == 4  # one pod
     assert tasks["gate"].pool_slots == 1 and tasks["validate.eval"].pool_slots == 1

@@ -58,7 +58,10 @@ def task_states(home: Path, log: str, **env) -> dict[str, str]:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout[proc.stdout.index("["):])
-    return {row["task_id"]: row["state"] for row in rows}
+    # a mapped task's instances also as task_id[index]
+    return {**{row["task_id"]: row["state"] for row in rows},
+            **{f"{row['task_id']}[{row['map_index']}]": row["state"] for row in rows
+               if str(row.get("map_index", "")).isdigit()}}
 
 
 def task_links(home: Path, log: str, db_url: str | None = None) -> dict[str, str]:
@@ -72,11 +75,13 @@ def task_links(home: Path, log: str, db_url: str | None = None) -> dict[str, str
     engine = sqlalchemy.create_engine(db_url or f"sqlite:///{home / 'airflow.db'}")
     with engine.connect() as conn:
         rows = conn.execute(sqlalchemy.text(
-            "select task_id, value from xcom where key = '_link_MlflowRunLink' and "
-            "run_id = :run"), {"run": run_id}).all()
+            "select task_id, map_index, value from xcom where key = '_link_MlflowRunLink' "
+            "and run_id = :run"), {"run": run_id}).all()
     engine.dispose()
-    return {task: json.loads(value) if isinstance(value, str) else value
-            for task, value in rows}
+    # a mapped task's links by task_id[index]
+    return {task if index < 0 else f"{task}[{index}]":
+            json.loads(value) if isinstance(value, str) else value
+            for task, index, value in rows}
 
 
 @contextlib.contextmanager
@@ -196,10 +201,19 @@ def test_new_preference_data_queues_a_retraining_run(airflow_home, demo_dir, tmp
 
 
 def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path):
+    """The whole DAG, as a bake-off of two candidates (PPO and DPO: one mapped training
+    task each), judged in one blinded batch; the gate registers both, tagged with their
+    algorithm, and (the policy's bar is out of reach) rejects both."""
     import mlflow
+    import yaml
 
     demo_dir = demo_model_dir
-    proc = dags_test(airflow_home, {"config_file": str(run_config(tmp_path, demo_dir))},
+    config = run_config(tmp_path, demo_dir)
+    raw = yaml.safe_load(config.read_text())
+    raw["tuning"] = {"algorithms": ["ppo", "dpo"]}
+    raw["dpo"] = {"train_steps": 4, "batch_size": 8}
+    config.write_text(yaml.safe_dump(raw))
+    proc = dags_test(airflow_home, {"config_file": str(config)},
                      RLHF_MLFLOW_UI_URL="http://mlflow.example:5000/")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
@@ -207,7 +221,9 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     assert "rlhf_tasks.cli run sft" not in log and "rlhf_tasks.cli run validate_sft" not in log
     states = task_states(airflow_home, log)
     assert states["validate.sft"] == states["sft"] == "skipped", states
-    assert states["reward"] == states["ppo"] == states["finish_tracking"] == "success", states
+    assert states["reward"] == states["finish_tracking"] == "success", states
+    assert states["tune[0]"] == states["tune[1]"] == "success", states
+    assert "tune[2]" not in states, states
     for task in ("evaluate", "simulated_panel", "panel_simulate", "wait_for_panel", "gate"):
         assert states[task] == "success", (task, states)
     # the gate rejected (pass rate below 1.0): nothing promoted, no sign-off asked
@@ -229,20 +245,31 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     assert len(parent) + len(children) + len(views) == len(runs_df)
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
     assert set(children["tags.rlhf.step"]) == {"validate_preference", "validate_prompt",
-                                               "validate_eval", "reward", "ppo", "evaluate",
-                                               "gate"}
+                                               "validate_eval", "reward", "ppo", "dpo",
+                                               "evaluate", "gate"}
+    assert set(children["tags.rlhf.candidate"].dropna()) == {"ppo", "dpo"}
     gate = children[children["tags.rlhf.step"] == "gate"].iloc[0]
     assert gate["tags.panel.simulated"] == "true" and gate["metrics.panel/promote"] == 0
-    assert gate["metrics.panel/verdicts"] == 80 * 3 and gate["metrics.panel/items"] == 80
-    assert 0 <= gate["metrics.panel/rlhf/ci_low"] <= gate["metrics.panel/rlhf/pass_rate"] \
-        <= gate["metrics.panel/rlhf/ci_high"] <= 1
+    # one batch: 40 prompts x (foundation, ppo, dpo), 3 verdicts each
+    assert gate["metrics.panel/verdicts"] == 120 * 3 and gate["metrics.panel/items"] == 120
+    for label in ("ppo", "dpo"):
+        assert 0 <= gate[f"metrics.panel/{label}/ci_low"] <= \
+            gate[f"metrics.panel/{label}/pass_rate"] <= gate[f"metrics.panel/{label}/ci_high"] <= 1
+        # each against the foundation model, its p Holm-adjusted for the two candidates
+        assert gate[f"metrics.panel/bake_off/{label}/p_value"] <= \
+            gate[f"metrics.panel/bake_off/{label}/p_holm"] <= 1
+    assert gate["metrics.panel/bake_off/ppo/chosen"] + gate["metrics.panel/bake_off/dpo/chosen"] == 1
+    assert "p (Holm)" in log  # the gate's table, one row per algorithm
     # the benefit and cost (the demo's prices): measured compute priced; a simulated panel
     # has no expert time
     assert gate["metrics.cost/tuning_device_hours"] > 0 and gate["metrics.cost/tuning"] > 0
     assert gate["metrics.cost/panel_hours"] == 0
-    assert gate["metrics.cost/rlhf/seconds_per_answer"] > 0
+    assert gate["metrics.cost/ppo/seconds_per_answer"] > 0
     gate_json = json.loads((runs[0] / "gate" / "gate.json").read_text())
-    assert {"reward", "ppo", "evaluate"} <= set(gate_json["compute"])
+    assert {"reward", "ppo", "dpo", "evaluate"} <= set(gate_json["compute"])
+    assert {label: c["algorithm"] for label, c in gate_json["candidates"].items()} == \
+        {"ppo": "ppo", "dpo": "dpo"}
+    assert gate_json["candidate"] in ("ppo", "dpo") and gate_json["decision"] == "reject"
     assert "no expert time" in gate_json["benefit_and_cost"]["evaluation"]["source"]
     # the closed panel in MLflow's evaluation views: a run per model under the gate's,
     # each with the gate's pass rate; simulated raters' feedback labelled CODE
@@ -250,17 +277,23 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     for model, rate in zip(views["tags.rlhf.panel.model"], views["metrics.panel_majority/mean"]):
         assert rate == pytest.approx(gate[f"metrics.panel/{model}/pass_rate"]), model
     traces = mlflow.search_traces(locations=[gate["experiment_id"]], return_type="list")
-    assert len(traces) == 80
+    assert len(traces) == 120
     sources = {(a.source.source_type, a.source.source_id.split(":")[0])
                for t in traces for a in t.info.assessments if a.name == "expert_pass"}
     assert sources == {("CODE", "simulated")}
-    versions = mlflow.MlflowClient().search_model_versions("name = 'resume-assistant'")
-    assert len(versions) == 1 and versions[0].tags["gate.decision"] == "reject"
-    assert "below the minimum 1.000" in versions[0].tags["gate.reason"]
-    assert versions[0].tags["panel.simulated"] == "true" and not versions[0].aliases
-    # versions are MLflow models: the policy answers through pyfunc, the reward model is
-    # linked to the run that trained it
-    assert versions[0].source == str(runs[0] / "ppo" / "served")
+    versions = {v.tags["algorithm"]: v for v in
+                mlflow.MlflowClient().search_model_versions("name = 'resume-assistant'")}
+    assert set(versions) == {"ppo", "dpo"}
+    for algorithm, version in versions.items():
+        assert version.tags["gate.decision"] == "reject", algorithm
+        assert "below the minimum 1.000" in version.tags["gate.reason"]
+        assert version.tags["panel.simulated"] == "true" and not version.aliases
+        assert version.tags["bake_off"] == "ppo,dpo"
+        # versions are MLflow models: the policy answers through pyfunc, the reward model
+        # is linked to the run that trained it
+        assert version.source == str(runs[0] / algorithm / "served")
+        assert version.run_id == children[children["tags.rlhf.step"] == algorithm
+                                          ].iloc[0]["run_id"]
     answers = mlflow.pyfunc.load_model("models:/resume-assistant/1").predict(
         ["Rewrite: helped with payroll for 40 staff"])
     assert len(answers) == 1 and isinstance(answers[0], str)
@@ -268,7 +301,7 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     reward_run = children[children["tags.rlhf.step"] == "reward"].iloc[0]["run_id"]
     assert reward_version.run_id == reward_run
     assert reward_version.source == str(runs[0] / "reward" / "served")
-    for step in ("reward", "ppo"):
+    for step in ("reward", "ppo", "dpo"):
         manifest = json.loads((runs[0] / step / "model" / "MANIFEST.json").read_text())
         assert manifest["step"] == step and "adapter_model.safetensors" in manifest["files"]
     ppo = children[children["tags.rlhf.step"] == "ppo"].iloc[0]
@@ -282,7 +315,8 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
     run_of = dict(zip(children["tags.rlhf.step"], children["run_id"]))
     experiment = parent.iloc[0]["experiment_id"]
     for task, step in (("validate.preference", "validate_preference"), ("reward", "reward"),
-                       ("ppo", "ppo"), ("evaluate", "evaluate"), ("gate", "gate")):
+                       ("tune[0]", "ppo"), ("tune[1]", "dpo"), ("evaluate", "evaluate"),
+                       ("gate", "gate")):
         assert links[task] == (f"http://mlflow.example:5000/#/experiments/{experiment}"
                                f"/runs/{run_of[step]}"), task
     assert links["start_tracking"].endswith(f"/runs/{parent.iloc[0]['run_id']}")
@@ -332,14 +366,14 @@ def check_runs_compare(children, parent, run_dir: Path) -> None:
     assert step["reward"]["metrics.system/system_memory_usage_megabytes"] > 0
     for phase in ("rollout", "scoring", "advantages", "training"):
         assert step["ppo"][f"metrics.ppo/time/{phase}"] > 0, phase
-    # the answers read back as tables: 40 prompts x (foundation, rlhf); after the gate
+    # the answers read back as tables: 40 prompts x (foundation, ppo, dpo); after the gate
     # with the panel's verdicts (k = 3 per item)
     mlflow.set_experiment("rlhf-tuning")
     # nothing in the evaluate run names an answer's model (the batch was open then)
     evaluated = {f.path for f in client.list_artifacts(step["evaluate"]["run_id"], "eval")}
     assert "eval/answers.json" not in evaluated
     judged = mlflow.load_table("panel/answers.json", run_ids=[step["gate"]["run_id"]])
-    assert len(judged) == 80 and set(judged["model"]) == {"foundation", "rlhf"}
+    assert len(judged) == 120 and set(judged["model"]) == {"foundation", "ppo", "dpo"}
     assert {"prompt", "response", "reward"} <= set(judged.columns)
     assert (judged["passes"] + judged["fails"] == 3).all()
     for run, image in ((step["reward"], "reward/heldout_scores.png"),

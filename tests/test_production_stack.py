@@ -390,9 +390,11 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
             subjects = [m["subject"] for m in mails]
             assert any("gate decided promote" in s for s in subjects), subjects
             assert any("sign-off waiting" in s for s in subjects), subjects
+            # the run's one candidate is the mapped task tune's index 0
             links = {task: httpx.get(f"{trigger}/{run_1}/taskInstances/{task}/links",
+                                     params={"map_index": index},
                                      headers=bob).json()["extra_links"]
-                     for task in ("reward", "ppo", "gate")}
+                     for task, index in (("reward", -1), ("tune", 0), ("gate", -1))}
 
             # the promotion's Asset event runs the deployment template, which passes
             deadline = time.monotonic() + 600
@@ -410,7 +412,7 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
             ran = {queue: set(re.findall(r"Executing workload in Celery: .*?task_id='([^']+)'",
                                          (tmp_path / f"worker-{queue}.log").read_text()))
                    for queue in ("gpu", "default")}
-            assert ran["gpu"] == {"reward", "ppo", "evaluate", "smoke_test"}, ran
+            assert ran["gpu"] == {"reward", "tune", "evaluate", "smoke_test"}, ran
             assert ran["default"] >= {"prepare_run", "validate.preference", "gate",
                                       "sign_off", "announced"}, ran
             assert not ran["gpu"] & ran["default"], ran
@@ -451,7 +453,8 @@ def test_production_mode_with_a_human_panel(demo_model_dir, tmp_path, s3_endpoin
             "preferences-broken.jsonl")
         runs = mlflow.search_runs()
         step_run = {s: r for s, r in zip(runs["tags.rlhf.step"], runs["run_id"]) if s}
-        for task, run_id in ((t, step_run[t]) for t in ("reward", "ppo", "gate")):
+        for task, run_id in ((t, step_run[s]) for t, s in (("reward", "reward"), ("tune", "ppo"),
+                                                           ("gate", "gate"))):
             assert links[task]["MLflow run"].endswith(f"/runs/{run_id}"), (task, links[task])
             assert links[task]["MLflow run"].startswith(mlflow_uri)
         judged = mlflow.load_table("panel/answers.json", run_ids=[step_run["gate"]])

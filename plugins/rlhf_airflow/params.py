@@ -45,7 +45,9 @@ PARAM_TO_CONFIG: dict[str, list[str]] = {
     "reinforcement_learning_train_steps": ["ppo.train_steps"],
     "reinforcement_learning_rate_multiplier": ["ppo.learning_rate_multiplier"],
     "kl_coeff": ["ppo.kl_coef"],
-    "lora_rank": ["reward.lora_rank", "sft.lora_rank", "ppo.lora_rank"],
+    "algorithms": ["tuning.algorithms"],
+    "samples_per_prompt": ["ppo.samples_per_prompt"],
+    "lora_rank": ["reward.lora_rank", "sft.lora_rank", "ppo.lora_rank", "dpo.lora_rank"],
     "run_sft_baseline": ["sft.enabled"],
     "eval_max_new_tokens": ["evaluation.max_new_tokens"],
     "eval_temperature": ["evaluation.temperature"],
@@ -87,7 +89,7 @@ SECTIONS = {
     "data": "Data",
     "model": "Foundation model and prompt format",
     "reward": "Reward model",
-    "ppo": "Reinforcement learning (PPO)",
+    "ppo": "Tuning (RL or DPO; a bake-off of several)",
     "evaluation": "Evaluation",
     "compute": "Compute",
 }
@@ -125,6 +127,13 @@ FORM: dict[str, tuple[str, str, str]] = {
                                                "Times the policy's base learning rate."),
     "kl_coeff": ("ppo", "KL coefficient",
                  "KL penalty keeping the tuned model near the foundation model."),
+    "algorithms": ("ppo", "Algorithms",
+                   "Empty: the config's RL algorithm. One: that algorithm. Several: a bake-off, "
+                   "one training task each, judged side by side in one blinded batch; the "
+                   "gate promotes the best that beats the champion (Holm-corrected)."),
+    "samples_per_prompt": ("ppo", "Samples per prompt",
+                           "Responses sampled per prompt (k): RLOO and GRPO compare a "
+                           "prompt's samples, and need 2 or more."),
     "run_sft_baseline": ("ppo", "Train the SFT baseline",
                          "Also train the supervised baseline the panel compares against."),
     "eval_max_new_tokens": ("evaluation", "Max new tokens",
@@ -147,9 +156,19 @@ def _field(path: str):
     return rlhf_config.PipelineConfig.model_fields[section].annotation.model_fields[name]
 
 
+# k divides the batch (whole groups per update): the form offers the powers of two
+_SCHEMAS = {"samples_per_prompt": {"type": "integer", "enum": [1, 2, 4, 8, 16]}}
+
+
 def _schema(name: str) -> dict[str, Any]:
     """The JSON schema of a form field, read off its config field: type, bounds, enum."""
+    if name in _SCHEMAS:
+        return _SCHEMAS[name]
     annotation = _field(PARAM_TO_CONFIG[name][0]).annotation
+    if get_origin(annotation) is list:  # a multi-select of the allowed names
+        names = list(get_args(get_args(annotation)[0]))
+        return {"type": "array", "items": {"type": "string", "enum": names},
+                "uniqueItems": True, "maxItems": len(names), "examples": names}
     if get_origin(annotation) is Literal:
         return {"type": "string", "enum": list(get_args(annotation))}
     if name in _NULLABLE:
@@ -391,6 +410,8 @@ def build_config(params: dict[str, Any], dag_id: str, run_id: str, *,
     raw["run"]["triggered_by"] = triggered_by
     # who the run's people are is set by prepare_run and the sign-off, never by a file
     raw["run"]["triggered_by_id"] = raw["run"]["approved_by"] = None
+    # which candidate a task trains is the DAG's to say, task by task
+    raw["tuning"]["candidate"] = None
 
     # relative paths become absolute here, so every step process agrees on them
     raw["storage"]["artifact_root"] = Storage.normalise(raw["storage"]["artifact_root"])

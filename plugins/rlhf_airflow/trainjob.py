@@ -43,7 +43,7 @@ def job_name(run_id: str, step: str, try_number: int) -> str:
     """One name per (run, step, try): a resumed task finds its job, a retry makes a new
     one.  Short enough for the JobSet's pod and service names built from it."""
     digest = hashlib.sha256(f"{run_id}/{step}/{try_number}".encode()).hexdigest()[:10]
-    return f"rlhf-{step}-{digest}"
+    return f"rlhf-{step.replace('_', '-')}-{digest}"  # dr_grpo: no '_' in a DNS name
 
 
 def result_uri(cfg, step: str, try_number: int) -> str:

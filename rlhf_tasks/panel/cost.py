@@ -26,7 +26,7 @@ from __future__ import annotations
 from rlhf_tasks.panel.gate import CANDIDATE
 
 TUNING_STEPS = ("validate_preference", "validate_prompt", "validate_eval", "validate_sft",
-                "reward", "sft", "ppo")
+                "reward", "sft")  # and the candidates' training (``trained``)
 EVALUATION_STEPS = ("evaluate", "panel_simulate")
 PER = 1000  # answers, for the per-volume figures
 
@@ -51,9 +51,13 @@ def _add(*parts: float | None) -> float | None:
 def benefit_and_cost(cost_cfg, *, compute: dict[str, dict], expert_time: dict,
                      evaluation: dict, pass_rates: dict[str, float],
                      preference_pairs: int | None, candidate: str = CANDIDATE,
+                     trained: tuple[str, ...] | list[str] = ("ppo",),
                      expert_label: str = "reference") -> dict:
-    """The run's figures (see the module); every money figure is None when not priced."""
-    tuning_records = [compute[s] for s in TUNING_STEPS if s in compute]
+    """The run's figures (see the module); every money figure is None when not priced.
+    ``trained``: the compute records of the candidates' training (a bake-off trains
+    several, and its tuning cost is all of them); ``candidate``: the one whose break-even
+    is reported."""
+    tuning_records = [compute[s] for s in (*TUNING_STEPS, *trained) if s in compute]
     eval_records = [compute[s] for s in EVALUATION_STEPS if s in compute]
     tuning_compute, tuning_hours = _compute_cost(cost_cfg, tuning_records)
     eval_compute, eval_hours = _compute_cost(cost_cfg, eval_records)

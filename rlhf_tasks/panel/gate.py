@@ -12,16 +12,26 @@
   gap, both counted on the same prompts (those with a decided reference answer and a
   decided candidate answer: the eval data may give references for some prompts only);
   set but with no such prompt, the rule fails (it cannot be checked).
+
+A bake-off (several candidates of one run, ``tuning.algorithms``) judges each candidate by
+the same rules against the same reference, in one blinded batch, with one change: each
+lift's p-value is adjusted by Holm's step-down method for the number of candidates, so
+that the chance of promoting a candidate no better than the reference stays below
+``significance`` however many are tried.  Of those that pass every rule the gate
+promotes the one with the highest pass rate (ties: the smaller adjusted p, then the order
+named); the others are registered and rejected with the reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from rlhf_tasks.config import SINGLE_CANDIDATE
 from rlhf_tasks.panel.aggregate import PanelResult, discordant_pairs, mcnemar_exact
 
 EXPERT = "reference"  # the label of the experts' own answers in a review batch
-CANDIDATE = "rlhf"    # the label of the run's tuned policy
+CANDIDATE = SINGLE_CANDIDATE  # the label of a run's one tuned policy (a bake-off: each
+# candidate's algorithm)
 
 
 def reference_model(models) -> str | None:
@@ -57,6 +67,7 @@ class GateDecision:
     p_value: float | None
     reasons: list[str] = field(default_factory=list)
     sequential: dict | None = None  # a sequential panel's state (its look, e-value, verdicts)
+    p_adjusted: float | None = None  # a bake-off's: Holm-adjusted for the candidates
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,10 +89,24 @@ def gap_to_experts(result: PanelResult, candidate: str) -> tuple[float, float, i
             sum(expert[p] for p in shared) / len(shared), len(shared))
 
 
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values: sorted ascending, the i-th (from 0) of m is
+    ``max over j <= i of min(1, (m - j) p_(j))``; a hypothesis is rejected at level alpha
+    exactly when its adjusted p is below alpha (the family-wise error stays below alpha)."""
+    adjusted, running = {}, 0.0
+    order = sorted(p_values, key=lambda name: (p_values[name], name))
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * p_values[name]))
+        adjusted[name] = running
+    return adjusted
+
+
 def decide(result: PanelResult, policy: GatePolicy, candidate: str,
-           reference: str | None, sequential=None) -> GateDecision:
+           reference: str | None, sequential=None, *, p_adjusted: float | None = None,
+           family: int = 1) -> GateDecision:
     """``sequential``: a sequential panel's state (``sequential.SequentialState``); its
-    test decides significance."""
+    test decides significance.  ``p_adjusted``: the lift's p-value adjusted for a
+    bake-off's ``family`` of candidates (``holm``), tested in place of the raw one."""
     reasons: list[str] = []
     state = sequential.as_dict() if sequential is not None else None
     cand = result.scores.get(candidate)
@@ -109,6 +134,11 @@ def decide(result: PanelResult, policy: GatePolicy, candidate: str,
             if not sequential.promote_worthy:
                 reasons.append(f"the sequential panel found no significant lift over "
                                f"{reference} ({sequential.look} look: {sequential.reason})")
+        elif p_adjusted is not None:
+            if p_adjusted >= policy.significance:
+                reasons.append(f"lift over {reference} is not significant after Holm's "
+                               f"correction for {family} candidates (p = {p:.3g}, adjusted "
+                               f"{p_adjusted:.3g} >= {policy.significance})")
         elif p >= policy.significance:
             reasons.append(f"lift over {reference} is not significant "
                            f"(p = {p:.3g} >= {policy.significance})")
@@ -122,7 +152,44 @@ def decide(result: PanelResult, policy: GatePolicy, candidate: str,
                            f"{gap[1]:.3f} on the same {gap[2]} prompts by more than "
                            f"{policy.max_gap_to_reference:.3f}")
     return GateDecision(not reasons, candidate, reference, cand.pass_rate,
-                        ref.pass_rate if ref else None, lift, better, worse, p, reasons, state)
+                        ref.pass_rate if ref else None, lift, better, worse, p, reasons, state,
+                        p_adjusted)
+
+
+def bake_off(result: PanelResult, policy: GatePolicy, candidates: list[str],
+             reference: str | None, sequential=None) -> tuple[str, dict[str, GateDecision]]:
+    """Every candidate's decision (several: Holm-adjusted, see the module) and the one the
+    run stands for: the best that passed, promoted alone; when none passed, the one with
+    the highest pass rate (rejected like the others).  One candidate: ``decide``."""
+    if len(candidates) == 1:
+        return candidates[0], {candidates[0]: decide(result, policy, candidates[0], reference,
+                                                     sequential)}
+    raw = {}
+    if reference is not None:
+        for name in candidates:  # no paired prompt: no evidence of a lift (p = 1)
+            better, worse, shared = discordant_pairs(result.outcomes.get(name, {}),
+                                                     result.outcomes.get(reference, {}))
+            raw[name] = mcnemar_exact(better, worse) if shared else 1.0
+    adjusted = holm(raw)
+    decisions = {name: decide(result, policy, name, reference, p_adjusted=adjusted.get(name),
+                              family=len(candidates)) for name in candidates}
+
+    def rank(name: str) -> tuple:
+        d = decisions[name]
+        return (d.candidate_pass_rate if d.candidate_pass_rate is not None else -1.0,
+                -(d.p_adjusted if d.p_adjusted is not None else 0.0),
+                -candidates.index(name))
+
+    passed = [name for name in candidates if decisions[name].promote]
+    chosen = max(passed or candidates, key=rank)
+    for name in passed:
+        if name != chosen:
+            decisions[name].promote = False
+            decisions[name].reasons.append(
+                f"not chosen: {chosen} passed too, with pass rate "
+                f"{decisions[chosen].candidate_pass_rate:.3f} against "
+                f"{decisions[name].candidate_pass_rate:.3f}")
+    return chosen, decisions
 
 
 def reward_hacking(reward_means: dict[str, float], result: PanelResult, candidate: str,

@@ -7,12 +7,16 @@ import base64
 import html
 from pathlib import Path
 
+from rlhf_tasks.config import TUNING_ALGORITHMS
 from rlhf_tasks.panel.aggregate import PanelResult
 from rlhf_tasks.panel.gate import CANDIDATE, EXPERT
 
-TABLE_ORDER = ("foundation", "sft", "champion", CANDIDATE, EXPERT)
+# a bake-off's candidates are labelled by their algorithm (tuning.algorithms)
+TABLE_ORDER = ("foundation", "sft", "champion", CANDIDATE, *TUNING_ALGORITHMS, EXPERT)
 TITLES = {"foundation": "Foundation model", "sft": "Supervised tuning (SFT)",
           "champion": "Current champion", CANDIDATE: "RLHF (candidate)",
+          "ppo": "PPO (candidate)", "rloo": "RLOO (candidate)", "grpo": "GRPO (candidate)",
+          "dr_grpo": "Dr. GRPO (candidate)", "dpo": "DPO (candidate)",
           EXPERT: "Expert-written answers"}
 
 
@@ -37,7 +41,24 @@ def text_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, *, simulated: bool) -> Path:
+def bake_off_table(decisions: dict, chosen: str) -> str:
+    """A bake-off's candidates against the reference, one row each: pass rate, lift, the
+    McNemar p and its Holm adjustment, and what the gate made of it."""
+    def number(value, fmt):
+        return "" if value is None else format(value, fmt)
+
+    lines = [f"{'candidate':12} {'pass rate':>9} {'lift':>7} {'p':>8} {'p (Holm)':>9}  decision"]
+    for label, d in decisions.items():
+        verdict = ("promote" if d.promote else "reject") + (" (chosen)" if label == chosen
+                                                            else "")
+        lines.append(f"{label:12} {number(d.candidate_pass_rate, '9.1%'):>9} "
+                     f"{number(d.lift, '+7.3f'):>7} {number(d.p_value, '8.3g'):>8} "
+                     f"{number(d.p_adjusted, '9.3g'):>9}  {verdict}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, *, simulated: bool,
+         candidates: list[str] = (CANDIDATE,)) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,7 +69,7 @@ def plot(rows: list[dict], path: Path, *, simulated: bool) -> Path:
     rates = [r["pass_rate"] * 100 for r in rows]
     errors = [[(r["pass_rate"] - r["ci_low"]) * 100 for r in rows],
               [(r["ci_high"] - r["pass_rate"]) * 100 for r in rows]]
-    colors = ["#4c72b0" if r["model"] != CANDIDATE else "#dd8452" for r in rows]
+    colors = ["#dd8452" if r["model"] in candidates else "#4c72b0" for r in rows]
     ax.bar(x, rates, yerr=errors, capsize=6, color=colors)
     for i, rate in zip(x, rates):
         ax.text(i, 2, f"{rate:.1f}%", ha="center", color="white", fontweight="bold")

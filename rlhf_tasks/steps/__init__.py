@@ -33,6 +33,9 @@ STEPS: dict[str, str] = {
 # that train (on several nodes: a TrainJob; their pool slots count every node's GPUs).
 GPU_STEPS = frozenset({"reward", "sft", "ppo", "dpo", "evaluate"})
 TRAINING_STEPS = frozenset({"reward", "sft", "ppo", "dpo"})
+# the steps that train a run's candidate (``tuning.algorithms``): their outputs, MLflow run
+# and compute record go by the candidate's folder
+CANDIDATE_STEPS = frozenset({"ppo", "dpo"})
 
 
 def resolve(name: str) -> Callable:

@@ -8,7 +8,7 @@ reference: with LoRA, TRL reads it with the adapter disabled.  Pairs are in the 
 token layout (the prompt renderer's prompt ids, each response's ids ending with the stop
 token), the layout every other step reads and the served model writes, not re-tokenized
 from text by TRL.  ``dpo.loss_type: ipo`` trains IPO instead.
-Outputs under ``<run>/dpo/``: ``model/`` (the adapter or full weights, the tokenizer,
+Outputs under ``<run>/dpo/`` (also in a bake-off): ``model/`` (the adapter or full weights, the tokenizer,
 ``prompt_format.json``, ``dpo_summary.json``; ``merged/`` when it started from SFT),
 ``served/`` (the MLflow model), ``checkpoints/`` (a rerun resumes from the newest).
 """
@@ -41,18 +41,21 @@ def dpo(cfg) -> dict:
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
+    candidate = cfg.candidate_for("dpo")
     dc = cfg.dpo
     storage = Storage.from_config(cfg)
-    out_uri = cfg.step_uri("dpo")
+    out_uri = cfg.step_uri(candidate.folder)
     checkpoints_uri = join(out_uri, "checkpoints")
     inputs = ("validate_preference",) + (("sft/model",) if cfg.rl_start == "sft" else ())
     key = training.resume_key(cfg, storage, "dpo", inputs)
     device = training.resolve_device(cfg)
     torch.manual_seed(cfg.run.seed)
-    with tracking.step_run(cfg, "dpo", tags={"dpo.lora_rank": str(dc.lora_rank),
-                                             "dpo.loss_type": dc.loss_type,
-                                             "dpo.init_from": cfg.rl_start,
-                                             **training.precision_tag(cfg)},
+    with tracking.step_run(cfg, "dpo", name=candidate.folder,
+                           tags={"dpo.lora_rank": str(dc.lora_rank),
+                                 "rlhf.candidate": candidate.label,
+                                 "dpo.loss_type": dc.loss_type,
+                                 "dpo.init_from": cfg.rl_start,
+                                 **training.precision_tag(cfg)},
                            system_metrics=True) as run_id, \
             tempfile.TemporaryDirectory(prefix="rlhf-dpo-") as tmp:
         tmp = Path(tmp)
@@ -85,7 +88,7 @@ def dpo(cfg) -> dict:
         resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, tmp / "trainer", key)
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-        summary = {"algorithm": "dpo", "kind": "lora" if dc.lora_rank else "full",
+        summary = {"algorithm": "dpo", "candidate": candidate.label, "kind": "lora" if dc.lora_rank else "full",
                    "loss_type": dc.loss_type, "beta": dc.beta,
                    "base_model": cfg.model.base_model, "init_from": cfg.rl_start,
                    "init_model": (cfg.step_uri("sft", "model") if cfg.rl_start == "sft"
@@ -96,7 +99,7 @@ def dpo(cfg) -> dict:
                    "train_loss": output.training_loss, "steps": output.global_step,
                    "prompt_format": renderer.settings(), "mlflow_run_id": run_id}
         model_uri, served_uri = training.save_tuned_policy(
-            cfg, storage, "dpo", trainer.model, tokenizer, renderer, tmp,
+            cfg, storage, candidate.folder, trainer.model, tokenizer, renderer, tmp,
             lora_rank=dc.lora_rank, files={"dpo_summary.json": json.dumps(summary, indent=2)})
         tracking.log_metrics("dpo", {"train_pairs": len(frame),
                                      "final_loss": output.training_loss,

@@ -8,8 +8,8 @@ reward model (this run's) scores every answer in this run's token layout: the ex
 generated tokens for this run's models, the answer's text re-encoded for a model served
 in another form.
 
-Models: the candidate (``<run>/ppo/model``), the registry's ``champion`` (when there is
-one) and the baselines of ``evaluation.baselines`` (``foundation``: the base model;
+Models: the candidate (``<run>/ppo/model``; a bake-off's candidates, each from its
+folder, ``tuning.algorithms``), the registry's ``champion`` (when there is one) and the baselines of ``evaluation.baselines`` (``foundation``: the base model;
 ``sft``: ``<run>/sft/model`` when the SFT step ran).  Eval rows that carry an expert's
 ``reference`` answer add one more blinded "model", ``reference``: the experts judge human
 writing beside the models' (scored by the reward model too, not generated).  Outputs
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from rlhf_tasks import models, registry, tracking, training
 from rlhf_tasks.generation import generate
-from rlhf_tasks.panel.gate import CANDIDATE, EXPERT, reference_model
+from rlhf_tasks.panel.gate import EXPERT, reference_model
 from rlhf_tasks.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,15 @@ def sequential_plan(cfg, models) -> dict | None:
     candidate against the gate's reference, the experts' answers too when the policy
     compares with them; the policy's rules.  None: a fixed panel."""
     reference = reference_model(models)
+    candidates = cfg.candidates
     if not cfg.panel.sequential or reference is None:
         return None
+    if len(candidates) > 1:  # its test follows one candidate; a bake-off is Holm's (gate)
+        log.info("evaluate: a bake-off of %d candidates is judged by a fixed panel (the "
+                 "sequential panel tests one candidate)", len(candidates))
+        return None
     gap = cfg.panel.max_gap_to_reference
-    return {"candidate": CANDIDATE, "reference": reference,
+    return {"candidate": candidates[0].label, "reference": reference,
             "k": cfg.panel.verdicts_per_item, "significance": cfg.panel.significance,
             "min_pass_rate": cfg.panel.pass_rate_threshold, "min_lift": cfg.panel.min_lift,
             "expert": EXPERT if gap is not None and EXPERT in models else None,
@@ -105,7 +110,8 @@ def models_under_comparison(cfg, storage: Storage):
     champ = registry.champion(cfg)
     if champ is not None:
         out["champion"] = champ.source
-    out[CANDIDATE] = cfg.step_uri("ppo", "model")
+    for candidate in cfg.candidates:
+        out[candidate.label] = cfg.step_uri(candidate.folder, "model")
     return out, champ
 
 
@@ -165,8 +171,8 @@ def load_policy(cfg, storage: Storage, uri: str, local: Path):
         from peft import PeftModel
 
         summary = next((json.loads(p.read_text()) for p in
-                        (folder / "ppo_summary.json", folder / "sft_summary.json") if p.exists()),
-                       {})
+                        (folder / "ppo_summary.json", folder / "dpo_summary.json",
+                         folder / "sft_summary.json") if p.exists()), {})
         base_ref = summary.get("base_model")
         base = models.load_causal_lm(
             cfg, storage, path=None if base_ref in (None, cfg.model.base_model) else base_ref,

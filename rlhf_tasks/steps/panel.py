@@ -27,7 +27,7 @@ from rlhf_tasks import compute, registry, tracking, training
 from rlhf_tasks.errors import BadInput
 from rlhf_tasks.panel import aggregate as agg
 from rlhf_tasks.panel import cost, report
-from rlhf_tasks.panel.gate import (CANDIDATE, EXPERT, GatePolicy, decide, paired_comparisons,
+from rlhf_tasks.panel.gate import (CANDIDATE, EXPERT, GatePolicy, bake_off, paired_comparisons,
                                    reference_model, reward_hacking)
 from rlhf_tasks.panel.store import PanelStore, panel_store_url
 from rlhf_tasks.storage import Storage, join
@@ -59,7 +59,7 @@ def panel_simulate(cfg) -> dict:
     return {"batch_id": batch_id, "verdicts": given, "simulated": True, **progress}
 
 
-def _data_sizes(cfg, storage: Storage) -> dict[str, str]:
+def _data_sizes(cfg, storage: Storage, candidates) -> dict[str, str]:
     def rows(kind: str) -> int | None:
         try:
             return len(training.read_canonical(cfg, storage, kind))
@@ -73,16 +73,25 @@ def _data_sizes(cfg, storage: Storage) -> dict[str, str]:
     if prefs is not None:
         from rlhf_tasks.steps.ppo import rl_data_description
 
-        sizes[CANDIDATE] = rl_data_description(cfg, prompts, prefs)
+        for c in candidates:  # DPO learns from the pairs alone, RL from the prompts too
+            sizes[c.label] = (rl_data_description(cfg, prompts, prefs) if c.step == "ppo"
+                              else ("SFT + " if cfg.rl_start == "sft" else "")
+                              + f"{prefs:,} preference pairs")
     return sizes
 
 
-def _reward_checks(cfg, result, answers: list[dict], evaluation: dict, ppo_summary: dict
-                   ) -> tuple[dict, list[str]]:
+def _training_summary(storage: Storage, cfg, candidate) -> dict:
+    """The candidate's training summary (``ppo_summary.json`` / ``dpo_summary.json``)."""
+    return storage.read_json(join(cfg.step_uri(candidate.folder, "model"),
+                                  f"{candidate.step}_summary.json"))
+
+
+def _reward_checks(cfg, result, answers: list[dict], evaluation: dict,
+                   summaries: dict[str, dict]) -> tuple[dict, list[str]]:
     """Reward hacking in sight: per model, the agreement (AUC) between the reward score and
-    the panel's majority verdicts on its answers; and the warnings: the candidate's reward
-    rose clearly over its starting model while its pass rate did not, and the RL curves'
-    drift (``ppo.drift``)."""
+    the panel's majority verdicts on its answers; and the warnings, per candidate: its
+    reward rose clearly over its starting model while its pass rate did not, and the RL
+    curves' drift (``ppo.drift``)."""
     rewards: dict[str, dict[int, float]] = {}
     for row in answers:
         if row.get("reward") is not None:
@@ -90,17 +99,19 @@ def _reward_checks(cfg, result, answers: list[dict], evaluation: dict, ppo_summa
     agreement = {m: agg.reward_agreement(outcomes, rewards.get(m, {}))
                  for m, outcomes in result.outcomes.items()}
     means = {m: d["reward_mean"] for m, d in (evaluation.get("metrics") or {}).items()}
-    start = ppo_summary.get("init_from", "foundation")
-    start = start if start in evaluation.get("models", {}) else None
-    warnings = list(ppo_summary.get("warnings") or [])
-    flag = reward_hacking(means, result, CANDIDATE, start, cfg.panel.reward_rise_flag)
-    if flag:
-        warnings.insert(0, flag)
+    warnings = []
+    for label, summary in summaries.items():
+        prefix = "" if label == CANDIDATE else f"{label}: "  # a bake-off's candidate
+        start = summary.get("init_from", "foundation")
+        start = start if start in evaluation.get("models", {}) else None
+        flag = reward_hacking(means, result, label, start, cfg.panel.reward_rise_flag)
+        warnings += [prefix + w for w in [flag] * bool(flag) + (summary.get("warnings") or [])]
     return agreement, warnings
 
 
 def _benefit_and_cost(cfg, storage: Storage, records: dict[str, dict], expert: dict,
-                      evaluation: dict, pass_rates: dict[str, float]) -> dict:
+                      evaluation: dict, pass_rates: dict[str, float], candidate: str,
+                      trained: list[str]) -> dict:
     try:
         pairs = len(training.read_canonical(cfg, storage, "preference"))
     except BadInput:
@@ -108,7 +119,7 @@ def _benefit_and_cost(cfg, storage: Storage, records: dict[str, dict], expert: d
     return cost.benefit_and_cost(cfg.cost, compute=records,
                                  expert_time=expert, evaluation=evaluation,
                                  pass_rates=pass_rates, preference_pairs=pairs,
-                                 expert_label=EXPERT)
+                                 candidate=candidate, trained=trained, expert_label=EXPERT)
 
 
 def _metric_part(name: str) -> str:
@@ -164,20 +175,28 @@ def gate(cfg) -> dict:
     k = batch.verdicts_per_item
     result = agg.aggregate(rows, k, curtailed=state is not None)
     reference = reference_model(evaluation["models"])
-    decision = decide(result, GatePolicy.from_config(cfg.panel), CANDIDATE, reference,
-                      sequential=state)
-    if state is None and not progress["complete"]:
-        decision.promote = False
-        decision.reasons.insert(0, f"no quorum by the deadline: {progress['items_complete']} "
-                                   f"of {progress['items']} items have {k} verdicts")
+    candidates = cfg.candidates
+    missing = [c.label for c in candidates if c.label not in evaluation["models"]]
+    if missing:
+        raise BadInput(f"the evaluation has no answers of {', '.join(missing)}: evaluate "
+                       "this run's candidates first", file=cfg.step_uri("evaluate",
+                                                                        "evaluate.json"))
+    chosen, decisions = bake_off(result, GatePolicy.from_config(cfg.panel),
+                                 [c.label for c in candidates], reference, sequential=state)
     report_only = batch.simulated and not cfg.panel.simulated_may_promote
-    if report_only:
-        decision.promote = False
-        decision.reasons.append("the panel was simulated and the base config does not let a "
-                                "simulated panel promote (panel.simulated_may_promote): "
-                                "this is a report")
+    for d in decisions.values():
+        if state is None and not progress["complete"]:
+            d.promote = False
+            d.reasons.insert(0, f"no quorum by the deadline: {progress['items_complete']} of "
+                                f"{progress['items']} items have {k} verdicts")
+        if report_only:
+            d.promote = False
+            d.reasons.append("the panel was simulated and the base config does not let a "
+                             "simulated panel promote (panel.simulated_may_promote): this "
+                             "is a report")
+    decision = decisions[chosen]  # the one the run stands for
     outcome = "promote" if decision.promote else ("report" if report_only else "reject")
-    sizes = _data_sizes(cfg, storage)
+    sizes = _data_sizes(cfg, storage, candidates)
     # the champion that was evaluated, even if the alias has moved since
     champion = (registry.client(cfg).get_model_version(cfg.registry.model_name,
                                                        evaluation["champion_version"])
@@ -200,6 +219,13 @@ def gate(cfg) -> dict:
             metrics.update(lift=decision.lift, p_value=decision.p_value,
                            discordant_candidate=decision.better,
                            discordant_reference=decision.worse)
+        if len(candidates) > 1:  # every candidate's figures against the reference
+            for label, d in decisions.items():
+                figures_of = {"pass_rate": d.candidate_pass_rate, "lift": d.lift,
+                              "p_value": d.p_value, "p_holm": d.p_adjusted,
+                              "chosen": float(label == chosen)}
+                metrics.update({f"bake_off/{label}/{key}": value
+                                for key, value in figures_of.items() if value is not None})
         if state is not None:
             metrics.update({f"sequential/{key}": float(getattr(state, key)) for key in (
                 "verdicts_used", "verdicts_fixed", "prompts_decided", "prompts")})
@@ -210,8 +236,8 @@ def gate(cfg) -> dict:
         with storage.local_copy(join(cfg.step_uri("evaluate"), "responses.jsonl")) as path:
             answers = [json.loads(line) for line in path.read_text("utf-8").splitlines()
                        if line.strip()]
-        ppo_summary = storage.read_json(join(cfg.step_uri("ppo", "model"), "ppo_summary.json"))
-        agreement, warnings = _reward_checks(cfg, result, answers, evaluation, ppo_summary)
+        summaries = {c.label: _training_summary(storage, cfg, c) for c in candidates}
+        agreement, warnings = _reward_checks(cfg, result, answers, evaluation, summaries)
         for m, (auc, n_pass, n_fail) in agreement.items():
             if auc is not None:
                 metrics[f"reward_agreement/{m}"] = auc
@@ -220,13 +246,15 @@ def gate(cfg) -> dict:
         # each earlier step's wall time and devices, measured (rlhf_tasks/compute)
         records = compute.read_all(cfg, storage)
         figures = _benefit_and_cost(cfg, storage, records, expert, evaluation,
-                                    {r["model"]: r["pass_rate"] for r in table})
+                                    {r["model"]: r["pass_rate"] for r in table}, chosen,
+                                    [c.folder for c in candidates])
         tracking.log_metrics("cost", cost.metrics(figures))
-        comparisons = paired_comparisons(result, CANDIDATE)
+        comparisons = paired_comparisons(result, chosen)
         for m, c in comparisons.items():
             metrics.update({f"vs_{m}/lift": c["lift"], f"vs_{m}/p_value": c["p_value"]})
         tracking.log_metrics("panel", metrics)
-        png = report.plot(table, tmp / "pass_rates.png", simulated=simulated)
+        png = report.plot(table, tmp / "pass_rates.png", simulated=simulated,
+                          candidates=list(decisions))
         page = report.write_html(tmp / "report.html", rows=table, result=result,
                                  decision=decision.as_dict(), png=png, simulated=simulated,
                                  batch_id=batch_id, run=f"{cfg.run.pipeline}/{cfg.run.run_id}",
@@ -237,7 +265,6 @@ def gate(cfg) -> dict:
         # every answer beside the panel's verdicts on it, readable in MLflow
         tracking.log_answers(answers, tracking.JUDGED_TABLE, verdicts=rows)
 
-        cand = result.scores.get(CANDIDATE)
         # registered versions are MLflow models (MLmodel, signature, input example), linked
         # to the runs that trained them
         reward_info = storage.read_json(join(cfg.step_uri("reward", "model"), "reward_model.json"))
@@ -247,31 +274,51 @@ def gate(cfg) -> dict:
             tags={"airflow.dag_id": cfg.run.pipeline, "airflow.run_id": cfg.run.run_id,
                   "datasets": cfg.data.preference_uri, "base_model": cfg.model.base_model,
                   "heldout_accuracy": reward_info.get("heldout", {}).get("accuracy")})
-        tags = {
-            "pass_rate": f"{cand.pass_rate:.4f}" if cand else None,
-            "pass_rate_ci95": f"[{cand.ci_low:.4f}, {cand.ci_high:.4f}]" if cand else None,
-            "kappa": f"{result.kappa:.4f}" if result.kappa is not None else "undefined",
-            "panel.simulated": str(simulated).lower(), "panel.batch_id": batch_id,
-            "panel.verdicts": result.verdicts, "panel.reviewers": result.reviewers,
-            "reference": reference, "lift": decision.lift, "p_value": decision.p_value,
-            "datasets": sizes.get(CANDIDATE, ""), "data.preference_uri": cfg.data.preference_uri,
-            "data.prompt_uri": cfg.data.prompt_uri, "data.eval_uri": cfg.data.eval_uri,
-            "airflow.dag_id": cfg.run.pipeline, "airflow.run_id": cfg.run.run_id,
-            "base_model": cfg.model.base_model, "reward_model.version": reward_version.version,
-            "base_model.revision": reward_info.get("base_model_revision"),
-            "base_model.sha256": reward_info.get("base_model_sha256"),
-            "adapter": cfg.step_uri("ppo", "model"),
-            "ppo.init_from": ppo_summary.get("init_from", "foundation"),
-            "gate.decision": outcome, "panel.closed_at": closed_at.isoformat(),
-        }
-        version = registry.register(
-            cfg, storage, name=cfg.registry.model_name, source=cfg.step_uri("ppo", "served"),
-            run_id=ppo_summary.get("mlflow_run_id"), tags=tags,
-            description=f"RLHF candidate of {cfg.run.pipeline}/{cfg.run.run_id}")
+        # every candidate becomes a version, tagged with its algorithm and figures; all but
+        # the one promoted (if any) are rejected with their reasons
+        versions = {}
+        for c in candidates:
+            d, scores = decisions[c.label], result.scores.get(c.label)
+            tags = {
+                "pass_rate": f"{scores.pass_rate:.4f}" if scores else None,
+                "pass_rate_ci95": (f"[{scores.ci_low:.4f}, {scores.ci_high:.4f}]" if scores
+                                   else None),
+                "kappa": f"{result.kappa:.4f}" if result.kappa is not None else "undefined",
+                "panel.simulated": str(simulated).lower(), "panel.batch_id": batch_id,
+                "panel.verdicts": result.verdicts, "panel.reviewers": result.reviewers,
+                "reference": reference, "lift": d.lift, "p_value": d.p_value,
+                "p_value_holm": d.p_adjusted, "algorithm": c.algorithm,
+                "candidate": c.label,
+                "bake_off": ",".join(x.label for x in candidates) if len(candidates) > 1
+                else None,
+                "datasets": sizes.get(c.label, ""),
+                "data.preference_uri": cfg.data.preference_uri,
+                "data.prompt_uri": cfg.data.prompt_uri, "data.eval_uri": cfg.data.eval_uri,
+                "airflow.dag_id": cfg.run.pipeline, "airflow.run_id": cfg.run.run_id,
+                "base_model": cfg.model.base_model,
+                "reward_model.version": reward_version.version,
+                "base_model.revision": reward_info.get("base_model_revision"),
+                "base_model.sha256": reward_info.get("base_model_sha256"),
+                "adapter": cfg.step_uri(c.folder, "model"),
+                "init_from": summaries[c.label].get("init_from", "foundation"),
+                "gate.decision": ("promote" if d.promote else
+                                  ("report" if report_only else "reject")),
+                "panel.closed_at": closed_at.isoformat(),
+            }
+            versions[c.label] = registry.register(
+                cfg, storage, name=cfg.registry.model_name,
+                source=cfg.step_uri(c.folder, "served"),
+                run_id=summaries[c.label].get("mlflow_run_id"), tags=tags,
+                description=f"{c.algorithm.upper()} candidate of "
+                            f"{cfg.run.pipeline}/{cfg.run.run_id}")
+            if not d.promote:
+                registry.reject(cfg, cfg.registry.model_name, versions[c.label].version,
+                                d.summary, decision=tags["gate.decision"])
+        version = versions[chosen]
         if cfg.tracking.panel_views:
             from rlhf_tasks.panel import mlflow_views
 
-            model_ids = {CANDIDATE: version.model_id}
+            model_ids = {label: v.model_id for label, v in versions.items()}
             if champion is not None and getattr(champion, "model_id", None):
                 model_ids["champion"] = champion.model_id
             views = mlflow_views.publish(
@@ -281,15 +328,18 @@ def gate(cfg) -> dict:
                             if a["model"] == EXPERT})
         else:
             views = {}
-        if not decision.promote:
-            registry.reject(cfg, cfg.registry.model_name, version.version, decision.summary,
-                            decision=outcome)
         summary = {"decision": outcome, "champion_version": evaluation.get("champion_version"),
                    "closed_at": closed_at.isoformat(), "triggered_by": cfg.run.triggered_by,
                    "triggered_by_id": cfg.run.triggered_by_id,
                    "gate": decision.as_dict(), "table": table, "kappa": result.kappa,
                    "progress": progress, "simulated": simulated, "batch_id": batch_id,
                    "model_name": cfg.registry.model_name, "version": version.version,
+                   "candidate": chosen,
+                   "algorithm": next(c.algorithm for c in candidates if c.label == chosen),
+                   "candidates": {c.label: {"algorithm": c.algorithm,
+                                            "version": versions[c.label].version,
+                                            "gate": decisions[c.label].as_dict()}
+                                  for c in candidates},
                    "reward_model_name": registry.reward_model_name(cfg),
                    "reward_model_version": reward_version.version,
                    "needs_sign_off": bool(decision.promote and cfg.panel.approver),
@@ -301,11 +351,14 @@ def gate(cfg) -> dict:
                    "mlflow_run_id": run_id}
         (tmp / "gate.json").write_text(json.dumps(summary, indent=2, default=str))
         storage.put_dir(tmp, out_uri, extra={"step": "gate"})
-    log.info("gate: %s\n%s\n%s%s", outcome if report_only else decision.summary,
+    log.info("gate: %s\n%s\n%s%s%s", outcome if report_only else decision.summary,
              report.text_table(table), cost.text_table(figures),
-             "\n" + report.sequential_line(decision.sequential) if decision.sequential else "")
+             "\n" + report.sequential_line(decision.sequential) if decision.sequential else "",
+             "\n" + report.bake_off_table(decisions, chosen) if len(decisions) > 1 else "")
     return {"decision": summary["decision"], "reasons": decision.reasons,
-            "version": version.version, "reward_model_version": reward_version.version,
+            "version": version.version, "candidate": chosen,
+            "versions": {label: v.version for label, v in versions.items()},
+            "reward_model_version": reward_version.version,
             "needs_sign_off": summary["needs_sign_off"], "simulated": simulated,
             "pass_rates": {r["model"]: round(r["pass_rate"], 4) for r in table},
             "report_uri": join(out_uri, "report.html"), "warnings": warnings,

@@ -11,7 +11,8 @@ one of two, and the merge is what the served SFT model computes anyway).  The re
 normalisation is measured on the starting policy's samples (the reward step measured it
 on the foundation model's).  The value model starts from the reward model, its head on
 the normalised scale.
-Outputs under ``<run>/ppo/``: ``model/`` (the policy's LoRA adapter in safetensors, the
+Outputs under ``<run>/ppo/`` (a bake-off's RL candidate: ``<run>/<algorithm>/``, the
+task's ``tuning.candidate``): ``model/`` (the policy's LoRA adapter in safetensors, the
 tokenizer, ``prompt_format.json``, ``ppo_summary.json``, and ``merged/`` when
 ``ppo.merge_adapter``), ``served/`` (the MLflow pyfunc model the registry holds: merged
 weights, tokenizer, prompt format and decoding),
@@ -110,19 +111,23 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
     from rlhf_tasks.rl.settings import rl_settings
     from rlhf_tasks.reward_model import load_reward_model
 
+    candidate = cfg.candidate_for("ppo")  # a bake-off's task trains one of several
+    cfg = cfg.for_candidate(candidate)
     storage = Storage.from_config(cfg)
-    out_uri = cfg.step_uri("ppo")
+    out_uri = cfg.step_uri(candidate.folder)
     checkpoints_uri = join(out_uri, "checkpoints")
     device = training.resolve_device(cfg)
     accelerator = _accelerator(cfg)
     # under `accelerate launch` every process trains; only the first tracks and saves
     main = accelerator is None or accelerator.is_main_process
-    run = (tracking.step_run(cfg, "ppo", tags={"ppo.algorithm": cfg.ppo.algorithm,
-                                               "ppo.model_layout": cfg.ppo.model_layout,
-                                               "ppo.lora_rank": str(cfg.ppo.lora_rank),
-                                               "ppo.init_from": cfg.rl_start,
-                                               **training.precision_tag(cfg)},
-                               system_metrics=True)
+    run = (tracking.step_run(cfg, "ppo", name=candidate.folder,
+                             tags={"ppo.algorithm": cfg.ppo.algorithm,
+                                   "rlhf.candidate": candidate.label,
+                                   "ppo.model_layout": cfg.ppo.model_layout,
+                                   "ppo.lora_rank": str(cfg.ppo.lora_rank),
+                                   "ppo.init_from": cfg.rl_start,
+                                   **training.precision_tag(cfg)},
+                             system_metrics=True)
            if main else contextlib.nullcontext(None))
     with run as run_id, tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
         tmp = Path(tmp)
@@ -202,7 +207,7 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             "updates": result.updates, "resumed_from": result.resumed_from,
             "reward_first": first["reward_mean"], "reward_last": last["reward_mean"],
             "kl_last": last["kl"], "seconds": round(time.perf_counter() - started, 1),
-            "algorithm": settings.algorithm, "settings": settings.model_dump(mode="json"),
+            "algorithm": settings.algorithm, "candidate": candidate.label, "settings": settings.model_dump(mode="json"),
             "reward_model": cfg.step_uri("reward", "model"),
             "base_model": cfg.model.base_model, "base_model_revision": cfg.model.revision,
             "init_from": cfg.rl_start,
@@ -213,7 +218,7 @@ def ppo(cfg, stop_after: int | None = None) -> dict:
             "mlflow_run_id": run_id,
         }
         training.save_tuned_policy(
-            cfg, storage, "ppo", stack.policy, tokenizer, renderer, tmp,
+            cfg, storage, candidate.folder, stack.policy, tokenizer, renderer, tmp,
             lora_rank=cfg.ppo.lora_rank, merge=cfg.ppo.merge_adapter,
             files={"ppo_summary.json": json.dumps(summary, indent=2),
                    "history.json": json.dumps(result.history)})

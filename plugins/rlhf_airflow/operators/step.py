@@ -31,6 +31,10 @@ from rlhf_airflow.backends import StepFailed, get_backend, step_argv
 from rlhf_airflow.links import MlflowRunLink
 from rlhf_airflow.run_config import RUN_CONFIG
 
+# the step of a candidate's training task: resolved at run time from the run's own config
+# (``tuning.algorithms``), never from the mapped value (an XCom a user can change)
+CANDIDATE_STEP = "@candidate"
+
 
 def step_timeout(step: str):
     """``compute.step_timeout(step)`` of the base config (parse time) as a timedelta."""
@@ -94,20 +98,24 @@ class RlhfStepOperator(KubernetesPodOperator):
         ``compute.backend`` (the bookkeeping steps use ``local``).
     :param parent_run: the pipeline's MLflow parent run: ``start_tracking``'s result as an
         XComArg (its ``parent_run_id`` must be a 32-hex run id), or a run id.
+    :param candidate: with ``step=CANDIDATE_STEP``, a training task mapped over the run's
+        candidates: the algorithm it trains, which must be one of the run config's
+        candidates (None: the run's one candidate); its step (``ppo`` or ``dpo``) comes
+        from that config, and a bake-off's task passes ``tuning.candidate``.
 
     Other arguments are the ``KubernetesPodOperator``'s; the Kubernetes connection is the
     run config's ``compute.kubernetes.kubernetes_conn_id``.
     """
 
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "config_uri",
-                                      "overrides", "backend", "parent_run")
+                                      "overrides", "backend", "parent_run", "candidate")
     ui_color = "#e8d5f5"
     operator_extra_links = (MlflowRunLink(),)
     mlflow_run_url: str | None = None
 
     def __init__(self, *, step: str, config_uri: str = RUN_CONFIG,
                  overrides: list[str] | None = None, backend: str | None = None,
-                 parent_run: Any = None, **kwargs):
+                 parent_run: Any = None, candidate: str | None = None, **kwargs):
         kwargs.setdefault("deferrable", True)
         kwargs.setdefault("get_logs", True)
         kwargs.setdefault("do_xcom_push", True)
@@ -118,7 +126,7 @@ class RlhfStepOperator(KubernetesPodOperator):
         super().__init__(**kwargs)
         self.step, self.config_uri, self.config_sha256 = step, config_uri, None
         self.overrides, self.backend = list(overrides or []), backend
-        self.parent_run = parent_run
+        self.parent_run, self.candidate = parent_run, candidate
 
     def _pin_config(self, context) -> None:
         """The run's own config and its digest (RUN_CONFIG), before anything reads it; the
@@ -139,6 +147,38 @@ class RlhfStepOperator(KubernetesPodOperator):
             setting = f"tracking.parent_run_id={run_id}"
             if setting not in self.overrides:
                 self.overrides.append(setting)
+        if self.step == CANDIDATE_STEP:
+            self._resolve_candidate()
+
+    def _resolve_candidate(self) -> None:
+        """The training step of the candidate this mapped task was given, read off the run's
+        own config: a name that is not one of its candidates fails the task (no retry)."""
+        from rlhf_tasks import config
+        from rlhf_tasks.errors import BadInput
+
+        try:
+            cfg = config.load(self.config_uri, sha256=self.config_sha256)
+        except BadInput as exc:
+            raise AirflowFailException(f"step {self.step}: {exc}") from None
+        found = [c for c in cfg.candidates
+                 if self.candidate == c.algorithm or (self.candidate is None
+                                                      and len(cfg.candidates) == 1)]
+        if len(found) != 1:
+            raise AirflowFailException(
+                f"{str(self.candidate)[:80]!r} is not one of this run's candidates "
+                f"({', '.join(c.algorithm for c in cfg.candidates)}): the mapped value was "
+                "changed after the run's config named them")
+        self.step = found[0].step
+        if len(cfg.candidates) > 1:
+            setting = f"tuning.candidate={found[0].algorithm}"
+            if setting not in self.overrides:
+                self.overrides.append(setting)
+
+    @property
+    def unit(self) -> str:
+        """What this task trains or does, for names that must differ between a bake-off's
+        tasks (TrainJob, result file): the candidate's algorithm, else the step."""
+        return self.candidate or self.step
 
     # -- local -----------------------------------------------------------------------------
     def _run_local(self):
@@ -199,9 +239,9 @@ class RlhfStepOperator(KubernetesPodOperator):
         from rlhf_airflow import trainjob
 
         try_number = context["ti"].try_number
-        name = trainjob.job_name(context["run_id"], self.step, try_number)
+        name = trainjob.job_name(context["run_id"], self.unit, try_number)
         body = trainjob.manifest(cfg, self.step, self.config_uri, self.overrides, name,
-                                 trainjob.result_uri(cfg, self.step, try_number),
+                                 trainjob.result_uri(cfg, self.unit, try_number),
                                  self.config_sha256)
         namespace = cfg.compute.kubernetes.namespace
         hook = self._hook(cfg)
@@ -282,7 +322,7 @@ class RlhfStepOperator(KubernetesPodOperator):
             raise RuntimeError(f"TrainJob {name} failed: {event['reason']} "
                                f"(node exit codes {codes})")
         result = Storage.from_config(cfg).read_json(
-            trainjob.result_uri(cfg, self.step, context["ti"].try_number))
+            trainjob.result_uri(cfg, self.unit, context["ti"].try_number))
         if cfg.compute.kubernetes.on_finish_action != "keep_pod":
             hook.delete_custom_object(group=trainjob.GROUP, version=trainjob.VERSION,
                                       plural=trainjob.PLURAL, name=name, namespace=namespace)
