@@ -139,3 +139,40 @@ def test_config_params_are_flat_masked_and_leave_out_the_runs_plumbing():
     assert {k.split(".")[0] for k in ppo} == {"ppo", "tuning", "model", "data", "compute"}
     assert {k.split(".")[0] for k in tracking.config_params(
         cfg, tracking.step_sections("validate_eval"))} == {"data", "model"}
+
+
+def test_candidates_of_one_run_and_of_a_bake_off():
+    """One candidate keeps the label rlhf and the step's folder; a bake-off labels each by
+    its algorithm, saves it in its own folder, and its RL ones share the ppo section."""
+    from rlhf_tasks.config import Candidate
+
+    assert config.PipelineConfig().candidates == [Candidate("rlhf", "ppo", "ppo", "ppo")]
+    one = config.validate({"tuning": {"algorithms": ["dpo"]}})
+    assert one.candidates == [Candidate("rlhf", "dpo", "dpo", "dpo")]
+    assert one.candidate_for("dpo").folder == "dpo"
+    raw = {"tuning": {"algorithms": ["ppo", "grpo", "dpo"]}, "ppo": {"samples_per_prompt": 4}}
+    cfg = config.validate(raw)
+    assert [(c.label, c.step, c.folder) for c in cfg.candidates] == [
+        ("ppo", "ppo", "ppo"), ("grpo", "ppo", "grpo"), ("dpo", "dpo", "dpo")]
+    assert cfg.candidate_for("dpo").label == "dpo"
+    with pytest.raises(BadInput, match="trains 2 candidates with the ppo step"):
+        cfg.candidate_for("ppo")  # which one: the DAG's task says
+    task = config.validate({**raw, "tuning": {**raw["tuning"], "candidate": "grpo"}})
+    grpo = task.candidate_for("ppo")
+    assert grpo.folder == "grpo" and task.for_candidate(grpo).ppo.algorithm == "grpo"
+    assert task.for_candidate(grpo).ppo.samples_per_prompt == 4  # the rest is shared
+    with pytest.raises(BadInput, match="trained by the ppo step, not by dpo"):
+        task.candidate_for("dpo")
+
+
+def test_a_bake_off_refuses_what_its_candidates_cannot_train():
+    with pytest.raises(BadInput, match="tuning.algorithms: grpo with the ppo section's settings: "
+                                       "algorithm grpo compares"):
+        config.validate({"tuning": {"algorithms": ["ppo", "grpo"]}})  # k = 1
+    with pytest.raises(BadInput, match="ppo is named twice"):
+        config.validate({"tuning": {"algorithms": ["ppo", "ppo"]}})
+    with pytest.raises(BadInput, match="tuning.candidate dpo is not one of this run's"):
+        config.validate({"tuning": {"algorithms": ["ppo", "grpo"], "candidate": "dpo"},
+                         "ppo": {"samples_per_prompt": 2}})
+    with pytest.raises(BadInput, match="tuning.algorithms"):
+        config.validate({"tuning": {"algorithms": ["sft"]}})

@@ -225,3 +225,73 @@ def test_expert_time_metrics_are_valid_mlflow_names():
     assert metrics["expert_seconds_model/rlhf"] == 12.0
     assert expert_time_metrics(expert_time([{**rows[0], "seconds": None}])) == {
         "expert_seconds_timed_verdicts": 0.0}
+
+
+def test_holm_adjusts_by_hand():
+    """Sorted 0.01, 0.03, 0.04 of three: 3 x 0.01 = 0.03; max(0.03, 2 x 0.03) = 0.06;
+    max(0.06, 1 x 0.04) = 0.06 (step-down: never below an earlier one); capped at 1."""
+    from rlhf_tasks.panel.gate import holm
+
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx(
+        {"a": 0.03, "c": 0.06, "b": 0.06})
+    assert holm({"a": 0.6, "b": 0.02}) == pytest.approx({"b": 0.04, "a": 0.6})
+    assert holm({"a": 0.7, "b": 0.9}) == {"a": 1.0, "b": 1.0}
+    assert holm({"only": 0.03}) == {"only": 0.03} and holm({}) == {}
+
+
+def _bake_off_result(passes: dict[str, int], prompts: int = 20):
+    """Each model passes its first N of the same prompts (all answers decided, k = 3)."""
+    spec = {f"{m}{i}": (m, [i < n] * 3, i) for m, n in passes.items() for i in range(prompts)}
+    return aggregate(_rows(spec), k=3)
+
+
+def test_a_bake_off_promotes_the_best_that_passes_after_holm():
+    """Against the foundation's 10 of 20: grpo 16 (6 prompts better: p = 1/64), ppo 15
+    (5 better: 1/32), dpo 17 (7 better: 1/128).  Holm over three: dpo 3/128 = 0.023,
+    grpo max(0.023, 2/64) = 0.031, ppo max(0.031, 1/32) = 0.031; all below 0.05: each
+    passes, and dpo (the highest pass rate) alone is promoted."""
+    from rlhf_tasks.panel.gate import bake_off
+
+    result = _bake_off_result({"foundation": 10, "ppo": 15, "grpo": 16, "dpo": 17})
+    policy = GatePolicy(min_pass_rate=0.6, min_lift=0.1, significance=0.05)
+    chosen, decisions = bake_off(result, policy, ["ppo", "grpo", "dpo"], "foundation")
+    assert chosen == "dpo" and decisions["dpo"].promote
+    assert decisions["dpo"].p_adjusted == pytest.approx(3 / 128)
+    assert decisions["grpo"].p_adjusted == pytest.approx(2 / 64)
+    assert decisions["ppo"].p_adjusted == pytest.approx(1 / 32)
+    for name in ("ppo", "grpo"):
+        assert not decisions[name].promote
+        assert decisions[name].reasons == [
+            f"not chosen: dpo passed too, with pass rate 0.850 against "
+            f"{decisions[name].candidate_pass_rate:.3f}"]
+
+
+def test_holm_rejects_what_a_single_test_would_pass():
+    """15 of 20 against 10: 5 prompts better, p = 1/32 = 0.031 < 0.05 alone; with a second
+    candidate no better than the reference (p = 1), Holm doubles it to 0.0625: rejected."""
+    from rlhf_tasks.panel.gate import bake_off, decide
+
+    result = _bake_off_result({"foundation": 10, "ppo": 15, "dpo": 10})
+    policy = GatePolicy(min_pass_rate=0.5, min_lift=0.1, significance=0.05)
+    assert decide(result, policy, "ppo", "foundation").promote  # one candidate: promoted
+    chosen, decisions = bake_off(result, policy, ["ppo", "dpo"], "foundation")
+    assert chosen == "ppo" and not decisions["ppo"].promote  # the best, rejected
+    assert decisions["ppo"].p_adjusted == pytest.approx(1 / 16)
+    assert any("after Holm's correction for 2 candidates" in r
+               for r in decisions["ppo"].reasons)
+    # one candidate in the list: the plain test, no adjustment
+    single, only = bake_off(result, policy, ["ppo"], "foundation")
+    assert single == "ppo" and only["ppo"].promote and only["ppo"].p_adjusted is None
+
+
+def test_a_bake_off_ties_go_to_the_smaller_adjusted_p_then_the_order_named():
+    from rlhf_tasks.panel.gate import bake_off
+
+    result = _bake_off_result({"foundation": 10, "ppo": 18, "grpo": 18})
+    policy = GatePolicy(min_pass_rate=0.5, min_lift=0.1, significance=0.05)
+    chosen, decisions = bake_off(result, policy, ["grpo", "ppo"], "foundation")
+    assert chosen == "grpo" and decisions["grpo"].promote and not decisions["ppo"].promote
+    # none passes: the highest pass rate stands for the run, rejected
+    chosen, decisions = bake_off(result, GatePolicy(0.95, 0.1, 0.05), ["ppo", "grpo"],
+                                 "foundation")
+    assert chosen == "ppo" and not any(d.promote for d in decisions.values())

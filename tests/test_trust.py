@@ -330,3 +330,34 @@ def test_reference_answers_are_stripped_like_the_models():
     frame = pd.DataFrame({"reference": ["  Led a team of 5.\n", None, "   ", "Cut costs 10%."]})
     assert reference_answers(frame) == [(0, "Led a team of 5."), (3, "Cut costs 10%.")]
     assert reference_answers(pd.DataFrame({"prompt": ["x"]})) == []
+
+
+def test_a_bake_off_task_trains_only_the_runs_own_candidates(tmp_path, monkeypatch):
+    """The mapped value of a training task is an XCom (candidates' result), which a user
+    may change: it only selects among the candidates the run's pinned config names, and
+    the step comes from that config, never from the value (no 'gate' run as a training
+    task).  Neither the form nor an admin file picks the task's candidate."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from rlhf_airflow.operators.step import CANDIDATE_STEP, RlhfStepOperator
+    from rlhf_airflow.params import build_config
+    from rlhf_airflow.run_setup import prepare_run
+
+    _admin(tmp_path, monkeypatch, "tuning: {algorithms: [ppo, grpo, dpo], candidate: dpo}\n"
+                                  "ppo: {samples_per_prompt: 2}\n")
+    prepared = prepare_run({}, "rlhf_tuning", "manual__1", conf={})
+    cfg = config.load(prepared["config_uri"], sha256=prepared["config_sha256"])
+    assert cfg.tuning.candidate is None  # the admin file's pick is dropped
+    for given, step in (("grpo", "ppo"), ("dpo", "dpo")):
+        op = RlhfStepOperator(task_id="tune", step=CANDIDATE_STEP, candidate=given)
+        op._pin_config(_context(prepared))
+        assert op.step == step and f"tuning.candidate={given}" in op.overrides
+        assert op.unit == given
+    for forged in ("gate", "promote", "rloo", "ppo\nx", None):
+        op = RlhfStepOperator(task_id="tune", step=CANDIDATE_STEP, candidate=forged)
+        with pytest.raises(AirflowFailException, match="not one of this run's candidates"):
+            op._pin_config(_context(prepared))
+        assert op.step == CANDIDATE_STEP
+    with pytest.raises(BadInput, match="trigger form field 'tuning'"):
+        build_config({"tuning": {"candidate": "grpo"}}, "rlhf_tuning", "manual__2",
+                     conf={"tuning": {"candidate": "grpo"}})
