@@ -24,7 +24,12 @@ def build_pod(dag, task_id: str, tmp_path, **compute):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"compute": {"backend": "kubernetes", **compute},
                                       "storage": {"artifact_root": "s3://bucket/rlhf"}}))
-    op = copy.deepcopy(dag.get_task(task_id))
+    task = dag.get_task(task_id)
+    if task_id == "tune":  # mapped: one of its task instances, its step resolved to ppo
+        op = task.unmap({"candidate": None})
+        op.step = "ppo"
+    else:
+        op = copy.deepcopy(task)
     op.config_uri, op.backend = str(config), "kubernetes"
     op.overrides = ["tracking.parent_run_id=abc123"]
     op.configure_pod()
@@ -35,7 +40,7 @@ def main_container(pod):
     return next(c for c in pod.spec.containers if c.name == "base")
 
 
-@pytest.mark.parametrize("task_id,step", [("reward", "reward"), ("ppo", "ppo"), ("sft", "sft")])
+@pytest.mark.parametrize("task_id,step", [("reward", "reward"), ("tune", "ppo"), ("sft", "sft")])
 def test_gpu_step_pod(dag, tmp_path, task_id, step):
     op, pod = build_pod(dag, task_id, tmp_path)
     c = main_container(pod)
@@ -72,7 +77,7 @@ def test_validation_runs_in_a_cpu_pod(dag, tmp_path):
 
 
 def test_a_training_step_without_gpus_gets_the_trainer_memory_on_any_node(dag, tmp_path):
-    _, pod = build_pod(dag, "ppo", tmp_path, num_gpus=0)
+    _, pod = build_pod(dag, "tune", tmp_path, num_gpus=0)
     c = main_container(pod)
     assert c.resources.limits == {"memory": "32Gi"}
     assert c.resources.requests == {"cpu": "4", "memory": "32Gi"}
@@ -80,7 +85,7 @@ def test_a_training_step_without_gpus_gets_the_trainer_memory_on_any_node(dag, t
 
 
 def test_several_gpus_run_under_accelerate(dag, tmp_path):
-    _, pod = build_pod(dag, "ppo", tmp_path, num_gpus=4,
+    _, pod = build_pod(dag, "tune", tmp_path, num_gpus=4,
                        kubernetes={"on_finish_action": "keep_pod", "namespace": "ml"})
     c = main_container(pod)
     assert c.command == ["accelerate", "launch", "--multi_gpu", "--num_machines", "1",
