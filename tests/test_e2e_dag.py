@@ -258,7 +258,8 @@ def test_dag_validates_trains_and_tracks(airflow_home, demo_model_dir, tmp_path)
         # each against the foundation model, its p Holm-adjusted for the two candidates
         assert gate[f"metrics.panel/bake_off/{label}/p_value"] <= \
             gate[f"metrics.panel/bake_off/{label}/p_holm"] <= 1
-    assert gate["metrics.panel/bake_off/ppo/chosen"] + gate["metrics.panel/bake_off/dpo/chosen"] == 1
+    assert gate["metrics.panel/bake_off/ppo/chosen"] + \
+        gate["metrics.panel/bake_off/dpo/chosen"] == 1
     assert "p (Holm)" in log  # the gate's table, one row per algorithm
     # the benefit and cost (the demo's prices): measured compute priced; a simulated panel
     # has no expert time

@@ -8,8 +8,8 @@ reference: with LoRA, TRL reads it with the adapter disabled.  Pairs are in the 
 token layout (the prompt renderer's prompt ids, each response's ids ending with the stop
 token), the layout every other step reads and the served model writes, not re-tokenized
 from text by TRL.  ``dpo.loss_type: ipo`` trains IPO instead.
-Outputs under ``<run>/dpo/`` (also in a bake-off): ``model/`` (the adapter or full weights, the tokenizer,
-``prompt_format.json``, ``dpo_summary.json``; ``merged/`` when it started from SFT),
+Outputs under ``<run>/dpo/`` (also in a bake-off): ``model/`` (the adapter or full
+weights, the tokenizer, ``prompt_format.json``, ``dpo_summary.json``; ``merged/`` when it started from SFT),
 ``served/`` (the MLflow model), ``checkpoints/`` (a rerun resumes from the newest).
 """
 
@@ -88,7 +88,8 @@ def dpo(cfg) -> dict:
         resume = training.fetch_latest_checkpoint(storage, checkpoints_uri, tmp / "trainer", key)
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-        summary = {"algorithm": "dpo", "candidate": candidate.label, "kind": "lora" if dc.lora_rank else "full",
+        summary = {"algorithm": "dpo", "candidate": candidate.label,
+                   "kind": "lora" if dc.lora_rank else "full",
                    "loss_type": dc.loss_type, "beta": dc.beta,
                    "base_model": cfg.model.base_model, "init_from": cfg.rl_start,
                    "init_model": (cfg.step_uri("sft", "model") if cfg.rl_start == "sft"

@@ -9,9 +9,10 @@ generated tokens for this run's models, the answer's text re-encoded for a model
 in another form.
 
 Models: the candidate (``<run>/ppo/model``; a bake-off's candidates, each from its
-folder, ``tuning.algorithms``), the registry's ``champion`` (when there is one) and the baselines of ``evaluation.baselines`` (``foundation``: the base model;
-``sft``: ``<run>/sft/model`` when the SFT step ran).  Eval rows that carry an expert's
-``reference`` answer add one more blinded "model", ``reference``: the experts judge human
+folder, ``tuning.algorithms``), the registry's ``champion`` (when there is one) and the
+baselines of ``evaluation.baselines`` (``foundation``: the base model; ``sft``:
+``<run>/sft/model`` when the SFT step ran).  Eval rows that carry an expert's ``reference``
+answer add one more blinded "model", ``reference``: the experts judge human
 writing beside the models' (scored by the reward model too, not generated).  Outputs
 under ``<run>/evaluate/``:
 ``responses.jsonl`` (server side: it names the model of every response),
