@@ -39,12 +39,24 @@ RLHF_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:
 DEFAULT="--episodes 512 --batch-size 64"
 LONG="--response-length 96 --episodes 256 --batch-size 64"
 WIDE="--hidden 1024 --layers 8 --heads 16 --episodes 512 --batch-size 64"
-export PYTHONPATH="/tmp/trl116:$BASE"
-for algorithm in grpo rloo; do
-  echo "== $algorithm on cuda, ours vs TRL 1.16, both bf16 (default shape, k = 4)"
-  timeout 100 python3 benchmarks/ppo_throughput.py --compare --runs 3 --algorithm $algorithm \
-    --device cuda --dtype bf16 $DEFAULT
-done
+# GRPO and RLOO against TRL 1.16, bf16: $1 the shape's name, the rest its arguments
+vs_trl116() {
+  local shape=$1; shift
+  for algorithm in grpo rloo; do
+    echo "== $algorithm on cuda, ours vs TRL 1.16, both bf16 ($shape, k = 4)"
+    PYTHONPATH="/tmp/trl116:$BASE" timeout 100 python3 benchmarks/ppo_throughput.py \
+      --compare --runs 3 --algorithm $algorithm --device cuda --dtype bf16 "$@"
+  done
+}
+# PPO against TRL 1.12: $1 the shape's name, $2 the dtype, $3 the time limit, the rest the
+# shape's arguments
+vs_trl112() {
+  local shape=$1 dtype=$2 limit=$3; shift 3
+  echo "== PPO on cuda, ours vs TRL 1.12, both $dtype ($shape)"
+  PYTHONPATH="/tmp/trl112:$BASE" timeout $limit python3 benchmarks/ppo_throughput.py \
+    --compare --runs 3 --trl-python python3 --device cuda --dtype $dtype "$@"
+}
+vs_trl116 "default shape" $DEFAULT
 echo "== ours alone on cuda, bf16 against fp32, alternating (wide model: 1024 x 8 layers)"
 for run in 1 2 3; do
   for dtype in bf16 fp32; do
@@ -52,23 +64,10 @@ for run in 1 2 3; do
     timeout 60 python3 benchmarks/ppo_throughput.py --device cuda --dtype $dtype $WIDE | tail -1
   done
 done
-export PYTHONPATH="/tmp/trl112:$BASE"
-echo "== PPO on cuda, ours vs TRL 1.12, both bf16 (default shape)"
-timeout 90 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
-  --device cuda --dtype bf16 $DEFAULT
-export PYTHONPATH="/tmp/trl116:$BASE"
-for algorithm in grpo rloo; do
-  echo "== $algorithm on cuda, ours vs TRL 1.16, both bf16 (long responses: 96 tokens)"
-  timeout 100 python3 benchmarks/ppo_throughput.py --compare --runs 3 --algorithm $algorithm \
-    --device cuda --dtype bf16 $LONG
-done
-export PYTHONPATH="/tmp/trl112:$BASE"
-echo "== PPO on cuda, ours vs TRL 1.12, both bf16 (long responses: 96 tokens)"
-timeout 90 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
-  --device cuda --dtype bf16 $LONG
+vs_trl112 "default shape" bf16 90 $DEFAULT
+vs_trl116 "long responses: 96 tokens" $LONG
+vs_trl112 "long responses: 96 tokens" bf16 90 $LONG
 for dtype in bf16 fp32; do
-  echo "== PPO on cuda, ours vs TRL 1.12, both $dtype (wide model)"
-  timeout 170 python3 benchmarks/ppo_throughput.py --compare --runs 3 --trl-python python3 \
-    --device cuda --dtype $dtype $WIDE
+  vs_trl112 "wide model" $dtype 170 $WIDE
 done
 } 2>&1 | tee -a "$LOG"

@@ -93,13 +93,12 @@ with DAG(
         sft = RlhfStepOperator(task_id="sft", step="sft", parent_run=parent,
                                doc_md="TRL SFTTrainer + LoRA: the baseline.")
         @task(retries=0)
-        def candidates(**context) -> list[str | None]:
-            """One training task per candidate (``tuning.algorithms``); None: the run's
-            one candidate."""
+        def candidates(**context) -> list[str]:
+            """One training task per candidate (``tuning.algorithms``; one for a run's one
+            candidate), by algorithm."""
             from rlhf_airflow.run_config import load_run_config
 
-            found = load_run_config(context).candidates
-            return [c.algorithm for c in found] if len(found) > 1 else [None]
+            return [c.algorithm for c in load_run_config(context).candidates]
 
         # RL (and DPO) start from the SFT policy when the run trains one (ppo.init_from):
         # they wait for SFT when it runs, and not when it is skipped.  The task's step

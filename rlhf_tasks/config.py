@@ -287,8 +287,8 @@ class TuningSection(Section):
                     "bake-off; the RL ones share the ppo section's settings, dpo reads the "
                     "dpo section, and the gate registers the best that passes.")
     candidate: Literal["ppo", "rloo", "grpo", "dr_grpo", "dpo"] | None = Field(
-        None, description="Set by the DAG on the command line of each bake-off training "
-                          "task: the algorithm that task trains.")
+        None, description="Set by the DAG on the command line of each training task: the "
+                          "algorithm that task trains.")
 
     @field_validator("algorithms")
     @classmethod

@@ -26,7 +26,7 @@ def build_pod(dag, task_id: str, tmp_path, **compute):
                                       "storage": {"artifact_root": "s3://bucket/rlhf"}}))
     task = dag.get_task(task_id)
     if task_id == "tune":  # mapped: one of its task instances, its step resolved to ppo
-        op = task.unmap({"candidate": None})
+        op = task.unmap({"candidate": "ppo"})
         op.step = "ppo"
     else:
         op = copy.deepcopy(task)

@@ -100,8 +100,8 @@ class RlhfStepOperator(KubernetesPodOperator):
         XComArg (its ``parent_run_id`` must be a 32-hex run id), or a run id.
     :param candidate: with ``step=CANDIDATE_STEP``, a training task mapped over the run's
         candidates: the algorithm it trains, which must be one of the run config's
-        candidates (None: the run's one candidate); its step (``ppo`` or ``dpo``) comes
-        from that config, and a bake-off's task passes ``tuning.candidate``.
+        candidates; its step (``ppo`` or ``dpo``) comes from that config, and the task
+        passes it to the step as ``tuning.candidate``.
 
     Other arguments are the ``KubernetesPodOperator``'s; the Kubernetes connection is the
     run config's ``compute.kubernetes.kubernetes_conn_id``.
@@ -127,6 +127,9 @@ class RlhfStepOperator(KubernetesPodOperator):
         self.step, self.config_uri, self.config_sha256 = step, config_uri, None
         self.overrides, self.backend = list(overrides or []), backend
         self.parent_run, self.candidate = parent_run, candidate
+        # what this task trains or does, for names that must differ between a bake-off's
+        # tasks (TrainJob, result file): the candidate's folder once resolved, else the step
+        self.unit = step
 
     def _pin_config(self, context) -> None:
         """The run's own config and its digest (RUN_CONFIG), before anything reads it; the
@@ -160,25 +163,16 @@ class RlhfStepOperator(KubernetesPodOperator):
             cfg = config.load(self.config_uri, sha256=self.config_sha256)
         except BadInput as exc:
             raise AirflowFailException(f"step {self.step}: {exc}") from None
-        found = [c for c in cfg.candidates
-                 if self.candidate == c.algorithm or (self.candidate is None
-                                                      and len(cfg.candidates) == 1)]
-        if len(found) != 1:
+        found = next((c for c in cfg.candidates if c.algorithm == self.candidate), None)
+        if found is None:
             raise AirflowFailException(
                 f"{str(self.candidate)[:80]!r} is not one of this run's candidates "
                 f"({', '.join(c.algorithm for c in cfg.candidates)}): the mapped value was "
                 "changed after the run's config named them")
-        self.step = found[0].step
-        if len(cfg.candidates) > 1:
-            setting = f"tuning.candidate={found[0].algorithm}"
-            if setting not in self.overrides:
-                self.overrides.append(setting)
-
-    @property
-    def unit(self) -> str:
-        """What this task trains or does, for names that must differ between a bake-off's
-        tasks (TrainJob, result file): the candidate's algorithm, else the step."""
-        return self.candidate or self.step
+        self.step, self.unit = found.step, found.folder
+        setting = f"tuning.candidate={found.algorithm}"
+        if setting not in self.overrides:
+            self.overrides.append(setting)
 
     # -- local -----------------------------------------------------------------------------
     def _run_local(self):
